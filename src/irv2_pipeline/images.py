@@ -1,0 +1,295 @@
+"""The one safe way to open an image.
+
+Every pipeline opens images through :func:`load_image` and walks image folders through
+:func:`walk_image_tree`. Both decide by content, never by file name, and turn every
+problem into an :class:`ImageRejected` with a reason a person understands, so that a
+bad file becomes a row in a report instead of a crashed run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+
+# Names that file managers and operating systems leave behind in image folders.
+SYSTEM_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
+
+# What Pillow's decoders raise on damaged files; anything else is a bug of ours and
+# must surface.
+DECODER_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    struct.error,
+)
+
+# A truncated file is an error, never a silently grey-padded image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageRejected(Exception):
+    """An image that cannot be used, with the reason in plain words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class OpenPolicy:
+    """How strict :func:`load_image` is.
+
+    Attributes:
+        max_pixels: Images with more pixels are rejected as decompression bombs.
+        min_size: Images whose shorter side is below this many pixels are rejected.
+        background: RGB colour that transparent pixels are composited onto.
+    """
+
+    max_pixels: int = 50_000_000
+    min_size: int = 8
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    @classmethod
+    def from_params(cls, params: dict) -> OpenPolicy:
+        """Builds a policy from the ``images`` parameter block."""
+        return cls(
+            max_pixels=int(params.get("max_pixels", cls.max_pixels)),
+            min_size=int(params.get("min_size", cls.min_size)),
+            background=tuple(params.get("background", cls.background)),
+        )
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded image as 8-bit RGB, upright, with what it was before."""
+
+    pixels: np.ndarray  # (height, width, 3) uint8
+    format: str
+    mode: str
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def load_image(source: str | os.PathLike | bytes, policy: OpenPolicy) -> LoadedImage:
+    """Opens, fully decodes and normalizes one image.
+
+    The format is decided from the content against :data:`ALLOWED_FORMATS`. EXIF
+    orientation is applied, every mode becomes 8-bit RGB, animated images give their
+    first frame.
+
+    Args:
+        source: A file path or the file's bytes.
+        policy: Size limits and the background for transparency.
+
+    Returns:
+        The upright RGB pixels and the original format and mode.
+
+    Raises:
+        ImageRejected: For anything that is not a usable image, with the reason.
+    """
+    data = source if isinstance(source, bytes) else _read_bytes(Path(source))
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    fmt = "image"
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = policy.max_pixels
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+                fmt = image.format
+                _check_pixel_count(image.size, policy)
+                image.seek(0)
+                image.load()
+                mode = image.mode
+                rgb = _to_rgb(ImageOps.exif_transpose(image), policy.background)
+    except UnidentifiedImageError:
+        raise ImageRejected(_describe_unknown_content(data)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected(
+            f"decompression bomb: more than {policy.max_pixels:,} pixels "
+            "(images.max_pixels)"
+        ) from None
+    except MemoryError:
+        raise ImageRejected("too large to decode in memory") from None
+    except DECODER_ERRORS as exc:
+        raise ImageRejected(f"corrupt or truncated {fmt} file: {exc}") from exc
+    short_side = min(rgb.shape[:2])
+    if short_side < policy.min_size:
+        raise ImageRejected(
+            f"too small: {rgb.shape[1]}x{rgb.shape[0]} px, the minimum side is "
+            f"{policy.min_size} px (images.min_size)"
+        )
+    return LoadedImage(pixels=rgb, format=fmt, mode=mode)
+
+
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resizes RGB pixels to a ``size`` x ``size`` square (bilinear, antialiased)."""
+    if pixels.shape[0] == size and pixels.shape[1] == size:
+        return pixels
+    image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def is_hidden_or_system(name: str) -> bool:
+    """Tells whether a file name is a hidden or operating-system file."""
+    return name.startswith(".") or name.lower() in SYSTEM_FILE_NAMES
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One file found under an image root: usable, or rejected with a reason."""
+
+    path: str  # posix, relative to the root
+    reason: str | None = None
+
+
+def walk_image_tree(root: str | os.PathLike) -> Iterator[TreeEntry]:
+    """Walks ``root/<label>/**`` in a stable order, without leaving the root.
+
+    Symbolic links are followed only when they stay inside the root and do not lead
+    back into a folder already being walked; other links, hidden files and system
+    files come out as rejected entries.
+
+    Args:
+        root: The image root.
+
+    Yields:
+        One entry per file (or link) found, sorted by path within each folder.
+    """
+    root = Path(root)
+    real_root = root.resolve()
+    yield from _walk(root, real_root, "", frozenset({real_root}))
+
+
+def _walk(
+    folder: Path, real_root: Path, prefix: str, ancestors: frozenset[Path]
+) -> Iterator[TreeEntry]:
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        rel = f"{prefix}{entry.name}"
+        if is_hidden_or_system(entry.name):
+            yield TreeEntry(rel, "hidden or system file, not an image")
+            continue
+        target = Path(entry.path)
+        if entry.is_symlink():
+            reason = _symlink_problem(target, real_root, ancestors)
+            if reason:
+                yield TreeEntry(rel, reason)
+                continue
+        if entry.is_dir():
+            real = target.resolve()
+            yield from _walk(target, real_root, f"{rel}/", ancestors | {real})
+        elif entry.is_file():
+            yield TreeEntry(rel)
+        else:
+            yield TreeEntry(rel, "not a regular file")
+
+
+def _symlink_problem(link: Path, real_root: Path, ancestors: frozenset[Path]) -> str:
+    try:
+        real = link.resolve(strict=True)
+    except FileNotFoundError:
+        return "broken symbolic link, not followed"
+    except (RuntimeError, OSError):
+        return "symbolic link loop, not followed"
+    if not real.is_relative_to(real_root):
+        return f"symbolic link to {real}, outside the image root, not followed"
+    if real in ancestors:
+        return "symbolic link loop (points back to a parent folder), not followed"
+    return ""
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageRejected(f"cannot be read: {exc.strerror or exc}") from None
+
+
+def _check_pixel_count(size: tuple[int, int], policy: OpenPolicy) -> None:
+    width, height = size
+    if width * height > policy.max_pixels:
+        raise ImageRejected(
+            f"decompression bomb: {width}x{height} = {width * height:,} pixels, "
+            f"more than images.max_pixels = {policy.max_pixels:,}"
+        )
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
+    """Converts any Pillow mode to 8-bit RGB with the colours the file means."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale: scale to 8 bits; Pillow's own convert("L") clips instead.
+        values = np.asarray(image, dtype=np.float64)
+        top = (
+            65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        )
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if mode == "F":
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255)
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (mode == "P" and "transparency" in image.info)
+        or (mode in ("L", "RGB") and "transparency" in image.info)
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        canvas.alpha_composite(rgba)
+        return np.asarray(canvas.convert("RGB"))
+    # CMYK (Adobe-inverted JPEGs are already un-inverted by Pillow's decoder), 1, L,
+    # P, YCbCr, LAB, HSV: Pillow's own conversion is correct.
+    return np.asarray(image.convert("RGB"))
+
+
+def _describe_unknown_content(data: bytes) -> str:
+    head = data[:512]
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not an image"
+    if text.startswith((b"<svg", b"<?xml")):
+        return "an XML/SVG document, not a raster image in an allowed format"
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            return (
+                f"{other.format} image: format not allowed "
+                f"(allowed: {', '.join(ALLOWED_FORMATS)})"
+            )
+    except Exception:  # noqa: BLE001 - naming the format is best effort only
+        pass
+    if _looks_like_text(head):
+        return "a text file, not an image"
+    return f"unrecognised content, not one of {', '.join(ALLOWED_FORMATS)}"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(char.isprintable() or char.isspace() for char in decoded)

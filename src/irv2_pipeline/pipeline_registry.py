@@ -1,0 +1,40 @@
+"""Project pipelines."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Pipeline
+
+from irv2_pipeline.pipelines import (
+    augmentation,
+    evaluation,
+    feature_shift,
+    finetune,
+    ingestion,
+)
+
+# The order of the DAG, as users read it; `__default__` runs all of them.
+PIPELINE_ORDER = (
+    "ingestion",
+    "augmentation",
+    "feature_shift",
+    "finetune",
+    "evaluation",
+)
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    """Registers the five pipelines and ``__default__`` as all of them.
+
+    Returns:
+        A mapping from pipeline names to ``Pipeline`` objects.
+    """
+    modules = {
+        "ingestion": ingestion,
+        "augmentation": augmentation,
+        "feature_shift": feature_shift,
+        "finetune": finetune,
+        "evaluation": evaluation,
+    }
+    pipelines = {name: modules[name].create_pipeline() for name in PIPELINE_ORDER}
+    pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+    return pipelines

@@ -1,0 +1,1 @@
+"""The five pipelines of the DAG, one folder each."""
