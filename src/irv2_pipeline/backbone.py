@@ -1,0 +1,186 @@
+"""InceptionResNetV2: construction, weights, its block map and freezing.
+
+Keras names only some of IRv2's layers (``mixed_5b``, ``block35_1_mixed``,
+``block35_1_ac``, ...); the convolutions inside a block get automatic names. The block
+map recovers, for every layer, the *unit* it belongs to (``stem``, ``mixed_5b``,
+``block35_1`` ... ``block35_10``, ``mixed_6a``, ``block17_1`` ... ``block17_20``,
+``mixed_7a``, ``block8_1`` ... ``block8_10``, ``conv_7b``) and the unit's *group*
+(``stem``, ``block35``, ``mixed_6a``, ``block17``, ``mixed_7a``, ``block8``,
+``conv_7b``). Stage boundaries (``unfreeze_from``) are unit names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import keras
+
+logger = logging.getLogger(__name__)
+
+GROUPS = ("stem", "block35", "mixed_6a", "block17", "mixed_7a", "block8", "conv_7b")
+MIN_IMAGE_SIZE = 75
+NOTOP_WEIGHTS_FILE = "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+# A named layer that ends (or is inside) a unit, and the unit it names.
+_UNIT_LAYER = re.compile(
+    r"^(?P<unit>block(?:35|17|8)_\d+)_(?:mixed|conv|ac)$"
+    r"|^(?P<mixed>mixed_5b|mixed_6a|mixed_7a)$"
+    r"|^(?P<top>conv_7b)(?:_bn|_ac)?$"
+)
+
+
+class WeightsError(RuntimeError):
+    """The backbone's weights cannot be had; the message says what to do."""
+
+
+def load_irv2(weights: str | None, image_size: int) -> keras.Model:
+    """Builds IRv2 without its classifier, taking inputs already in ``[-1, 1]``.
+
+    Args:
+        weights: ``"imagenet"``, ``None`` (random init, not transfer learning) or the
+            path of a local weights file for IRv2 without top (air-gapped machines).
+        image_size: Square input size in pixels, at least 75.
+
+    Returns:
+        The Keras model ``inception_resnet_v2``.
+
+    Raises:
+        WeightsError: ImageNet weights cannot be downloaded, or a local file is not
+            IRv2 weights; the message names the file and the way out.
+        ValueError: An image size below 75 px.
+    """
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"model.image_size = {image_size}: InceptionResNetV2 needs at least "
+            f"{MIN_IMAGE_SIZE} px"
+        )
+    shape = (image_size, image_size, 3)
+    if weights is None:
+        logger.warning(
+            "model.weights is null: the backbone starts from random weights. Results "
+            "are NOT transfer learning and the ImageNet shift figures are meaningless."
+        )
+        return keras.applications.InceptionResNetV2(
+            include_top=False, weights=None, input_shape=shape
+        )
+    if weights == "imagenet":
+        try:
+            return keras.applications.InceptionResNetV2(
+                include_top=False, weights="imagenet", input_shape=shape
+            )
+        except Exception as exc:
+            raise WeightsError(
+                f"The ImageNet weights of InceptionResNetV2 could not be fetched "
+                f"({type(exc).__name__}: {exc}). Without internet, copy "
+                f"{NOTOP_WEIGHTS_FILE} (from the Keras applications release on "
+                "GitHub) to this machine and set `model.weights` to its path in "
+                "conf/local/parameters.yml, or set `model.weights: null` for random "
+                "weights (not transfer learning)."
+            ) from exc
+    return _load_local_weights(Path(weights), shape)
+
+
+def _load_local_weights(path: Path, shape: tuple[int, int, int]) -> keras.Model:
+    if not path.is_file():
+        raise WeightsError(
+            f"model.weights = {str(path)!r} is neither 'imagenet', null, nor an "
+            "existing file."
+        )
+    model = keras.applications.InceptionResNetV2(
+        include_top=False, weights=None, input_shape=shape
+    )
+    try:
+        model.load_weights(path)
+    except Exception as exc:
+        raise WeightsError(
+            f"{path} is not a weights file for InceptionResNetV2 without top "
+            f"({type(exc).__name__}: {exc}). Expected a file like {NOTOP_WEIGHTS_FILE}."
+        ) from exc
+    return model
+
+
+def preprocessing_layer() -> keras.layers.Layer:
+    """IRv2's own preprocessing, ``[0, 255]`` RGB to ``[-1, 1]``, as a layer.
+
+    It sits inside every model this project saves, so nobody can feed it ``1/255``
+    images again.
+    """
+    return keras.layers.Rescaling(
+        scale=1.0 / 127.5, offset=-1.0, name="irv2_preprocess"
+    )
+
+
+def unit_map(backbone: keras.Model) -> dict[str, str]:
+    """Maps every layer name of IRv2 to the unit it belongs to.
+
+    A layer belongs to the unit of the next named layer in topological order, except
+    the residual scale layer, which closes the unit before it. The stem ends at its
+    second max-pooling layer.
+    """
+    units: dict[str, str] = {}
+    pending: list[str] = []
+    current = None
+    pools = 0
+    for layer in backbone.layers:
+        match = _UNIT_LAYER.match(layer.name)
+        if match:
+            current = match.group("unit") or match.group("mixed") or match.group("top")
+            units.update(dict.fromkeys(pending, current))
+            units[layer.name] = current
+            pending = []
+        elif type(layer).__name__ == "CustomScaleLayer" and current is not None:
+            units[layer.name] = current
+        else:
+            pending.append(layer.name)
+            if isinstance(layer, keras.layers.MaxPooling2D) and current is None:
+                pools += 1
+                if pools == 2:
+                    units.update(dict.fromkeys(pending, "stem"))
+                    pending = []
+                    current = "stem"
+    if pending:
+        raise ValueError(f"Layers after the last IRv2 unit: {pending[:5]}")
+    return units
+
+
+def unit_order(backbone: keras.Model) -> list[str]:
+    """The units of IRv2 from input to output."""
+    return list(dict.fromkeys(unit_map(backbone).values()))
+
+
+def group_of(unit: str) -> str:
+    """The block group of a unit: ``block35_3`` is in ``block35``, ``mixed_5b`` in stem."""
+    if unit in ("stem", "mixed_5b"):
+        return "stem"
+    return unit.rsplit("_", 1)[0] if unit.startswith("block") else unit
+
+
+def set_trainable_from(backbone: keras.Model, unfreeze_from: str | None) -> int:
+    """Freezes the backbone below ``unfreeze_from`` and unfreezes it from there on.
+
+    Args:
+        backbone: IRv2 from :func:`load_irv2`.
+        unfreeze_from: A unit name (``block8_1``, ``mixed_7a``, ...), or ``None`` to
+            freeze the whole backbone (head-only training).
+
+    Returns:
+        The number of trainable weights' scalars in the backbone.
+
+    Raises:
+        ValueError: ``unfreeze_from`` is not a unit of IRv2; the message lists them.
+    """
+    units = unit_map(backbone)
+    order = unit_order(backbone)
+    if unfreeze_from is not None and unfreeze_from not in order:
+        raise ValueError(
+            f"unfreeze_from = {unfreeze_from!r} is not an IRv2 block; use one of "
+            f"{', '.join(order)} (or null for the head only)"
+        )
+    first = len(order) if unfreeze_from is None else order.index(unfreeze_from)
+    position = {unit: index for index, unit in enumerate(order)}
+    backbone.trainable = True
+    for layer in backbone.layers:
+        layer.trainable = position[units[layer.name]] >= first
+    return sum(int(w.numpy().size) for w in backbone.trainable_weights)

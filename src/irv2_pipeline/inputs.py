@@ -1,0 +1,102 @@
+"""tf.data input pipelines built from manifests.
+
+Images are opened through ``images.load_image`` (the one safe way: EXIF orientation,
+every colour mode, no silent truncation) on parallel threads, resized to the model's
+size and delivered as ``float32`` RGB in ``[0, 255]``: the model itself maps them to
+IRv2's ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from irv2_pipeline.images import OpenPolicy, load_image, resize
+
+
+class PixelRangeError(ValueError):
+    """A batch whose pixel values are not plain ``[0, 255]`` RGB."""
+
+
+def class_names(manifest: pd.DataFrame) -> list[str]:
+    """The class names in index order (sorted labels): one order for every pipeline."""
+    return sorted(manifest["label"].unique())
+
+
+def image_dataset(
+    paths: Sequence[str],
+    labels: Sequence[int] | None,
+    *,
+    image_size: int,
+    batch_size: int,
+    policy: OpenPolicy,
+    shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
+    """A batched, prefetched dataset of ``(images, labels)`` (or images alone).
+
+    Args:
+        paths: Absolute image paths.
+        labels: Class indices, one per path, or ``None`` for prediction.
+        image_size: Output side in pixels.
+        batch_size: Images per batch.
+        policy: How images are opened (see ``images.OpenPolicy``).
+        shuffle_seed: Shuffle with this seed every epoch (training); ``None`` keeps
+            the manifest order (validation, test, feature extraction).
+
+    Returns:
+        A ``tf.data.Dataset`` of ``float32`` images of shape
+        ``(batch, image_size, image_size, 3)`` in ``[0, 255]``.
+    """
+    paths = [str(path) for path in paths]
+    index = tf.data.Dataset.range(len(paths))
+    if shuffle_seed is not None:
+        index = index.shuffle(
+            len(paths), seed=shuffle_seed, reshuffle_each_iteration=True
+        )
+
+    def load(i: np.int64) -> np.ndarray:
+        pixels = load_image(paths[int(i)], policy).pixels
+        return resize(pixels, image_size)
+
+    def load_tensor(i: tf.Tensor) -> tf.Tensor:
+        image = tf.numpy_function(load, [i], tf.uint8, stateful=False)
+        image.set_shape((image_size, image_size, 3))
+        return tf.cast(image, tf.float32)
+
+    images = index.map(
+        load_tensor, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    if labels is not None:
+        label_tensor = tf.constant(np.asarray(labels, dtype=np.int32))
+        images = tf.data.Dataset.zip(
+            images, index.map(lambda i: tf.gather(label_tensor, i))
+        )
+    return images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def check_pixel_range(batch: np.ndarray) -> None:
+    """Stops with a clear error when a batch is not plain ``[0, 255]`` RGB pixels.
+
+    Args:
+        batch: One batch of images, as fed to the model.
+
+    Raises:
+        PixelRangeError: Values outside ``[0, 255]``, or all within ``[0, 1]`` (the
+            textbook ``1/255`` scaling), or within ``[-1, 1]`` (already preprocessed).
+    """
+    values = np.asarray(batch, dtype=np.float32)
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 255.0:
+        raise PixelRangeError(
+            f"Input pixels span [{low:.3g}, {high:.3g}]; the model expects RGB in "
+            "[0, 255] and applies IRv2's own preprocessing itself."
+        )
+    if high <= 1.0 and values.size > 0:
+        raise PixelRangeError(
+            f"Input pixels span [{low:.3g}, {high:.3g}]: they look scaled by 1/255. "
+            "Feed plain [0, 255] RGB: the model applies IRv2's [-1, 1] preprocessing "
+            "itself."
+        )
