@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import keras
@@ -91,13 +92,24 @@ def _load_local_weights(path: Path, shape: tuple[int, int, int]) -> keras.Model:
     model = keras.applications.InceptionResNetV2(
         include_top=False, weights=None, input_shape=shape
     )
+    expected = f"Expected a file like {NOTOP_WEIGHTS_FILE}."
     try:
-        model.load_weights(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.load_weights(path)
     except Exception as exc:
         raise WeightsError(
             f"{path} is not a weights file for InceptionResNetV2 without top "
-            f"({type(exc).__name__}: {exc}). Expected a file like {NOTOP_WEIGHTS_FILE}."
+            f"({type(exc).__name__}: {str(exc)[:300]}). {expected}"
         ) from exc
+    # Keras only warns when parts of a file do not match; a half-loaded backbone is
+    # worse than none.
+    skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()]
+    if skipped:
+        raise WeightsError(
+            f"{path} does not fully match InceptionResNetV2 without top: "
+            f"{skipped[0][:300]}. {expected}"
+        )
     return model
 
 

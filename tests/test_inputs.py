@@ -1,0 +1,94 @@
+"""Tests of inputs.py: tf.data pipelines built from manifests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from irv2_pipeline.images import OpenPolicy
+from irv2_pipeline.inputs import (
+    PixelRangeError,
+    check_pixel_range,
+    class_names,
+    image_dataset,
+)
+
+
+@pytest.fixture
+def coloured_files(tmp_path):
+    """Six 20x30 images of known flat colours, one of them CMYK."""
+    paths = []
+    for i in range(6):
+        colour = (40 * i, 255 - 40 * i, 7 * i)
+        path = tmp_path / f"img_{i}.png"
+        Image.new("RGB", (30, 20), colour).save(path)
+        paths.append(path)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(cmyk, quality=100)
+    return paths, cmyk
+
+
+def test_images_come_resized_in_order_as_float_pixels(coloured_files):
+    paths, _ = coloured_files
+    dataset = image_dataset(
+        paths, [0, 1, 2, 0, 1, 2], image_size=16, batch_size=4, policy=OpenPolicy()
+    )
+    batches = list(dataset.as_numpy_iterator())
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    assert [b[0].shape[0] for b in batches] == [4, 2]
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.float32
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+    for i in range(6):
+        assert images[i, 8, 8].tolist() == [40 * i, 255 - 40 * i, 7 * i]
+
+
+def test_images_are_opened_through_images_py(coloured_files):
+    _, cmyk = coloured_files
+    (batch,) = list(
+        image_dataset([cmyk], None, image_size=8, batch_size=1, policy=OpenPolicy())
+    )
+    red, green, blue = batch.numpy()[0, 4, 4]
+    assert red > 240 and green < 15 and blue < 15
+
+
+def test_shuffle_is_seeded_and_reshuffles_each_epoch(coloured_files):
+    paths, _ = coloured_files
+    labels = list(range(6))
+
+    def epochs(seed):
+        dataset = image_dataset(
+            paths,
+            labels,
+            image_size=8,
+            batch_size=6,
+            policy=OpenPolicy(),
+            shuffle_seed=seed,
+        )
+        return [next(iter(dataset))[1].numpy().tolist() for _ in range(2)]
+
+    first, second = epochs(3)
+    assert sorted(first) == labels
+    assert first != second
+    assert epochs(3) == [first, second]
+
+
+def test_class_names_are_sorted_labels():
+    manifest = pd.DataFrame({"label": ["dog", "cat", "dog", "bird"]})
+    assert class_names(manifest) == ["bird", "cat", "dog"]
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "message"),
+    [(0.0, 1.0, "1/255"), (-1.0, 1.0, r"\[-1, 1\]"), (0.0, 300.0, r"\[0, 255\]")],
+)
+def test_wrongly_scaled_batches_stop_with_a_clear_error(low, high, message):
+    batch = np.linspace(low, high, 2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+    with pytest.raises(PixelRangeError, match=message):
+        check_pixel_range(batch)
+
+
+def test_plain_pixels_pass_the_range_check():
+    check_pixel_range(np.linspace(0, 255, 48, dtype=np.float32).reshape(1, 4, 4, 3))
