@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
 from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog
 from kedro.pipeline import Pipeline
@@ -53,3 +58,62 @@ def _explain(name: str, catalog: DataCatalog, registry) -> str:
     )
     location = f" (expected at {where})" if where else ""
     return f"`{name}`{location}: {first}"
+
+
+class ConcurrentRunError(RuntimeError):
+    """Another run holds this project's data folder."""
+
+
+class RunLockHook:
+    """Lets one ``kedro run`` at a time write a project's outputs.
+
+    The lock is an ``flock`` on ``data/.kedro_run.lock``: the operating system drops it
+    when the process ends, so a killed run never leaves a stale lock behind.
+    """
+
+    LOCK_FILE = "data/.kedro_run.lock"
+
+    def __init__(self):
+        self._handle = None
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict) -> None:
+        """Takes the lock, or stops with a message naming the run that holds it."""
+        path = Path(run_params["project_path"]) / self.LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConcurrentRunError(
+                f"Another `kedro run` is already writing this project's outputs "
+                f"({holder}). Wait for it to finish, or run from another copy of the "
+                "project."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            f"pid {os.getpid()}, run {run_params.get('run_id')}, "
+            f"started {datetime.now(UTC).isoformat(timespec='seconds')}"
+        )
+        handle.flush()
+        self._handle = handle
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        """Releases the lock."""
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        """Releases the lock when the run fails."""
+        self._release()
+
+    def _release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None

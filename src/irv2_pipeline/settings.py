@@ -1,8 +1,9 @@
 """Project settings: hooks and the configuration loader."""
 
-from irv2_pipeline.hooks import MissingInputsHook
+from irv2_pipeline.hooks import MissingInputsHook, RunLockHook
 
-HOOKS = (MissingInputsHook(),)
+# The lock comes first: a second run must not even inspect half-written outputs.
+HOOKS = (RunLockHook(), MissingInputsHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
