@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 from kedro.io import DataCatalog
@@ -12,6 +14,7 @@ from irv2_pipeline.hooks import (
     ConcurrentRunError,
     MissingInputError,
     MissingInputsHook,
+    NodeTimingHook,
     RunLockHook,
 )
 
@@ -60,3 +63,12 @@ def test_a_second_run_is_refused_until_the_first_ends(tmp_path):
     first.after_pipeline_run()
     second.before_pipeline_run({**params, "run_id": "second"})
     second.on_pipeline_error()
+
+
+def test_each_node_logs_its_duration(caplog):
+    node = Node(_identity, "a", "b", name="scan_images")
+    hook = NodeTimingHook()
+    with caplog.at_level("INFO", logger="irv2_pipeline.hooks"):
+        hook.before_node_run(node)
+        hook.after_node_run(node)
+    assert re.search(r"Node scan_images took \d+\.\ds", caplog.text)

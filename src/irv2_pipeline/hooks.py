@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog
-from kedro.pipeline import Pipeline
+from kedro.pipeline import Node, Pipeline
+
+logger = logging.getLogger(__name__)
 
 
 class MissingInputsHook:
@@ -117,3 +121,29 @@ class RunLockHook:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+class NodeTimingHook:
+    """Logs each node's duration when it ends, so a log file shows where time went."""
+
+    def __init__(self):
+        self._started: dict[str, float] = {}
+
+    @hook_impl
+    def before_node_run(self, node: Node) -> None:
+        """Notes when the node starts."""
+        self._started[node.name] = time.perf_counter()
+
+    @hook_impl
+    def after_node_run(self, node: Node) -> None:
+        """Logs the node's duration."""
+        started = self._started.pop(node.name, None)
+        if started is not None:
+            logger.info(
+                "Node %s took %s", node.name, _duration(time.perf_counter() - started)
+            )
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(seconds, 60)
+    return f"{int(minutes)}m{secs:04.1f}s" if minutes >= 1 else f"{secs:.1f}s"

@@ -1,9 +1,9 @@
 """Project settings: hooks and the configuration loader."""
 
-from irv2_pipeline.hooks import MissingInputsHook, RunLockHook
+from irv2_pipeline.hooks import MissingInputsHook, NodeTimingHook, RunLockHook
 
 # The lock comes first: a second run must not even inspect half-written outputs.
-HOOKS = (RunLockHook(), MissingInputsHook())
+HOOKS = (RunLockHook(), MissingInputsHook(), NodeTimingHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
