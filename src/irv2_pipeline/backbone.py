@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import keras
@@ -196,3 +197,98 @@ def set_trainable_from(backbone: keras.Model, unfreeze_from: str | None) -> int:
     for layer in backbone.layers:
         layer.trainable = position[units[layer.name]] >= first
     return sum(int(w.numpy().size) for w in backbone.trainable_weights)
+
+
+# How BatchNorm layers behave while a stage trains:
+#   frozen: inference mode everywhere, the stored (ImageNet) statistics are used and
+#           never updated, even in unfrozen blocks; gamma and beta of unfrozen blocks
+#           still learn (the Keras transfer-learning guide's rule).
+#   adapt:  the moving statistics of every BN layer are re-estimated on the training
+#           images before the stage (AdaBN), then kept frozen as above.
+#   train:  BN layers of unfrozen blocks normalize with batch statistics and update
+#           their moving statistics; those of frozen blocks stay in inference mode.
+BN_POLICIES = ("frozen", "adapt", "train")
+
+
+class InferenceMode(keras.layers.Layer):
+    """Calls a model with ``training=False`` whatever the outer call says.
+
+    Keras 3 functional models pass the outer ``training`` flag on to nested models,
+    overriding a ``training=False`` written in the graph: ``backbone(x,
+    training=False)`` inside a functional model is *not* enough to keep BatchNorm in
+    inference mode during ``fit``. This layer is. It only appears in training graphs;
+    saved models call the backbone directly (in inference, training is False anyway).
+    """
+
+    def __init__(self, model: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def call(self, inputs):
+        return self.model(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.model.compute_output_shape(input_shape)
+
+
+def check_bn_policy(bn_policy: str) -> str:
+    """Returns ``bn_policy`` if it is one of :data:`BN_POLICIES`, else raises."""
+    if bn_policy not in BN_POLICIES:
+        raise ValueError(
+            f"bn_policy = {bn_policy!r}; use one of {', '.join(BN_POLICIES)}"
+        )
+    return bn_policy
+
+
+def batchnorm_layers(backbone: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """The BatchNorm layers of the backbone, input to output."""
+    return [
+        layer
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+def adapt_batchnorm(backbone: keras.Model, batches: Iterable) -> int:
+    """AdaBN: re-estimates every BatchNorm layer's moving statistics on images.
+
+    The backbone runs in training mode over the batches, and each BN layer's moving
+    mean and variance become the image-weighted average of its batch statistics
+    (momentum is set per batch so the running update *is* that average). Trainable
+    flags and momenta are restored afterwards; only the moving statistics change.
+
+    Args:
+        backbone: IRv2 from :func:`load_irv2`.
+        batches: Batches of ``[0, 255]`` RGB images (arrays or tensors), or
+            ``(images, labels)`` pairs.
+
+    Returns:
+        The number of images seen.
+
+    Raises:
+        ValueError: No images in ``batches``.
+    """
+    layers = batchnorm_layers(backbone)
+    saved = [(layer.trainable, layer.momentum) for layer in layers]
+    preprocess = preprocessing_layer()
+    seen = 0
+    try:
+        for layer in layers:
+            # A BN layer that is not trainable ignores training=True.
+            layer.trainable = True
+        for batch in batches:
+            images = batch[0] if isinstance(batch, tuple | list) else batch
+            count = int(keras.ops.shape(images)[0])
+            # moving = moving * m + batch * (1 - m) with m = seen / (seen + count)
+            # keeps the running value equal to the average over all images so far.
+            for layer in layers:
+                layer.momentum = seen / (seen + count)
+            backbone(preprocess(images), training=True)
+            seen += count
+    finally:
+        for layer, (trainable, momentum) in zip(layers, saved, strict=True):
+            layer.trainable = trainable
+            layer.momentum = momentum
+    if seen == 0:
+        raise ValueError("adapt_batchnorm got no images to estimate statistics on")
+    return seen

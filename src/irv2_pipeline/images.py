@@ -8,6 +8,7 @@ bad file becomes a row in a report instead of a crashed run.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -15,7 +16,9 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import imagehash
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -109,6 +112,46 @@ def load_image(source: str | os.PathLike | bytes, policy: OpenPolicy) -> LoadedI
         ImageRejected: For anything that is not a usable image, with the reason.
     """
     data = source if isinstance(source, bytes) else _read_bytes(Path(source))
+    rgb, fmt, mode = _decode(data, policy)
+    return LoadedImage(pixels=np.asarray(rgb), format=fmt, mode=mode)
+
+
+def fingerprint(path: str | os.PathLike, policy: OpenPolicy) -> dict[str, Any] | str:
+    """Fully decodes one file and says what identifies it, or why it is rejected.
+
+    Made for worker processes: it returns the reason instead of raising, and this
+    module is cheap to import.
+
+    Args:
+        path: The file.
+        policy: As for :func:`load_image`.
+
+    Returns:
+        ``sha256`` (of the file's bytes), ``phash`` (64-bit perceptual hash of the
+        upright pixels, in hex), ``width``, ``height``, ``format`` and ``mode``; or
+        the rejection reason.
+    """
+    try:
+        data = _read_bytes(Path(path))
+        rgb, fmt, mode = _decode(data, policy)
+    except ImageRejected as rejection:
+        return rejection.reason
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "phash": _phash(rgb),
+        "width": rgb.width,
+        "height": rgb.height,
+        "format": fmt,
+        "mode": mode,
+    }
+
+
+def _decode(data: bytes, policy: OpenPolicy) -> tuple[Image.Image, str, str]:
+    """Does the work of :func:`load_image`: upright 8-bit RGB, format, original mode.
+
+    The image is not closed: it reads from memory, and an RGB image is handed on
+    as it is, without a copy.
+    """
     if not data:
         raise ImageRejected("empty file (0 bytes)")
     fmt = "image"
@@ -117,13 +160,15 @@ def load_image(source: str | os.PathLike | bytes, policy: OpenPolicy) -> LoadedI
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = policy.max_pixels
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-                fmt = image.format
-                _check_pixel_count(image.size, policy)
-                image.seek(0)
-                image.load()
-                mode = image.mode
-                rgb = _to_rgb(ImageOps.exif_transpose(image), policy.background)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            fmt = image.format
+            _check_pixel_count(image.size, policy)
+            image.seek(0)
+            image.load()
+            mode = image.mode
+            # In place: no copy of the pixels when there is nothing to turn.
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = _to_rgb(image, policy.background)
     except UnidentifiedImageError:
         raise ImageRejected(_describe_unknown_content(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -135,13 +180,12 @@ def load_image(source: str | os.PathLike | bytes, policy: OpenPolicy) -> LoadedI
         raise ImageRejected("too large to decode in memory") from None
     except DECODER_ERRORS as exc:
         raise ImageRejected(f"corrupt or truncated {fmt} file: {exc}") from exc
-    short_side = min(rgb.shape[:2])
-    if short_side < policy.min_size:
+    if min(rgb.size) < policy.min_size:
         raise ImageRejected(
-            f"too small: {rgb.shape[1]}x{rgb.shape[0]} px, the minimum side is "
+            f"too small: {rgb.width}x{rgb.height} px, the minimum side is "
             f"{policy.min_size} px (images.min_size)"
         )
-    return LoadedImage(pixels=rgb, format=fmt, mode=mode)
+    return rgb, fmt, mode
 
 
 def resize(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -229,6 +273,20 @@ def _read_bytes(path: Path) -> bytes:
         raise ImageRejected(f"cannot be read: {exc.strerror or exc}") from None
 
 
+def _phash(image: Image.Image) -> str:
+    """The 64-bit perceptual hash (``imagehash.phash``) of an image, as hex.
+
+    ``phash`` shrinks its input to 32x32 with a Lanczos filter, whose cost grows with
+    the input size. Shrinking it first with ``reducing_gap=2`` (a box reduction down to
+    twice the size, then Lanczos) halves the cost and keeps the hash as robust to
+    re-encoding, resizing and cropping; it can differ from the unreduced one by a bit
+    or two, the same for every image.
+    """
+    grey = image.convert("L")
+    small = grey.resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return str(imagehash.phash(small))
+
+
 def _check_pixel_count(size: tuple[int, int], policy: OpenPolicy) -> None:
     width, height = size
     if width * height > policy.max_pixels:
@@ -238,7 +296,7 @@ def _check_pixel_count(size: tuple[int, int], policy: OpenPolicy) -> None:
         )
 
 
-def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Converts any Pillow mode to 8-bit RGB with the colours the file means."""
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -248,10 +306,10 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
             65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         )
         grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
+        return Image.fromarray(grey).convert("RGB")
     if mode == "F":
         grey = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255)
-        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
     has_alpha = (
         mode in ("RGBA", "LA", "PA", "RGBa", "La")
         or (mode == "P" and "transparency" in image.info)
@@ -261,10 +319,10 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         canvas.alpha_composite(rgba)
-        return np.asarray(canvas.convert("RGB"))
+        return canvas.convert("RGB")
     # CMYK (Adobe-inverted JPEGs are already un-inverted by Pillow's decoder), 1, L,
-    # P, YCbCr, LAB, HSV: Pillow's own conversion is correct.
-    return np.asarray(image.convert("RGB"))
+    # P, YCbCr, LAB, HSV: Pillow's own conversion is correct. RGB needs no copy.
+    return image if mode == "RGB" else image.convert("RGB")
 
 
 def _describe_unknown_content(data: bytes) -> str:

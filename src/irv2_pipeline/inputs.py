@@ -51,11 +51,7 @@ def image_dataset(
         ``(batch, image_size, image_size, 3)`` in ``[0, 255]``.
     """
     paths = [str(path) for path in paths]
-    index = tf.data.Dataset.range(len(paths))
-    if shuffle_seed is not None:
-        index = index.shuffle(
-            len(paths), seed=shuffle_seed, reshuffle_each_iteration=True
-        )
+    index = _example_order(len(paths), shuffle_seed)
 
     def load(i: np.int64) -> np.ndarray:
         pixels = load_image(paths[int(i)], policy).pixels
@@ -66,15 +62,60 @@ def image_dataset(
         image.set_shape((image_size, image_size, 3))
         return tf.cast(image, tf.float32)
 
-    images = index.map(
-        load_tensor, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-    if labels is not None:
-        label_tensor = tf.constant(np.asarray(labels, dtype=np.int32))
-        images = tf.data.Dataset.zip(
-            images, index.map(lambda i: tf.gather(label_tensor, i))
+    if labels is None:
+        examples = index.map(
+            load_tensor, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
-    return images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    else:
+        label_tensor = tf.constant(np.asarray(labels, dtype=np.int32))
+        # Image and label from the same index in one map: zipping two maps of a
+        # shuffled `index` would shuffle each branch on its own and pair images with
+        # other images' labels.
+        examples = index.map(
+            lambda i: (load_tensor(i), tf.gather(label_tensor, i)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    return examples.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def feature_dataset(
+    features: np.ndarray,
+    labels: Sequence[int],
+    *,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
+    """A batched dataset of ``(features, labels)`` from arrays in memory.
+
+    For the same ``shuffle_seed`` the examples come in the same order as
+    :func:`image_dataset` gives the images they were computed from, so training on
+    cached features sees exactly the batches training on the images would.
+
+    Args:
+        features: One row per example (for example pooled backbone features).
+        labels: Class indices, one per row.
+        batch_size: Examples per batch.
+        shuffle_seed: As in :func:`image_dataset`.
+    """
+    features = np.asarray(features)
+    label_array = np.asarray(labels, dtype=np.int32)
+    if len(features) != len(label_array):
+        raise ValueError(f"{len(features)} feature rows but {len(label_array)} labels")
+    feature_tensor = tf.constant(features)
+    label_tensor = tf.constant(label_array)
+    pairs = _example_order(len(features), shuffle_seed).map(
+        lambda i: (tf.gather(feature_tensor, i), tf.gather(label_tensor, i))
+    )
+    return pairs.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _example_order(count: int, shuffle_seed: int | None) -> tf.data.Dataset:
+    """Example indices: in order, or reshuffled each epoch with a seed."""
+    index = tf.data.Dataset.range(count)
+    if shuffle_seed is not None:
+        index = index.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
+    return index
 
 
 def check_pixel_range(batch: np.ndarray) -> None:

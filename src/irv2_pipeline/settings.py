@@ -8,4 +8,7 @@ HOOKS = (RunLockHook(), MissingInputsHook(), NodeTimingHook())
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # conf/smoke and conf/local override single keys of a parameter block, not the
+    # whole block.
+    "merge_strategy": {"parameters": "soft"},
 }

@@ -1,8 +1,109 @@
-"""The `evaluation` pipeline (empty until its issue lands)."""
+"""The `evaluation` pipeline: test metrics, plots, a diagnosis and one report."""
 
-from kedro.pipeline import Pipeline
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import (
+    diagnose_run,
+    plot_confidently_wrong,
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_validation_curves,
+    predict_test_split,
+    score_predictions,
+    write_report,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """Creates the `evaluation` pipeline."""
-    return Pipeline([])
+    return Pipeline(
+        [
+            Node(
+                predict_test_split,
+                inputs={
+                    "finetuned_model": "finetuned_model",
+                    "class_names": "class_names",
+                    "image_manifest": "image_manifest",
+                    "raw_images": "raw_images",
+                    "model": "params:model",
+                    "images": "params:images",
+                    "evaluation": "params:evaluation",
+                },
+                outputs="test_predictions",
+                name="predict_test_split",
+            ),
+            Node(
+                score_predictions,
+                inputs=["test_predictions", "params:evaluation"],
+                outputs=["evaluation_metrics", "classification_report"],
+                name="score_predictions",
+            ),
+            Node(
+                plot_confusion_matrix,
+                inputs="test_predictions",
+                outputs="confusion_matrix_plot",
+                name="plot_confusion_matrix",
+            ),
+            Node(
+                plot_reliability,
+                inputs=["test_predictions", "params:evaluation"],
+                outputs="reliability_diagram_plot",
+                name="plot_reliability",
+            ),
+            Node(
+                plot_confidently_wrong,
+                inputs=[
+                    "test_predictions",
+                    "raw_images",
+                    "params:images",
+                    "params:evaluation",
+                ],
+                outputs="confidently_wrong_plot",
+                name="plot_confidently_wrong",
+            ),
+            Node(
+                plot_validation_curves,
+                inputs="training_history",
+                outputs="validation_curves_plot",
+                name="plot_validation_curves",
+            ),
+            Node(
+                diagnose_run,
+                inputs={
+                    "evaluation_metrics": "evaluation_metrics",
+                    "classification_report": "classification_report",
+                    "training_history": "training_history",
+                    "bn_shift_profile": "bn_shift_profile",
+                    "split_shift": "split_shift",
+                    "finetune_stages": "finetune_stages",
+                    "image_manifest": "image_manifest",
+                    "duplicate_report": "duplicate_report",
+                    "dataset_summary": "dataset_summary",
+                    "model": "params:model",
+                    "plan_rules": "params:feature_shift.plan_rules",
+                    "evaluation": "params:evaluation",
+                },
+                outputs="diagnosis",
+                name="diagnose_run",
+            ),
+            Node(
+                write_report,
+                inputs={
+                    "evaluation_metrics": "evaluation_metrics",
+                    "classification_report": "classification_report",
+                    "diagnosis_findings": "diagnosis",
+                    "training_history": "training_history",
+                    "bn_shift_profile": "bn_shift_profile",
+                    "split_shift": "split_shift",
+                    "transferability": "transferability",
+                    "finetune_plan": "finetune_plan",
+                    "finetune_stages": "finetune_stages",
+                    "dataset_summary": "dataset_summary",
+                    "model": "params:model",
+                    "evaluation": "params:evaluation",
+                },
+                outputs="evaluation_report",
+                name="write_report",
+            ),
+        ]
+    )

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
-import os
 import re
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from typing import Any
 
-import imagehash
 import matplotlib
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from irv2_pipeline.datasets import ImageFolder
-from irv2_pipeline.images import ImageRejected, OpenPolicy, load_image
+from irv2_pipeline.images import OpenPolicy, fingerprint
+from irv2_pipeline.parallel import process_map
 from irv2_pipeline.progress import ProgressLog
 
 matplotlib.use("Agg")
@@ -81,8 +78,15 @@ def scan_images(
 
     accepted = []
     progress = ProgressLog("images validated", len(candidates), logger)
-    jobs = ((str(raw_images.path_of(path)), policy) for path in candidates)
-    for path, result in zip(candidates, _map(_inspect, jobs, ingestion), strict=True):
+    # fingerprint lives in images.py: spawned workers import only that light module.
+    jobs = (str(raw_images.path_of(path)) for path in candidates)
+    results = process_map(
+        partial(fingerprint, policy=policy),
+        jobs,
+        ingestion.get("workers", "auto"),
+        parameter="ingestion.workers",
+    )
+    for path, result in zip(candidates, results, strict=True):
         if isinstance(result, str):
             rejected.append((path, result))
         else:
@@ -106,7 +110,8 @@ def group_duplicates(
     Exact duplicates share a SHA-256; near duplicates have perceptual hashes within
     ``duplicates.max_hamming`` bits; ``duplicates.group_key_pattern`` (a regular
     expression on the path, its first group is the key) joins images of one subject.
-    A group whose members carry different labels is a label conflict.
+    Duplicates (exact or near) that carry different labels are a label conflict; a
+    user key alone never makes one, since one subject may rightly carry several labels.
 
     Args:
         scanned_images: The accepted images from ``scan_images``.
@@ -127,6 +132,7 @@ def group_duplicates(
     if max_hamming is not None and len(images) > 1:
         for i, j in _near_pairs(images["phash"], int(max_hamming)):
             _union(parents, i, j)
+    duplicate_of = np.array([_find(parents, i) for i in range(len(images))])
     if keys is not None:
         for members in (
             pd.Series(range(len(images))).groupby(keys.to_numpy()).indices.values()
@@ -142,9 +148,9 @@ def group_duplicates(
     images["group"] = "g" + group_ids.map(
         lambda t: hashlib.sha256(t.encode()).hexdigest()[:12]
     )
-    label_counts = images.groupby("group")["label"].transform("nunique")
+    label_counts = images.groupby(duplicate_of)["label"].transform("nunique")
     images["label_conflict"] = label_counts > 1
-    report = _duplicate_report(images)
+    report = _duplicate_report(images, duplicate_of)
     logger.info(
         "%d duplicate groups (%d with label conflicts)",
         len(report),
@@ -272,41 +278,6 @@ def summarize_dataset(
     return _json_ready(summary), _class_distribution_plot(counts)
 
 
-def _inspect(job: tuple[str, OpenPolicy]) -> dict[str, Any] | str:
-    """Decodes one file; returns its record, or the rejection reason."""
-    path, policy = job
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
-    try:
-        image = load_image(data, policy)
-    except ImageRejected as rejection:
-        return rejection.reason
-    return {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "phash": str(imagehash.phash(Image.fromarray(image.pixels))),
-        "width": image.width,
-        "height": image.height,
-        "format": image.format,
-        "mode": image.mode,
-    }
-
-
-def _map(function, jobs, ingestion: dict[str, Any]):
-    """Maps over jobs in order, on ``workers`` processes (``auto``: all cores)."""
-    workers = ingestion.get("workers", "auto")
-    workers = os.cpu_count() or 1 if workers == "auto" else int(workers)
-    if workers <= 1:
-        yield from map(function, jobs)
-        return
-    # spawn, not fork: the parent may hold TensorFlow's threads.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(function, jobs, chunksize=32)
-
-
 def _group_keys(paths: pd.Series, pattern: str | None) -> pd.Series | None:
     if not pattern:
         return None
@@ -327,16 +298,27 @@ def _group_keys(paths: pd.Series, pattern: str | None) -> pd.Series | None:
     return keys.astype(object)
 
 
-def _near_pairs(phashes: pd.Series, max_hamming: int, chunk: int = 2048):
-    """Index pairs whose 64-bit perceptual hashes differ in at most ``max_hamming`` bits."""
+def _near_pairs(phashes: pd.Series, max_hamming: int, budget: int = 1 << 22):
+    """Index pairs whose 64-bit perceptual hashes differ in at most ``max_hamming`` bits.
+
+    Each block of rows is compared with the rows from its own start on, in at most
+    ``budget`` distances at a time, so memory stays flat however many images there are.
+    """
     values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+    chunk = max(1, budget // max(1, len(values)))
     for start in range(0, len(values), chunk):
         block = values[start : start + chunk]
-        distances = np.bitwise_count(block[:, None] ^ values[None, :])
-        rows, cols = np.nonzero(distances <= max_hamming)
-        rows = rows + start
-        keep = rows < cols
-        yield from zip(rows[keep].tolist(), cols[keep].tolist(), strict=True)
+        # Row r and column c are images start + r and start + c.
+        close = np.bitwise_count(block[:, None] ^ values[None, start:]) <= max_hamming
+        # Each image matches itself (c == r); only more matches need locating.
+        if np.count_nonzero(close) > len(block):
+            rows, cols = np.nonzero(close)
+            keep = rows < cols
+            yield from zip(
+                (rows[keep] + start).tolist(),
+                (cols[keep] + start).tolist(),
+                strict=True,
+            )
 
 
 def _find(parents: np.ndarray, i: int) -> int:
@@ -357,19 +339,25 @@ def _union_all(parents: np.ndarray, members) -> None:
         _union(parents, int(members[0]), int(other))
 
 
-def _duplicate_report(images: pd.DataFrame) -> pd.DataFrame:
+def _duplicate_report(images: pd.DataFrame, duplicate_of: np.ndarray) -> pd.DataFrame:
+    """One row per group of two or more: ``exact``, ``near`` or (user) ``key``."""
     rows = []
-    for group, members in images.groupby("group"):
-        if len(members) < 2:
-            continue
-        exact = members["sha256"].nunique() == 1
+    # Only groups of two or more: iterating over every single image would be slow.
+    shared = images.groupby("group")["group"].transform("size") > 1
+    for group, members in images[shared].groupby("group"):
+        if members["sha256"].nunique() == 1:
+            kind = "exact"
+        elif len(set(duplicate_of[members.index])) == 1:
+            kind = "near"
+        else:
+            kind = "key"
         rows.append(
             {
                 "group": group,
-                "kind": "exact" if exact else "near",
+                "kind": kind,
                 "size": len(members),
                 "labels": ", ".join(sorted(members["label"].unique())),
-                "label_conflict": bool(members["label_conflict"].iloc[0]),
+                "label_conflict": bool(members["label_conflict"].any()),
                 "paths": "; ".join(sorted(members["path"])),
             }
         )

@@ -1,0 +1,198 @@
+"""Benchmark of the `ingestion` pipeline's validation, grouping and split.
+
+Generates ``--images`` random-textured ``--size`` px JPEGs (10 classes, no duplicates)
+in a temporary folder, then runs ``scan_images``, ``group_duplicates`` and
+``split_images`` on them with 2 worker processes and with 1, side by side. Each
+measurement runs in a fresh Python process, so its peak memory and CPU time are its
+own (workers included).
+
+Usage::
+
+    python bench/ingestion.py                   # 2,000 images, a quick run
+    python bench/ingestion.py --images 20000    # the full measurement
+
+Target (issue 2): at least 1,000 images/s on 2 cores, peak memory under 1 GB for
+20,000 images. Wall-clock rates depend on what else the machine runs, so the CPU time
+per image is reported too, with the load average; ``cpu_bound_images_per_second`` is
+the rate those CPU seconds allow on the machine's idle cores. The last line printed is
+one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = 10
+WORKER_COUNTS = (2, 1)
+
+
+def write_texture(args: tuple[Path, int, int]) -> None:
+    """Writes one random texture as a JPEG (quality 90), about 30 KB at 320 px.
+
+    A coarse colour field, finer luminance detail and light grain: roughly the
+    bytes per pixel of a photograph, and no two images alike.
+    """
+    path, seed, size = args
+    rng = np.random.default_rng(seed)
+
+    def upscaled(shape: tuple[int, ...]) -> np.ndarray:
+        small = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        big = small.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(big, dtype=np.int16)
+
+    colour = upscaled((8, 8, 3))
+    detail = (upscaled((size // 8, size // 8)) - 128) * 60 // 128
+    grain = rng.integers(-6, 7, (size, size), dtype=np.int16)
+    pixels = np.clip(colour + (detail + grain)[..., None], 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", quality=90)
+
+
+def generate(root: Path, count: int, size: int) -> None:
+    """Fills ``root/class_XX/`` with ``count`` distinct JPEGs, on all cores."""
+    jobs = []
+    for index in range(count):
+        folder = root / f"class_{index % CLASSES:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"img_{index:06d}.jpg", index, size))
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(write_texture, jobs, chunksize=64))
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process and its finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(root: Path, workers: int) -> dict:
+    """Runs the three nodes once in this process; returns times and peak memory."""
+    from irv2_pipeline.datasets import ImageFolder  # noqa: PLC0415
+    from irv2_pipeline.pipelines.ingestion.nodes import (  # noqa: PLC0415
+        group_duplicates,
+        scan_images,
+        split_images,
+    )
+
+    images = {"max_pixels": 50_000_000, "min_size": 8, "background": [255] * 3}
+    ingestion = {
+        "workers": workers,
+        "split": {"train": 0.7, "val": 0.15, "test": 0.15, "seed": 1},
+        "duplicates": {"max_hamming": 4, "exclude_label_conflicts": True},
+    }
+    wall, cpu = [time.perf_counter()], [cpu_seconds()]
+    scanned, scan_rejections = scan_images(ImageFolder(root), images, ingestion)
+    wall.append(time.perf_counter())
+    cpu.append(cpu_seconds())
+    grouped, groups = group_duplicates(scanned, ingestion)
+    manifest, rejected, _ = split_images(grouped, scan_rejections, groups, ingestion)
+    wall.append(time.perf_counter())
+    cpu.append(cpu_seconds())
+
+    count = len(scanned) + len(scan_rejections)
+    scan_cpu, serial_cpu = cpu[1] - cpu[0], cpu[2] - cpu[1]
+    cores = min(workers, os.cpu_count() or 1)
+    # ru_maxrss is in KiB on Linux; the children's figure is the largest single one.
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "workers": workers,
+        "accepted": len(manifest),
+        "rejected": len(rejected),
+        "duplicate_groups": len(groups),
+        "seconds": round(wall[2] - wall[0], 3),
+        "scan_seconds": round(wall[1] - wall[0], 3),
+        "group_split_seconds": round(wall[2] - wall[1], 3),
+        "images_per_second": round(count / (wall[2] - wall[0]), 1),
+        "cpu_ms_per_image": round(1000 * (scan_cpu + serial_cpu) / count, 3),
+        # Scanning spread over the cores it may use, grouping and split on one.
+        "cpu_bound_images_per_second": round(
+            count / (scan_cpu / cores + serial_cpu), 1
+        ),
+        "main_peak_rss_mb": round(own, 1),
+        "worker_peak_rss_mb": round(child, 1),
+        # The main process and every worker at its own peak: an upper bound.
+        "peak_rss_mb": round(own + (workers if workers > 1 else 0) * child, 1),
+    }
+
+
+def measure_in_subprocess(root: Path, workers: int) -> dict:
+    """Runs :func:`measure` in a fresh interpreter and returns its figures."""
+    completed = subprocess.run(
+        [sys.executable, __file__, "--measure", str(root), "--workers", str(workers)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Generates the images, measures both worker counts, prints table and JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.workers)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench_ingestion_") as tmp:
+        root = Path(tmp) / "images"
+        start = time.perf_counter()
+        generate(root, args.images, args.size)
+        mean_kb = (
+            sum(f.stat().st_size for f in root.rglob("*.jpg")) / args.images / 1024
+        )
+        print(
+            f"generated {args.images} {args.size} px JPEGs ({mean_kb:.1f} KB each) "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
+        load_before = os.getloadavg()[0]
+        runs = {w: measure_in_subprocess(root, w) for w in WORKER_COUNTS}
+        load_after = os.getloadavg()[0]
+
+    print(
+        f"{'workers':>7} {'images/s':>9} {'seconds':>8} {'CPU ms/img':>11} "
+        f"{'CPU-bound img/s':>16} {'peak RSS MB':>12}"
+    )
+    for run in runs.values():
+        print(
+            f"{run['workers']:>7} {run['images_per_second']:>9.0f} "
+            f"{run['seconds']:>8.2f} {run['cpu_ms_per_image']:>11.2f} "
+            f"{run['cpu_bound_images_per_second']:>16.0f} {run['peak_rss_mb']:>12.0f}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "ingestion",
+                "images": args.images,
+                "size_px": args.size,
+                "mean_file_kb": round(mean_kb, 1),
+                "runs": {f"workers_{w}": run for w, run in runs.items()},
+                "speedup_2_vs_1": round(runs[1]["seconds"] / runs[2]["seconds"], 2),
+                "peak_rss_mb": max(run["peak_rss_mb"] for run in runs.values()),
+                "cpu_count": os.cpu_count(),
+                # Other work on the machine slows the wall-clock figures.
+                "load_average_1min": [round(load_before, 2), round(load_after, 2)],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

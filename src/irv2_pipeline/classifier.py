@@ -1,0 +1,187 @@
+"""The fine-tuned classifier: ``[0, 255]`` RGB -> IRv2's preprocessing -> IRv2 -> head.
+
+One set of layers serves three views:
+
+- ``model``: pixels to class probabilities, the model that is saved. It takes plain
+  RGB in ``[0, 255]``; IRv2's ``[-1, 1]`` preprocessing is its first layer.
+- ``features``: pixels to the pooled backbone features (what the cached head stage
+  computes once).
+- ``head``: pooled features to probabilities.
+
+They share their layers, so a head trained on cached features *is* the head of
+``model``: nothing has to be copied back. :func:`training_model` gives the graph a
+stage trains, which differs from ``model`` only in how BatchNorm is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from irv2_pipeline.backbone import InferenceMode, check_bn_policy, preprocessing_layer
+
+POOLINGS = ("avg", "avg_max")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The classification head, as declared in ``finetune.head``.
+
+    Attributes:
+        pooling: ``avg`` (global average pooling) or ``avg_max`` (average and max
+            pooling, concatenated).
+        dropout: Dropout rate before each dense layer (0 for none).
+        dense_units: Sizes of the hidden dense layers, in order (empty for none).
+        dense_activation: Activation of the hidden dense layers.
+        l2: L2 penalty on every dense kernel of the head (0 for none).
+    """
+
+    pooling: str = "avg"
+    dropout: float = 0.2
+    dense_units: tuple[int, ...] = ()
+    dense_activation: str = "relu"
+    l2: float = 0.0
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> HeadSpec:
+        """Builds the spec from ``finetune.head``, with clear errors."""
+        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"finetune.head: unknown keys {unknown}; known: "
+                f"{', '.join(cls.__dataclass_fields__)}"
+            )
+        spec = cls(
+            pooling=str(params.get("pooling", cls.pooling)),
+            dropout=float(params.get("dropout", cls.dropout)),
+            dense_units=tuple(int(u) for u in params.get("dense_units") or ()),
+            dense_activation=str(params.get("dense_activation", cls.dense_activation)),
+            l2=float(params.get("l2", cls.l2)),
+        )
+        if spec.pooling not in POOLINGS:
+            raise ValueError(
+                f"finetune.head.pooling = {spec.pooling!r}; use one of "
+                f"{', '.join(POOLINGS)}"
+            )
+        if not 0.0 <= spec.dropout < 1.0:
+            raise ValueError(
+                f"finetune.head.dropout = {spec.dropout} must be in [0, 1)"
+            )
+        if spec.l2 < 0 or any(units < 1 for units in spec.dense_units):
+            raise ValueError(
+                "finetune.head: l2 must be >= 0 and dense_units positive, got "
+                f"l2={spec.l2}, dense_units={list(spec.dense_units)}"
+            )
+        return spec
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """Three views on one set of layers (see the module docstring)."""
+
+    model: keras.Model
+    features: keras.Model
+    head: keras.Model
+    backbone: keras.Model
+    pooling: tuple[keras.layers.Layer, ...]
+
+
+def build_classifier(
+    backbone: keras.Model,
+    class_names: Sequence[str],
+    head: HeadSpec,
+    seed: int,
+) -> Classifier:
+    """Assembles the classifier around an IRv2 backbone.
+
+    Args:
+        backbone: IRv2 from ``backbone.load_irv2`` (its input size is the model's).
+        class_names: The classes, in output order (``inputs.class_names``).
+        head: The head's layout.
+        seed: Seed of the head's initial weights and dropout masks.
+
+    Returns:
+        The classifier; its softmax output is float32 under mixed precision too.
+    """
+    if len(class_names) < 2:
+        raise ValueError(f"A classifier needs at least two classes, got {class_names}")
+    size = backbone.input_shape[1]
+    pixels = keras.Input((size, size, 3), name="pixels")
+    pooling = _pooling_layers(head.pooling)
+    features = _pool(pooling, backbone(preprocessing_layer()(pixels)))
+    head_model = _head(int(features.shape[-1]), len(class_names), head, seed)
+    return Classifier(
+        model=keras.Model(pixels, head_model(features), name="irv2_classifier"),
+        features=keras.Model(pixels, features, name="irv2_features"),
+        head=head_model,
+        backbone=backbone,
+        pooling=pooling,
+    )
+
+
+def training_model(classifier: Classifier, bn_policy: str) -> keras.Model:
+    """The graph a stage trains: ``classifier.model``'s layers, BN as the policy says.
+
+    ``train`` trains ``classifier.model``'s own graph (BN layers of unfrozen blocks use
+    batch statistics). ``frozen`` and ``adapt`` call the backbone through
+    ``backbone.InferenceMode``, so BN uses its stored statistics even where the
+    backbone's weights train. Either way it is a new model object on the shared
+    layers: compiling it leaves ``classifier.model`` uncompiled, so the saved model
+    holds no optimizer (whose custom class safe mode would refuse to load).
+    """
+    if check_bn_policy(bn_policy) == "train":
+        return keras.Model(
+            classifier.model.inputs,
+            classifier.model.outputs,
+            name="irv2_classifier_bn_train",
+        )
+    size = classifier.backbone.input_shape[1]
+    pixels = keras.Input((size, size, 3), name="pixels")
+    scaled = preprocessing_layer()(pixels)
+    maps = InferenceMode(classifier.backbone, name="backbone_inference_mode")(scaled)
+    outputs = classifier.head(_pool(classifier.pooling, maps))
+    return keras.Model(pixels, outputs, name=f"irv2_classifier_bn_{bn_policy}")
+
+
+def _pooling_layers(pooling: str) -> tuple[keras.layers.Layer, ...]:
+    if pooling == "avg":
+        return (keras.layers.GlobalAveragePooling2D(name="avg_pool"),)
+    return (
+        keras.layers.GlobalAveragePooling2D(name="avg_pool"),
+        keras.layers.GlobalMaxPooling2D(name="max_pool"),
+        keras.layers.Concatenate(name="avg_max_pool"),
+    )
+
+
+def _pool(pooling: tuple[keras.layers.Layer, ...], maps):
+    if len(pooling) == 1:
+        return pooling[0](maps)
+    average, maximum, concatenate = pooling
+    return concatenate([average(maps), maximum(maps)])
+
+
+def _head(feature_size: int, classes: int, spec: HeadSpec, seed: int) -> keras.Model:
+    regularizer = keras.regularizers.L2(spec.l2) if spec.l2 > 0 else None
+    features = keras.Input((feature_size,), name="pooled_features")
+    x = features
+    for index, units in enumerate((*spec.dense_units, classes)):
+        if spec.dropout > 0:
+            x = keras.layers.Dropout(
+                spec.dropout, seed=seed + index, name=f"head_dropout_{index + 1}"
+            )(x)
+        last = index == len(spec.dense_units)
+        x = keras.layers.Dense(
+            units,
+            activation=None if last else spec.dense_activation,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed + index),
+            kernel_regularizer=regularizer,
+            name="logits" if last else f"head_dense_{index + 1}",
+        )(x)
+    # float32 whatever the global policy: softmax in float16 loses small probabilities.
+    probabilities = keras.layers.Activation(
+        "softmax", dtype="float32", name="probabilities"
+    )(x)
+    return keras.Model(features, probabilities, name="head")

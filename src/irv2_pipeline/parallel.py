@@ -1,0 +1,73 @@
+"""Mapping a function over jobs on worker processes, for CPU-bound nodes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+
+def worker_count(workers: int | str, parameter: str = "workers") -> int:
+    """The number of processes a ``workers`` parameter asks for (``auto``: all cores).
+
+    Args:
+        workers: ``auto`` or a positive integer.
+        parameter: The parameter's full name, for the error message.
+
+    Raises:
+        ValueError: Neither ``auto`` nor a positive integer.
+    """
+    if workers == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(workers)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise ValueError(f"{parameter} = {workers!r}: use 'auto' or a positive integer")
+    return count
+
+
+def process_map(
+    function: Callable[[Any], Any],
+    jobs: Iterable[Any],
+    workers: int | str,
+    *,
+    parameter: str = "workers",
+    chunksize: int = 32,
+    initializer: Callable[[], None] | None = None,
+) -> Iterator[Any]:
+    """Maps ``function`` over ``jobs`` in order, on ``workers`` processes.
+
+    With one worker the jobs run in this process, without ``initializer``. Workers
+    are started with ``spawn``, not ``fork``: the parent may hold TensorFlow's
+    threads, which a forked child would inherit in an undefined state.
+
+    Args:
+        function: A module-level (picklable) function of one job.
+        jobs: The jobs, picklable.
+        workers: ``auto`` (one per core) or a number of processes.
+        parameter: The name of the ``workers`` parameter, for error messages.
+        chunksize: Jobs sent to a worker at a time.
+        initializer: Runs once in every worker process before its first job.
+
+    Yields:
+        ``function(job)`` for every job, in the order of ``jobs``.
+    """
+    count = worker_count(workers, parameter)
+    if count <= 1:
+        yield from map(function, jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=count, mp_context=context, initializer=initializer
+    ) as pool:
+        try:
+            yield from pool.map(function, jobs, chunksize=chunksize)
+        except BaseException:
+            # A failed job (or a caller that stops early) ends the run now, instead
+            # of after every queued job has run for nothing.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

@@ -1,0 +1,653 @@
+"""Diagnosis rules: one small pure function per cause of poor test accuracy.
+
+Each rule reads this run's outputs and its thresholds (``evaluation.diagnosis.<rule>``)
+and returns a :class:`Finding` quoting the numbers it rests on, or ``None`` when the
+cause is not present. ``parameters`` of a finding names the parameters its suggestion
+changes, as dotted keys of ``conf/base/parameters*.yml``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from irv2_pipeline.backbone import GROUPS, group_of
+from irv2_pipeline.pipelines.feature_shift.plan import FIRST_UNIT
+from irv2_pipeline.pipelines.feature_shift.shift import block_shift
+
+SEVERITIES = ("high", "medium", "low")
+HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+STAGE_COLUMNS = ("stage", "unfreeze_from", "epochs", "learning_rate", "bn_policy")
+# What feature_shift's block_shift reads from bn_shift_profile.
+SHIFT_PROFILE_COLUMNS = (
+    "layer",
+    "block",
+    "depth",
+    "shift",
+    "mean_part",
+    "variance_part",
+)
+# Held-out x training hash pairs compared at once by the leakage rule (~256 MB).
+LEAKAGE_CHUNK_PAIRS = 2**25
+
+
+class DiagnosisInputError(ValueError):
+    """An upstream output lacks what a rule needs; the message names it."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One cause of poor accuracy found in this run.
+
+    Attributes:
+        rule: The rule that found it.
+        cause: What is wrong, in one sentence.
+        severity: ``high``, ``medium`` or ``low``.
+        suggestion: What to change, in words.
+        parameters: The parameters the suggestion changes (dotted keys).
+        evidence: The measurements behind it, numbers quoted.
+    """
+
+    rule: str
+    cause: str
+    severity: str
+    suggestion: str
+    parameters: list[str]
+    evidence: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The finding as a JSON-able dict."""
+        return asdict(self)
+
+
+def require_columns(table: pd.DataFrame, columns: Sequence[str], dataset: str) -> None:
+    """Stops with a clear error when ``table`` lacks columns a rule needs."""
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise DiagnosisInputError(
+            f"{dataset} lacks the columns {missing} that the evaluation diagnosis "
+            f"needs (it has {list(table.columns)})"
+        )
+
+
+def stages_of(history: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The history split by stage, in the order the stages ran, epochs sorted."""
+    require_columns(history, HISTORY_COLUMNS, "training_history")
+    if history.empty:
+        raise DiagnosisInputError("training_history has no epochs")
+    order = list(dict.fromkeys(history["stage"]))
+    return [
+        (str(stage), history[history["stage"] == stage].sort_values("epoch"))
+        for stage in order
+    ]
+
+
+def stage_records(finetune_stages: pd.DataFrame) -> list[dict[str, Any]]:
+    """The stages ``finetune`` trained, as the plan's stage dicts.
+
+    ``finetune_stages`` names a stage in its ``stage`` column; the plan (and
+    ``feature_shift.plan.learning_rate_problems``) calls it ``name``. Read from CSV,
+    the head stage's ``unfreeze_from`` comes back as NaN; it is ``None`` again here.
+    """
+    require_columns(finetune_stages, STAGE_COLUMNS, "finetune_stages")
+    records = finetune_stages.rename(columns={"stage": "name"}).to_dict("records")
+    for record in records:
+        start = record["unfreeze_from"]
+        if isinstance(start, float) and math.isnan(start):
+            record["unfreeze_from"] = None
+    return records
+
+
+def describe_stages(stages: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per stage: what it unfreezes and how it trains."""
+    return [
+        f"{stage['name']}: "
+        + (
+            f"unfreeze from {stage['unfreeze_from']}"
+            if stage["unfreeze_from"]
+            else "head only"
+        )
+        + f", {stage['epochs']} epochs, learning rate {stage['learning_rate']:g}, "
+        f"BatchNorm {stage['bn_policy']}"
+        for stage in stages
+    ]
+
+
+def overfitting(history: pd.DataFrame, settings: dict[str, Any]) -> Finding | None:
+    """Training accuracy far above validation, or validation loss rising late.
+
+    Per stage: the accuracy gap at its last epoch above ``max_accuracy_gap``, or the
+    last validation loss more than ``max_val_loss_rise`` (relative) above the stage's
+    best while the training loss kept falling.
+    """
+    max_gap = float(settings["max_accuracy_gap"])
+    max_rise = float(settings["max_val_loss_rise"])
+    evidence, worst_gap = [], 0.0
+    for stage, epochs in stages_of(history):
+        rows = epochs.dropna(subset=["loss", "accuracy", "val_loss", "val_accuracy"])
+        if rows.empty:
+            continue
+        last = rows.iloc[-1]
+        gap = float(last["accuracy"] - last["val_accuracy"])
+        if gap > max_gap:
+            worst_gap = max(worst_gap, gap)
+            evidence.append(
+                f"stage {stage!r}, epoch {int(last['epoch'])}: training accuracy "
+                f"{last['accuracy']:.3f} vs validation {last['val_accuracy']:.3f} "
+                f"(gap {gap:.3f} > {max_gap})"
+            )
+        best = rows.loc[rows["val_loss"].idxmin()]
+        rise = float((last["val_loss"] - best["val_loss"]) / best["val_loss"])
+        if rise > max_rise and last["loss"] < best["loss"]:
+            evidence.append(
+                f"stage {stage!r}: validation loss rose from {best['val_loss']:.3f} "
+                f"(epoch {int(best['epoch'])}) to {last['val_loss']:.3f} (epoch "
+                f"{int(last['epoch'])}, +{rise:.0%} > {max_rise:.0%}) while training "
+                f"loss fell from {best['loss']:.3f} to {last['loss']:.3f}"
+            )
+    if not evidence:
+        return None
+    return Finding(
+        rule="overfitting",
+        cause="The model memorises the training images: it does much better on them "
+        "than on the validation images.",
+        severity="high" if worst_gap > 2 * max_gap else "medium",
+        suggestion="Write more augmented copies (augmentation.copies) or use the "
+        "stronger randaugment preset, raise the head's dropout, unfreeze fewer blocks "
+        "(a later unfreeze_from in finetune.stages) and stop earlier (a smaller "
+        "early-stopping patience).",
+        parameters=[
+            "augmentation.copies",
+            "augmentation.preset",
+            "finetune.head.dropout",
+            "finetune.stages",
+            "finetune.early_stopping.patience",
+        ],
+        evidence=evidence,
+    )
+
+
+def underfitting(
+    history: pd.DataFrame, n_classes: int, settings: dict[str, Any]
+) -> Finding | None:
+    """Accuracy low on the training images and on the validation images alike.
+
+    Both the best training and the best validation accuracy of the last stage must
+    stay below ``min_train_accuracy``: training accuracy alone is measured under
+    augmentation and dropout, averaged over an epoch, and can lag a model that
+    already classifies held-out images well.
+    """
+    minimum = float(settings["min_train_accuracy"])
+    stage, rows = stages_of(history)[-1]
+    train = float(rows["accuracy"].max())
+    validation = float(rows["val_accuracy"].max())
+    if np.isnan(train) or train >= minimum or validation >= minimum:
+        return None
+    chance = 1.0 / n_classes
+    return Finding(
+        rule="underfitting",
+        cause="The model does not even fit its training images.",
+        severity="high" if train < (chance + minimum) / 2 else "medium",
+        suggestion="Unfreeze deeper (an earlier unfreeze_from in finetune.stages, or "
+        "a lower feature_shift.plan.shift_threshold), raise the head stage's learning "
+        "rate and train more epochs per stage; see random_weights if it is listed.",
+        parameters=[
+            "finetune.stages",
+            "feature_shift.plan.shift_threshold",
+            "feature_shift.plan.head.learning_rate",
+            "feature_shift.plan.head.epochs",
+            "feature_shift.plan.backbone.epochs",
+        ],
+        evidence=[
+            f"the last stage {stage!r} reached at most {train:.3f} training and "
+            f"{validation:.3f} validation accuracy in {len(rows)} epochs, below "
+            f"{minimum} (chance is {chance:.3f} for {n_classes} classes)"
+        ],
+    )
+
+
+def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Finding | None:
+    """Confidence that does not match accuracy: ECE above ``max_ece``."""
+    ece = float(metrics["ece"])
+    limit = float(settings["max_ece"])
+    if ece <= limit:
+        return None
+    confidence = float(metrics["mean_confidence"])
+    accuracy = float(metrics["accuracy"])
+    over = confidence > accuracy
+    return Finding(
+        rule="miscalibration",
+        cause="The predicted probabilities cannot be taken at face value: the model "
+        + ("is over-confident." if over else "is under-confident."),
+        severity="medium" if over else "low",
+        suggestion=(
+            "Raise finetune.label_smoothing, or calibrate the probabilities on the "
+            "validation split (temperature scaling) before acting on them."
+            if over
+            else "Train longer (more epochs per stage) and lower "
+            "finetune.label_smoothing; the argmax predictions are unaffected."
+        ),
+        parameters=["finetune.label_smoothing"]
+        + ([] if over else ["feature_shift.plan.backbone.epochs"]),
+        evidence=[
+            f"expected calibration error {ece:.3f} > {limit}: mean confidence "
+            f"{confidence:.3f} vs accuracy {accuracy:.3f}"
+        ],
+    )
+
+
+def domain_gap(
+    bn_shift_profile: pd.DataFrame,
+    stages: Sequence[dict[str, Any]],
+    weights: str | None,
+    settings: dict[str, Any],
+) -> Finding | None:
+    """Large ImageNet-to-target BN shift, and whether the stages trained unfroze it.
+
+    Silent with random weights: the stored BN statistics are then not ImageNet's, so
+    the shift means nothing (the ``random_weights`` rule says so).
+
+    Args:
+        bn_shift_profile: One row per BN layer (``feature_shift``).
+        stages: The stages ``finetune`` trained (:func:`stage_records`).
+        weights: ``model.weights``.
+        settings: ``max_block_shift``, the mean shift of a block that is large.
+    """
+    if weights is None:
+        return None
+    require_columns(bn_shift_profile, SHIFT_PROFILE_COLUMNS, "bn_shift_profile")
+    threshold = float(settings["max_block_shift"])
+    blocks = block_shift(bn_shift_profile)
+    shifted = blocks[blocks["shift"] > threshold]
+    if shifted.empty:
+        return None
+    shallowest = str(shifted["block"].iloc[0])
+    starts = [
+        GROUPS.index(group_of(stage["unfreeze_from"]))
+        for stage in stages
+        if stage["unfreeze_from"]
+    ]
+    covered = bool(starts) and min(starts) <= GROUPS.index(shallowest)
+    per_block = ", ".join(f"{row.block} {row.shift:.3g}" for row in blocks.itertuples())
+    evidence = [
+        f"mean BN shift per block: {per_block}",
+        f"above {threshold}: "
+        + ", ".join(f"{row.block} ({row.shift:.3g})" for row in shifted.itertuples()),
+        "stages trained: " + ("; ".join(describe_stages(stages)) or "none"),
+    ]
+    target = FIRST_UNIT[shallowest]
+    return Finding(
+        rule="domain_gap",
+        cause="Your images are far from ImageNet"
+        + (
+            "; the stages trained fine-tune the shifted blocks."
+            if covered
+            else f", from {shallowest} on, but no stage unfroze {shallowest}."
+        ),
+        severity="medium" if covered else "high",
+        suggestion=(
+            "The depth is right; if accuracy is still poor, re-estimate BatchNorm "
+            "statistics (bn_policy: adapt in finetune.stages, or a lower "
+            "feature_shift.plan.adapt_bn_threshold) and add training images."
+            if covered
+            else f"Fine-tune from {target}: a stage with unfreeze_from: {target} and "
+            "bn_policy: adapt in finetune.stages, or a feature_shift.plan."
+            f"shift_threshold of at most {threshold:g} so that the plan reaches it."
+        ),
+        parameters=[
+            "finetune.stages",
+            "feature_shift.plan.adapt_bn_threshold"
+            if covered
+            else "feature_shift.plan.shift_threshold",
+        ],
+        evidence=evidence,
+    )
+
+
+def split_shift(table: pd.DataFrame, settings: dict[str, Any]) -> Finding | None:
+    """Validation or test features that differ from training features.
+
+    Needs ``pair`` (e.g. ``train-vs-test``) and ``p_value`` (NaN: not compared);
+    quotes ``mmd2``, ``frechet`` and the image counts when present.
+    """
+    require_columns(table, ("pair", "p_value"), "split_shift")
+    alpha = float(settings["alpha"])
+    differing = table[table["p_value"] < alpha]
+    if differing.empty:
+        return None
+    evidence = []
+    for row in differing.to_dict("records"):
+        figures = [f"p = {row['p_value']:.3g} < {alpha}"]
+        figures += [
+            f"{name} = {row[name]:.4g}" for name in ("mmd2", "frechet") if name in row
+        ]
+        if "n_compared" in row and "n_reference" in row:
+            figures.append(f"{row['n_compared']} vs {row['n_reference']} images")
+        evidence.append(f"{row['pair']}: {', '.join(figures)}")
+    test_differs = differing["pair"].astype(str).str.contains("test").any()
+    return Finding(
+        rule="split_shift",
+        cause="The "
+        + ("test" if test_differs else "validation")
+        + " images look different from the training images, so validation accuracy "
+        "does not predict test accuracy.",
+        severity="high" if test_differs else "medium",
+        suggestion="Draw the splits from the same conditions and add training images "
+        "taken under the test conditions; if images of one subject or source must "
+        "stay together, say so with ingestion.duplicates.group_key_pattern.",
+        parameters=["ingestion.duplicates.group_key_pattern"],
+        evidence=evidence,
+    )
+
+
+def validation_test_gap(
+    history: pd.DataFrame, metrics: dict[str, Any], settings: dict[str, Any]
+) -> Finding | None:
+    """Test accuracy far below the validation accuracy the run ended on.
+
+    Fires when the last stage's best validation accuracy exceeds the test accuracy by
+    more than ``max_gap`` and lies above the test accuracy's 95% interval, so that
+    the gap is not test-set noise.
+    """
+    stage, rows = stages_of(history)[-1]
+    validation = float(rows["val_accuracy"].max())
+    test = float(metrics["accuracy"])
+    low, high = metrics["accuracy_ci95"]
+    limit = float(settings["max_gap"])
+    if np.isnan(validation) or validation - test <= limit or validation <= high:
+        return None
+    return Finding(
+        rule="validation_test_gap",
+        cause="The test images are classified much worse than the validation images "
+        "the training was tuned on.",
+        severity="high",
+        suggestion="Look at the split_shift and leakage findings: a test split from "
+        "other conditions, or validation images that resemble training images, cause "
+        "this; otherwise the validation split is too small to select on.",
+        parameters=["ingestion.split.val"],
+        evidence=[
+            f"best validation accuracy of the last stage {stage!r}: {validation:.3f}; "
+            f"test accuracy {test:.3f} (95% interval [{low:.3f}, {high:.3f}]), "
+            f"{validation - test:.3f} lower (> {limit})"
+        ],
+    )
+
+
+def leakage(image_manifest: pd.DataFrame, settings: dict[str, Any]) -> Finding | None:
+    """Test or validation images that are exact or near copies of training images.
+
+    Exact copies share a SHA-256; near copies have perceptual hashes at most
+    ``max_hamming`` bits apart. Checked independently of ingestion's own grouping,
+    so it also catches a run whose ingestion looked for exact duplicates only.
+    """
+    require_columns(
+        image_manifest, ("path", "split", "sha256", "phash"), "image_manifest"
+    )
+    max_hamming = int(settings["max_hamming"])
+    train = image_manifest[image_manifest["split"] == "train"]
+    train_hashes = _hash_array(train["phash"])
+    train_sha = set(train["sha256"])
+    evidence = []
+    for split in ("val", "test"):
+        held_out = image_manifest[image_manifest["split"] == split]
+        is_exact = held_out["sha256"].isin(train_sha).to_numpy()
+        near = (
+            _nearest_bits(_hash_array(held_out["phash"]), train_hashes) <= max_hamming
+        )
+        for kind, copies in (
+            ("exact copies", held_out[is_exact]),
+            (
+                f"near copies (pHash within {max_hamming} bits)",
+                held_out[near & ~is_exact],
+            ),
+        ):
+            if len(copies):
+                evidence.append(
+                    f"{len(copies)} of {len(held_out)} {split} images are {kind} of "
+                    f"training images (e.g. {copies['path'].iloc[0]})"
+                )
+    if not evidence:
+        return None
+    return Finding(
+        rule="leakage",
+        cause="Copies of training images sit in the held-out splits, so validation "
+        "and test accuracy are inflated.",
+        severity="high",
+        suggestion=f"Set ingestion.duplicates.max_hamming to at least {max_hamming} "
+        "and rerun from ingestion, so that duplicates share a split.",
+        parameters=["ingestion.duplicates.max_hamming"],
+        evidence=evidence,
+    )
+
+
+def label_conflicts(
+    dataset_summary: dict[str, Any], duplicate_report: pd.DataFrame
+) -> Finding | None:
+    """Duplicate groups carrying different labels, and whether any remain in use."""
+    groups = int(dataset_summary.get("label_conflict_groups", 0))
+    if groups == 0:
+        return None
+    kept = int(dataset_summary.get("label_conflict_images_kept", 0))
+    evidence = [
+        f"{groups} duplicate groups carry different labels; {kept} of their images "
+        "are still in the manifest"
+    ]
+    if "label_conflict" in duplicate_report.columns:
+        conflicts = duplicate_report[duplicate_report["label_conflict"].astype(bool)]
+        evidence += [
+            f"group {row['group']}: labels {row['labels']} ({row['paths']})"
+            for row in conflicts.head(3).to_dict("records")
+        ]
+    return Finding(
+        rule="label_conflicts",
+        cause="The same picture is labelled differently in different folders"
+        + (
+            ", and those images are still used for training and testing."
+            if kept
+            else "; those images were left out."
+        ),
+        severity="high" if kept else "low",
+        suggestion=(
+            "Fix the labels of the listed images, or set "
+            "ingestion.duplicates.exclude_label_conflicts: true."
+            if kept
+            else "Relabel the listed images (rejected_images.csv) to use them again."
+        ),
+        parameters=["ingestion.duplicates.exclude_label_conflicts"] if kept else [],
+        evidence=evidence,
+    )
+
+
+def class_imbalance(
+    metrics: dict[str, Any],
+    classification_report: pd.DataFrame,
+    train_counts: dict[str, int],
+    settings: dict[str, Any],
+) -> Finding | None:
+    """Balanced accuracy well below accuracy, or a class with low recall.
+
+    The training images per class decide the advice: class weights when the training
+    set is imbalanced (largest over smallest class above ``max_train_imbalance_ratio``),
+    more varied images of the weak classes when it is not.
+    """
+    max_gap = float(settings["max_balanced_accuracy_gap"])
+    min_recall = float(settings["min_class_recall"])
+    gap = metrics["accuracy"] - metrics["balanced_accuracy"]
+    classes = classification_report[
+        classification_report["class"].isin(list(train_counts))
+    ]
+    weak = classes[(classes["support"] > 0) & (classes["recall"] < min_recall)]
+    evidence = []
+    if gap > max_gap:
+        evidence.append(
+            f"accuracy {metrics['accuracy']:.3f} vs balanced accuracy "
+            f"{metrics['balanced_accuracy']:.3f} (gap {gap:.3f} > {max_gap})"
+        )
+    evidence += [
+        f"class {row['class']!r}: recall {row['recall']:.3f} < {min_recall} "
+        f"({int(row['support'])} test images, {train_counts[row['class']]} training "
+        "images)"
+        for row in weak.to_dict("records")
+    ]
+    if not evidence:
+        return None
+    smallest = min(train_counts, key=train_counts.__getitem__)
+    largest = max(train_counts, key=train_counts.__getitem__)
+    ratio = train_counts[largest] / max(1, train_counts[smallest])
+    limit = float(settings["max_train_imbalance_ratio"])
+    imbalanced = ratio > limit
+    evidence.append(
+        f"training images per class: from {train_counts[smallest]} ({smallest!r}) "
+        f"to {train_counts[largest]} ({largest!r}), {ratio:.1f}x "
+        + ("above" if imbalanced else "within")
+        + f" {limit}x"
+    )
+    names = ", ".join(repr(name) for name in weak["class"]) or "the weaker classes"
+    return Finding(
+        rule="class_imbalance",
+        cause="Some classes are recognised far worse than others"
+        + (
+            ", and the training set is imbalanced."
+            if imbalanced
+            else "; the training set is balanced, so they are hard to tell apart."
+        ),
+        severity="high" if len(weak) else "medium",
+        suggestion=(
+            "Weight the loss by class (finetune.class_weights: true) or give rare "
+            "classes more augmented copies (augmentation.balance.enabled: true), and "
+            f"add training images of the smaller classes, e.g. {smallest!r}."
+            if imbalanced
+            else f"See in the confusion matrix which classes {names} are taken for; "
+            "add more varied training images of them and write more augmented copies."
+        ),
+        parameters=(
+            ["finetune.class_weights", "augmentation.balance.enabled"]
+            if imbalanced
+            else ["augmentation.copies"]
+        ),
+        evidence=evidence,
+    )
+
+
+def unstable_training(
+    history: pd.DataFrame,
+    learning_rate_problems: Sequence[str],
+    settings: dict[str, Any],
+) -> Finding | None:
+    """NaN or infinite losses, loss spikes within a stage, or flagged learning rates.
+
+    A spike is an epoch whose training or validation loss exceeds ``max_loss_jump``
+    times the previous epoch's in the same stage.
+
+    Args:
+        history: One row per epoch of every stage.
+        learning_rate_problems: What the plan rules
+            (``feature_shift.plan.learning_rate_problems``) say of the stages trained.
+        settings: ``max_loss_jump``.
+    """
+    jump = float(settings["max_loss_jump"])
+    evidence, severity = [], "medium"
+    for stage, rows in stages_of(history):
+        for column in ("loss", "val_loss"):
+            values = rows[column].to_numpy(dtype=np.float64)
+            epochs = rows["epoch"].to_numpy()
+            broken = ~np.isfinite(values)
+            if broken.any():
+                severity = "high"
+                evidence.append(
+                    f"stage {stage!r}: {column} is NaN or infinite at epoch "
+                    f"{int(epochs[broken.argmax()])}"
+                )
+            ratios = values[1:] / values[:-1]
+            for index in np.flatnonzero(np.isfinite(ratios) & (ratios > jump)):
+                evidence.append(
+                    f"stage {stage!r}: {column} jumped from {values[index]:.3g} to "
+                    f"{values[index + 1]:.3g} at epoch {int(epochs[index + 1])} "
+                    f"({ratios[index]:.1f}x > {jump}x)"
+                )
+    evidence += list(learning_rate_problems)
+    if not evidence:
+        return None
+    return Finding(
+        rule="unstable_training",
+        cause="Training was unstable: the loss diverged or spiked, or a learning rate "
+        "is too high for the layers it trains.",
+        severity=severity,
+        suggestion="Lower the learning rate of the stages named (in finetune.stages, "
+        "or the plan's feature_shift.plan.head / backbone learning_rate) and warm up "
+        "for an epoch (finetune.warmup_epochs: 1).",
+        parameters=[
+            "finetune.stages",
+            "feature_shift.plan.head.learning_rate",
+            "feature_shift.plan.backbone.learning_rate",
+            "finetune.warmup_epochs",
+        ],
+        evidence=evidence,
+    )
+
+
+def random_weights(weights: str | None) -> Finding | None:
+    """The backbone started from random weights: no transfer learning took place."""
+    if weights is not None:
+        return None
+    return Finding(
+        rule="random_weights",
+        cause="The backbone started from random weights, so this run is not transfer "
+        "learning and its ImageNet shift figures are meaningless.",
+        severity="high",
+        suggestion="Set model.weights: imagenet, or the path of the IRv2 notop "
+        "weights file on machines without internet.",
+        parameters=["model.weights"],
+        evidence=["model.weights = null"],
+    )
+
+
+def small_test_set(metrics: dict[str, Any], settings: dict[str, Any]) -> Finding | None:
+    """A test set too small to measure accuracy to within ``max_ci_width``."""
+    low, high = metrics["accuracy_ci95"]
+    width = high - low
+    limit = float(settings["max_ci_width"])
+    if width <= limit:
+        return None
+    return Finding(
+        rule="small_test_set",
+        cause="The test set is too small to tell accuracies apart: differences smaller "
+        "than the interval are noise.",
+        severity="low",
+        suggestion="Add test images, or raise the test fraction of the split.",
+        parameters=["ingestion.split.test"],
+        evidence=[
+            f"{metrics['n_test']} test images: accuracy {metrics['accuracy']:.3f}, 95% "
+            f"interval [{low:.3f}, {high:.3f}] (width {width:.3f} > {limit})"
+        ],
+    )
+
+
+def by_severity(findings: Sequence[Finding | None]) -> list[dict[str, Any]]:
+    """The findings that fired, most severe first, as JSON-able dicts."""
+    fired = [finding for finding in findings if finding is not None]
+    fired.sort(key=lambda finding: SEVERITIES.index(finding.severity))
+    return [finding.as_dict() for finding in fired]
+
+
+def _hash_array(phashes: pd.Series) -> np.ndarray:
+    """64-bit perceptual hashes (hex strings) as unsigned integers."""
+    return np.array([int(value, 16) for value in phashes], dtype=np.uint64)
+
+
+def _nearest_bits(hashes: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each hash, the fewest bits in which it differs from any reference hash."""
+    nearest = np.full(len(hashes), 65, dtype=np.int64)
+    if not len(hashes) or not len(reference):
+        return nearest
+    rows = max(1, LEAKAGE_CHUNK_PAIRS // len(reference))
+    for start in range(0, len(hashes), rows):
+        block = hashes[start : start + rows]
+        bits = np.bitwise_count(block[:, None] ^ reference[None, :])
+        nearest[start : start + rows] = bits.min(axis=1)
+    return nearest

@@ -1,0 +1,395 @@
+"""Nodes of the `evaluation` pipeline: predict the test split, score it, explain it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.images import OpenPolicy
+from irv2_pipeline.inputs import check_pixel_range, image_dataset
+from irv2_pipeline.inputs import class_names as manifest_classes
+from irv2_pipeline.pipelines.feature_shift.plan import learning_rate_problems
+from irv2_pipeline.pipelines.feature_shift.shift import block_shift
+from irv2_pipeline.progress import ProgressLog
+
+from . import diagnosis, plots
+from .metrics import (
+    TTA_PREFIX,
+    calibration_bins,
+    classes_of,
+    classification_metrics,
+    expected_calibration_error,
+    has_tta,
+    label_indices,
+    per_class_report,
+    prediction_table,
+    probabilities_of,
+)
+from .report import render_report
+
+logger = logging.getLogger(__name__)
+
+# Softmax rows sum to 1 up to float32 rounding; anything further off is not softmax.
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run on these inputs; the message says what to change."""
+
+
+def predict_test_split(
+    *,
+    finetuned_model: keras.Model,
+    class_names: list[str],
+    image_manifest: pd.DataFrame,
+    raw_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> pd.DataFrame:
+    """Runs the fine-tuned model over exactly the manifest's test split, streaming.
+
+    Args:
+        finetuned_model: Takes ``[0, 255]`` RGB, outputs softmax probabilities.
+        class_names: The model's output order, as ``finetune`` saved it.
+        image_manifest: The ingestion manifest.
+        raw_images: The image root.
+        model: The ``model`` parameters (``image_size``).
+        images: The ``images`` parameters (how images are opened).
+        evaluation: The ``evaluation`` parameters (``batch_size``,
+            ``test_time_augmentation``).
+
+    Returns:
+        ``test_predictions``: one row per test image, in manifest order.
+
+    Raises:
+        EvaluationError: No test images, or a model whose input size or classes do
+            not match the manifest and parameters, or whose outputs are not
+            probabilities.
+    """
+    test = image_manifest[image_manifest["split"] == "test"]
+    if test.empty:
+        raise EvaluationError(
+            "image_manifest has no test images: raise ingestion.split.test and rerun "
+            "`kedro run --pipeline ingestion`."
+        )
+    classes = manifest_classes(image_manifest)
+    if list(class_names) != classes:
+        raise EvaluationError(
+            f"finetuned_model was trained on the classes {list(class_names)} but "
+            f"image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
+        )
+    image_size = int(model["image_size"])
+    _check_model_shape(finetuned_model, image_size, classes)
+    batch_size = int(evaluation["batch_size"])
+    dataset = image_dataset(
+        [raw_images.path_of(path) for path in test["path"]],
+        None,
+        image_size=image_size,
+        batch_size=batch_size,
+        policy=OpenPolicy.from_params(images),
+    )
+    with_tta = bool(evaluation["test_time_augmentation"])
+    plain, flipped = [], []
+    progress = ProgressLog("test images predicted", len(test), logger)
+    for index, batch in enumerate(dataset.as_numpy_iterator()):
+        if index == 0:
+            check_pixel_range(batch)
+        plain.append(_probabilities(finetuned_model, batch, batch_size))
+        if with_tta:
+            # Horizontal flip: axis 2 is the width of (batch, height, width, channel).
+            mirrored = np.flip(batch, axis=2)
+            flipped.append(_probabilities(finetuned_model, mirrored, batch_size))
+        progress.advance(len(batch))
+    probabilities = np.concatenate(plain)
+    tta = (probabilities + np.concatenate(flipped)) / 2 if with_tta else None
+    return prediction_table(test["path"], test["label"], classes, probabilities, tta)
+
+
+def score_predictions(
+    test_predictions: pd.DataFrame, evaluation: dict[str, Any]
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Computes ``evaluation_metrics`` and the per-class report from the predictions.
+
+    Test-time-augmentation figures, when the table has them, go under ``tta``; the
+    plain figures stay where they are.
+
+    Args:
+        test_predictions: The prediction table.
+        evaluation: The ``evaluation`` parameters (``top_k``, ``calibration_bins``,
+            ``bootstrap``).
+
+    Returns:
+        ``evaluation_metrics`` and ``classification_report``.
+    """
+    classes = classes_of(test_predictions)
+    y_true = label_indices(test_predictions["label"], classes)
+    settings = {
+        "top_k": int(evaluation["top_k"]),
+        "calibration_bins_count": int(evaluation["calibration_bins"]),
+        "resamples": int(evaluation["bootstrap"]["resamples"]),
+        "seed": int(evaluation["bootstrap"]["seed"]),
+    }
+    probabilities = probabilities_of(test_predictions, classes)
+    metrics = classification_metrics(y_true, probabilities, **settings)
+    metrics["classes"] = classes
+    if has_tta(test_predictions):
+        metrics["tta"] = classification_metrics(
+            y_true, probabilities_of(test_predictions, classes, TTA_PREFIX), **settings
+        )
+    logger.info(
+        "test accuracy %.3f (95%% CI %.3f-%.3f), macro F1 %.3f on %d images",
+        metrics["accuracy"],
+        *metrics["accuracy_ci95"],
+        metrics["macro_f1"],
+        metrics["n_test"],
+    )
+    report = per_class_report(y_true, probabilities.argmax(axis=1), classes)
+    return metrics, report
+
+
+def plot_confusion_matrix(test_predictions: pd.DataFrame) -> Figure:
+    """The confusion matrix, counts and row-normalised."""
+    classes = classes_of(test_predictions)
+    return plots.confusion_matrix_figure(
+        label_indices(test_predictions["label"], classes),
+        label_indices(test_predictions["predicted"], classes),
+        classes,
+    )
+
+
+def plot_reliability(
+    test_predictions: pd.DataFrame, evaluation: dict[str, Any]
+) -> Figure:
+    """The reliability diagram of the plain predictions."""
+    correct = (test_predictions["label"] == test_predictions["predicted"]).to_numpy()
+    confidence = test_predictions["confidence"].to_numpy(dtype=np.float64)
+    n_bins = int(evaluation["calibration_bins"])
+    return plots.reliability_figure(
+        calibration_bins(confidence, correct, n_bins),
+        expected_calibration_error(confidence, correct, n_bins),
+    )
+
+
+def plot_confidently_wrong(
+    test_predictions: pd.DataFrame,
+    raw_images: ImageFolder,
+    images: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> Figure:
+    """The misclassified test images the model was surest of, opened via images.py."""
+    settings = evaluation["confidently_wrong"]
+    wrong = test_predictions[test_predictions["label"] != test_predictions["predicted"]]
+    worst = wrong.sort_values(["confidence", "path"], ascending=[False, True]).head(
+        int(settings["max_images"])
+    )
+    policy = OpenPolicy.from_params(images)
+    pixels = [raw_images.load(path, policy).pixels for path in worst["path"]]
+    titles = [
+        f"{row.label} → {row.predicted} ({row.confidence:.2f})"
+        for row in worst.itertuples()
+    ]
+    return plots.image_grid_figure(
+        pixels,
+        titles,
+        int(settings["columns"]),
+        "Most confidently wrong test images\n(true → predicted, confidence)",
+        "No test image is misclassified: none to show.",
+    )
+
+
+def plot_validation_curves(training_history: pd.DataFrame) -> Figure:
+    """Validation and training loss and accuracy per epoch, stage by stage."""
+    return plots.validation_curves_figure(training_history)
+
+
+def diagnose_run(
+    *,
+    evaluation_metrics: dict[str, Any],
+    classification_report: pd.DataFrame,
+    training_history: pd.DataFrame,
+    bn_shift_profile: pd.DataFrame,
+    split_shift: pd.DataFrame,
+    finetune_stages: pd.DataFrame,
+    image_manifest: pd.DataFrame,
+    duplicate_report: pd.DataFrame,
+    dataset_summary: dict[str, Any],
+    model: dict[str, Any],
+    plan_rules: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Runs every diagnosis rule on this run's outputs.
+
+    Args:
+        evaluation_metrics: The test metrics.
+        classification_report: Per-class precision, recall, F1 and support.
+        training_history: One row per epoch of every stage.
+        bn_shift_profile: BN shift per layer (``feature_shift``).
+        split_shift: Shift between the splits (``feature_shift``).
+        finetune_stages: The stages ``finetune`` trained, one row each.
+        image_manifest: The ingestion manifest.
+        duplicate_report: Duplicate groups (ingestion).
+        dataset_summary: The ingestion summary.
+        model: The ``model`` parameters (``weights``).
+        plan_rules: ``feature_shift.plan_rules``, the learning-rate limits every plan
+            must keep.
+        evaluation: The ``evaluation`` parameters (``diagnosis`` thresholds).
+
+    Returns:
+        ``diagnosis``: the findings, most severe first.
+    """
+    thresholds = evaluation["diagnosis"]
+    weights = model.get("weights")
+    stages = diagnosis.stage_records(finetune_stages)
+    # Within a severity, findings keep this order: the run's set-up and data first
+    # (they explain what follows), then training, then the test results.
+    findings = diagnosis.by_severity(
+        [
+            diagnosis.random_weights(weights),
+            diagnosis.leakage(image_manifest, thresholds["leakage"]),
+            diagnosis.label_conflicts(dataset_summary, duplicate_report),
+            diagnosis.split_shift(split_shift, thresholds["split_shift"]),
+            diagnosis.domain_gap(
+                bn_shift_profile, stages, weights, thresholds["domain_gap"]
+            ),
+            diagnosis.unstable_training(
+                training_history,
+                learning_rate_problems(stages, plan_rules),
+                thresholds["unstable_training"],
+            ),
+            diagnosis.underfitting(
+                training_history,
+                len(evaluation_metrics["classes"]),
+                thresholds["underfitting"],
+            ),
+            diagnosis.overfitting(training_history, thresholds["overfitting"]),
+            diagnosis.validation_test_gap(
+                training_history, evaluation_metrics, thresholds["validation_test_gap"]
+            ),
+            diagnosis.class_imbalance(
+                evaluation_metrics,
+                classification_report,
+                _train_counts(image_manifest, evaluation_metrics["classes"]),
+                thresholds["class_imbalance"],
+            ),
+            diagnosis.miscalibration(evaluation_metrics, thresholds["miscalibration"]),
+            diagnosis.small_test_set(evaluation_metrics, thresholds["small_test_set"]),
+        ]
+    )
+    for finding in findings:
+        logger.warning(
+            "%s (%s): %s", finding["rule"], finding["severity"], finding["cause"]
+        )
+    return findings
+
+
+def write_report(
+    *,
+    evaluation_metrics: dict[str, Any],
+    classification_report: pd.DataFrame,
+    diagnosis_findings: list[dict[str, Any]],
+    training_history: pd.DataFrame,
+    bn_shift_profile: pd.DataFrame,
+    split_shift: pd.DataFrame,
+    transferability: pd.DataFrame,
+    finetune_plan: dict[str, Any],
+    finetune_stages: pd.DataFrame,
+    dataset_summary: dict[str, Any],
+    model: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> str:
+    """Writes ``evaluation_report``: everything above in one Markdown file.
+
+    Args:
+        evaluation_metrics: The test metrics.
+        classification_report: Per-class precision, recall, F1 and support.
+        diagnosis_findings: ``diagnosis``.
+        training_history: One row per epoch of every stage.
+        bn_shift_profile: BN shift per layer.
+        split_shift: Shift between the splits.
+        transferability: Transferability of frozen features by depth.
+        finetune_plan: The plan ``feature_shift`` made, with its rationale.
+        finetune_stages: The stages ``finetune`` trained, one row each.
+        dataset_summary: The ingestion summary.
+        model: The ``model`` parameters.
+        evaluation: The ``evaluation`` parameters (``report.plots`` and
+            ``report.upstream_plots``: title to file name of each plot, relative to
+            the report).
+
+    Returns:
+        The Markdown text.
+    """
+    return render_report(
+        metrics=evaluation_metrics,
+        classification_report=classification_report,
+        findings=diagnosis_findings,
+        training_history=training_history,
+        shift_by_block=block_shift(bn_shift_profile),
+        split_shift=split_shift,
+        transferability=transferability,
+        finetune_plan=finetune_plan,
+        finetune_stages=finetune_stages,
+        dataset_summary=dataset_summary,
+        model=model,
+        plots=evaluation["report"]["plots"],
+        upstream_plots=evaluation["report"]["upstream_plots"],
+    )
+
+
+def _train_counts(image_manifest: pd.DataFrame, classes: list[str]) -> dict[str, int]:
+    """Training images per class, zero for a class with none."""
+    train = image_manifest[image_manifest["split"] == "train"]
+    counts = train["label"].value_counts()
+    return {name: int(counts.get(name, 0)) for name in classes}
+
+
+def _check_model_shape(
+    finetuned_model: keras.Model, image_size: int, classes: list[str]
+) -> None:
+    height, width = finetuned_model.input_shape[1:3]
+    if (height, width) != (image_size, image_size):
+        raise EvaluationError(
+            f"finetuned_model takes {height}x{width} px images but model.image_size "
+            f"is {image_size}: rerun `kedro run --pipeline finetune` with the same "
+            "parameters, or set model.image_size back."
+        )
+    outputs = finetuned_model.output_shape[-1]
+    if outputs != len(classes):
+        raise EvaluationError(
+            f"finetuned_model has {outputs} outputs but image_manifest has "
+            f"{len(classes)} classes {classes}: the model was trained on other data; "
+            "rerun `kedro run --pipeline finetune`."
+        )
+
+
+def _probabilities(
+    finetuned_model: keras.Model, batch: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """The model's class probabilities for one batch, checked and in float64.
+
+    A short last batch is padded with copies of its last image: every call then has
+    the same shape, so the prediction graph is traced once (tracing IRv2 costs tens
+    of seconds on a CPU). The model is in inference mode, so the padding does not
+    change the other rows.
+    """
+    rows = len(batch)
+    if rows < batch_size:
+        padding = np.repeat(batch[-1:], batch_size - rows, axis=0)
+        batch = np.concatenate([batch, padding])
+    predicted = finetuned_model.predict_on_batch(batch)[:rows]
+    outputs = np.asarray(predicted, dtype=np.float64)
+    sums = outputs.sum(axis=1)
+    if (outputs < 0).any() or np.abs(sums - 1.0).max() > PROBABILITY_SUM_TOLERANCE:
+        raise EvaluationError(
+            "finetuned_model's outputs are not softmax probabilities (row sums "
+            f"{sums.min():.4g}..{sums.max():.4g}, minimum {outputs.min():.4g}); the "
+            "evaluation needs a softmax output layer."
+        )
+    # Renormalise away float32 rounding so the saved rows sum to 1 for log loss.
+    return outputs / sums[:, None]

@@ -1,0 +1,242 @@
+"""The evaluation report: one Markdown file that reads without Kedro."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from .diagnosis import stages_of
+
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro F1",
+    "top_k_accuracy": "top-{k} accuracy",
+    "ece": "expected calibration error",
+    "mean_confidence": "mean confidence",
+    "log_loss": "log loss",
+}
+
+
+def cell(value: Any) -> str:
+    """One table cell: numbers with 4 significant digits, pipes escaped."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table (no index)."""
+    if frame.empty:
+        return "_(empty)_"
+    lines = [
+        "| " + " | ".join(cell(column) for column in frame.columns) + " |",
+        "|" + "---|" * len(frame.columns),
+    ]
+    lines += [
+        "| " + " | ".join(cell(value) for value in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join(lines)
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """The headline metrics with their 95% bootstrap intervals where there are some."""
+    rows = []
+    for key, label in METRIC_LABELS.items():
+        if key not in metrics:
+            continue
+        interval = metrics.get(f"{key}_ci95")
+        rows.append(
+            {
+                "metric": label.format(k=metrics.get("top_k")),
+                "value": metrics[key],
+                "95% interval": f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+                if interval
+                else "",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def stage_summary(history: pd.DataFrame) -> pd.DataFrame:
+    """One row per stage: epochs run, last training accuracy, best validation figures."""
+    rows = []
+    for stage, epochs in stages_of(history):
+        best = (
+            epochs.loc[epochs["val_loss"].idxmin()]
+            if epochs["val_loss"].notna().any()
+            else None
+        )
+        row = {
+            "stage": stage,
+            "epochs": len(epochs),
+            "last train accuracy": epochs["accuracy"].iloc[-1],
+            "best val loss": best["val_loss"] if best is not None else math.nan,
+            "val accuracy there": best["val_accuracy"]
+            if best is not None
+            else math.nan,
+        }
+        if "learning_rate" in epochs.columns:
+            row["learning rate (max)"] = epochs["learning_rate"].max()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def findings_section(findings: Sequence[Mapping[str, Any]]) -> str:
+    """The diagnosis, most severe first."""
+    if not findings:
+        return "No rule found a problem in this run."
+    parts = []
+    for number, finding in enumerate(findings, start=1):
+        lines = [f"{number}. **{finding['rule']}** ({finding['severity']}): "]
+        lines[0] += finding["cause"]
+        lines += [f"   - {line}" for line in finding["evidence"]]
+        lines.append(f"   - *What to change:* {finding['suggestion']}")
+        if finding["parameters"]:
+            names = ", ".join(f"`{name}`" for name in finding["parameters"])
+            lines.append(f"   - *Parameters:* {names}")
+        parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def dataset_section(summary: Mapping[str, Any]) -> str:
+    """Counts per class and split, rejections, duplicates and warnings."""
+    counts = pd.DataFrame(summary.get("counts", {})).T.rename_axis("class")
+    lines = [
+        f"{summary.get('n_images', '?')} images used, "
+        f"{summary.get('n_rejected', '?')} files rejected; "
+        f"{summary.get('duplicate_groups', '?')} duplicate groups "
+        f"({summary.get('images_in_duplicate_groups', '?')} images), "
+        f"{summary.get('label_conflict_groups', '?')} with conflicting labels.",
+        "",
+        markdown_table(counts.reset_index()),
+    ]
+    rejected = summary.get("rejected_by_reason") or {}
+    if rejected:
+        lines += ["", "Rejected files by reason:", ""]
+        lines += [f"- {reason}: {count}" for reason, count in rejected.items()]
+    warnings = summary.get("warnings") or []
+    if warnings:
+        lines += ["", "Warnings:", ""] + [f"- {warning}" for warning in warnings]
+    return "\n".join(lines)
+
+
+def plan_section(plan: Mapping[str, Any], stages_trained: pd.DataFrame) -> str:
+    """The stages that were planned, the reasons given, and the stages trained."""
+    lines = [
+        "Planned by feature_shift:",
+        "",
+        markdown_table(pd.DataFrame(plan.get("stages", []))),
+    ]
+    rationale = plan.get("rationale") or []
+    if rationale:
+        lines += ["", "Why:", ""] + [f"- {reason}" for reason in rationale]
+    lines += [
+        "",
+        "Trained by finetune (its parameters may override the plan):",
+        "",
+        markdown_table(stages_trained),
+    ]
+    return "\n".join(lines)
+
+
+def image(title: str, file_name: str) -> str:
+    """A Markdown image linked relative to the report."""
+    return f"![{title}]({file_name})"
+
+
+def render_report(
+    *,
+    metrics: Mapping[str, Any],
+    classification_report: pd.DataFrame,
+    findings: Sequence[Mapping[str, Any]],
+    training_history: pd.DataFrame,
+    shift_by_block: pd.DataFrame,
+    split_shift: pd.DataFrame,
+    transferability: pd.DataFrame,
+    finetune_plan: Mapping[str, Any],
+    finetune_stages: pd.DataFrame,
+    dataset_summary: Mapping[str, Any],
+    model: Mapping[str, Any],
+    plots: Mapping[str, str],
+    upstream_plots: Mapping[str, str],
+) -> str:
+    """Puts every part of the evaluation into one Markdown document.
+
+    Args:
+        metrics: ``evaluation_metrics``.
+        classification_report: Per-class precision, recall, F1 and support.
+        findings: ``diagnosis``.
+        training_history: One row per epoch of every stage.
+        shift_by_block: Mean and maximum BN shift per IRv2 block.
+        split_shift: The split-shift table of ``feature_shift``.
+        transferability: The transferability table of ``feature_shift``.
+        finetune_plan: The plan ``feature_shift`` made, with its rationale.
+        finetune_stages: The stages ``finetune`` trained, one row each.
+        dataset_summary: ``dataset_summary`` from ingestion.
+        model: The ``model`` parameters.
+        plots: Plot title to file name, relative to the report.
+        upstream_plots: The same for the plots of the pipelines before.
+
+    Returns:
+        The report as Markdown.
+    """
+    weights = model.get("weights")
+    classes = metrics.get("classes", [])
+    sections = [
+        "# Evaluation report",
+        f"Backbone weights: `{'null (random init)' if weights is None else weights}`; "
+        f"input size {model.get('image_size')} px; "
+        f"{metrics['n_test']} test images in {len(classes)} classes "
+        f"({', '.join(classes)}).",
+        "## Findings",
+        findings_section(findings),
+        "## Test metrics",
+        "Intervals are 95% percentile-bootstrap intervals over the test images.",
+        markdown_table(metrics_table(metrics)),
+    ]
+    if "tta" in metrics:
+        sections += [
+            "Test-time augmentation (average with the horizontally flipped image), "
+            "reported separately:",
+            markdown_table(metrics_table(metrics["tta"])),
+        ]
+    sections += [
+        "### Per class",
+        markdown_table(classification_report),
+        "### Plots",
+        "\n\n".join(image(title, file_name) for title, file_name in plots.items()),
+        "### Plots of the earlier pipelines",
+        "\n\n".join(
+            image(title, file_name) for title, file_name in upstream_plots.items()
+        ),
+        "## Training",
+        markdown_table(stage_summary(training_history)),
+        "## Fine-tuning plan",
+        plan_section(finetune_plan, finetune_stages),
+        "## ImageNet-to-target shift per block",
+        (
+            "_The backbone started from random weights: these figures compare with "
+            "random-init statistics, not ImageNet, and mean nothing._\n\n"
+            if weights is None
+            else ""
+        )
+        + "Symmetric KL divergence between ImageNet's stored BatchNorm statistics and "
+        "this data's, averaged over the channels of each BN layer.\n\n"
+        + markdown_table(shift_by_block),
+        "## Shift between the splits",
+        markdown_table(split_shift),
+        "## Transferability of frozen features",
+        markdown_table(transferability),
+        "## Dataset",
+        dataset_section(dataset_summary),
+    ]
+    return "\n\n".join(sections) + "\n"

@@ -1,0 +1,433 @@
+"""The fine-tuning plan: which stages to run, and the rules a plan must keep.
+
+A stage is a dict with ``name``, ``unfreeze_from`` (``None`` for the head only, or an
+IRv2 unit name such as ``block8_1``), ``epochs``, ``learning_rate``, ``bn_policy``
+(one of ``backbone.BN_POLICIES``: ``frozen``, ``adapt``, ``train``) and optionally
+``warmup_epochs`` and ``weight_decay``. ``finetune`` runs the stages in order;
+``evaluation`` checks them.
+
+:func:`validate_stages` and :func:`learning_rate_problems` are for every pipeline that
+reads a plan; :func:`plan_stages` is the rule that turns the measurements into one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from irv2_pipeline.backbone import BN_POLICIES
+
+REQUIRED_KEYS = ("name", "unfreeze_from", "epochs", "learning_rate", "bn_policy")
+OPTIONAL_KEYS = ("warmup_epochs", "weight_decay")
+
+# The first unit of each block group, where unfreezing a group starts.
+FIRST_UNIT = {
+    "stem": "stem",
+    "block35": "block35_1",
+    "mixed_6a": "mixed_6a",
+    "block17": "block17_1",
+    "mixed_7a": "mixed_7a",
+    "block8": "block8_1",
+    "conv_7b": "conv_7b",
+}
+
+
+class PlanError(ValueError):
+    """A stage list or plan setting that cannot be used; the message names it."""
+
+
+def validate_stages(
+    stages: Sequence[Mapping[str, Any]],
+    where: str,
+    units: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Checks a list of stages and returns it as plain dicts.
+
+    Args:
+        stages: The stages.
+        where: The parameter or dataset they come from, for error messages.
+        units: IRv2 unit names in network order; when given, ``unfreeze_from`` must
+            be one of them.
+
+    Returns:
+        The stages, with numbers as ``int`` and ``float``.
+
+    Raises:
+        PlanError: An empty list, a missing or unknown key, a bad value.
+    """
+    if not stages:
+        raise PlanError(f"{where}: no stages; at least one is needed")
+    checked = []
+    for index, stage in enumerate(stages):
+        label = f"{where}[{index}]"
+        if not isinstance(stage, Mapping):
+            raise PlanError(f"{label} is not a mapping of stage settings")
+        missing = [key for key in REQUIRED_KEYS if key not in stage]
+        unknown = [key for key in stage if key not in (*REQUIRED_KEYS, *OPTIONAL_KEYS)]
+        if missing or unknown:
+            raise PlanError(
+                f"{label}: "
+                + "; ".join(
+                    part
+                    for part in (
+                        missing and f"missing {', '.join(missing)}",
+                        unknown and f"unknown {', '.join(unknown)}",
+                    )
+                    if part
+                )
+                + f" (a stage has {', '.join(REQUIRED_KEYS)}, optionally "
+                f"{', '.join(OPTIONAL_KEYS)})"
+            )
+        start = stage["unfreeze_from"]
+        if start is not None and units is not None and start not in units:
+            raise PlanError(
+                f"{label}.unfreeze_from = {start!r} is not an IRv2 block; use null "
+                f"(head only) or one of {', '.join(units)}"
+            )
+        if stage["bn_policy"] not in BN_POLICIES:
+            raise PlanError(
+                f"{label}.bn_policy = {stage['bn_policy']!r}; use one of "
+                f"{', '.join(BN_POLICIES)}"
+            )
+        epochs = _number(stage["epochs"], f"{label}.epochs", int)
+        learning_rate = _number(stage["learning_rate"], f"{label}.learning_rate", float)
+        if epochs < 1 or learning_rate <= 0:
+            raise PlanError(
+                f"{label}: epochs ({epochs}) must be at least 1 and learning_rate "
+                f"({learning_rate}) positive"
+            )
+        clean = {
+            "name": str(stage["name"]),
+            "unfreeze_from": start,
+            "epochs": epochs,
+            "learning_rate": learning_rate,
+            "bn_policy": stage["bn_policy"],
+        }
+        for key, kind in (("warmup_epochs", int), ("weight_decay", float)):
+            if stage.get(key) is not None:
+                value = _number(stage[key], f"{label}.{key}", kind)
+                if value < 0:
+                    raise PlanError(f"{label}.{key} = {value} must not be negative")
+                clean[key] = value
+        checked.append(clean)
+    return checked
+
+
+def learning_rate_problems(
+    stages: Sequence[Mapping[str, Any]], rules: Mapping[str, Any]
+) -> list[str]:
+    """Learning rates that would wreck the pretrained features or the head.
+
+    Args:
+        stages: Stages as in :func:`validate_stages`.
+        rules: ``feature_shift.plan_rules``: ``max_backbone_learning_rate`` (for any
+            stage that unfreezes backbone layers) and ``max_head_learning_rate``.
+
+    Returns:
+        One sentence per problem, naming the stage, its rate and the limit; empty when
+        the plan keeps the rules.
+    """
+    max_backbone = float(rules["max_backbone_learning_rate"])
+    max_head = float(rules["max_head_learning_rate"])
+    problems = []
+    for stage in stages:
+        rate = float(stage["learning_rate"])
+        start = stage.get("unfreeze_from")
+        if start is not None and rate > max_backbone:
+            problems.append(
+                f"stage {stage['name']!r} unfreezes the backbone from {start} with "
+                f"learning_rate {rate:g}, above max_backbone_learning_rate "
+                f"{max_backbone:g}: updates that large overwrite the pretrained "
+                "features the fine-tuning is meant to keep"
+            )
+        elif start is None and rate > max_head:
+            problems.append(
+                f"stage {stage['name']!r} trains the head with learning_rate "
+                f"{rate:g}, above max_head_learning_rate {max_head:g}: the head "
+                "diverges or lands on a poor solution"
+            )
+    return problems
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What the plan rests on.
+
+    Attributes:
+        block_shift: Mean BN shift per block group, in network order.
+        logme: LogME per depth (unit name), in network order.
+        probe_skill: Per depth, linear-probe validation accuracy scaled so that
+            chance is 0 and perfect is 1.
+        probe_accuracy: Per depth, the probe's validation accuracy.
+        train_images_per_class: Training images of the smallest class.
+        units: IRv2 unit names in network order.
+    """
+
+    block_shift: dict[str, float]
+    logme: dict[str, float]
+    probe_skill: dict[str, float]
+    probe_accuracy: dict[str, float]
+    train_images_per_class: int
+    units: list[str]
+
+
+def plan_stages(
+    measured: Measurements, settings: Mapping[str, Any]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Turns the measurements into stages, with a sentence for each decision.
+
+    The rule (``settings`` is ``feature_shift.plan``):
+
+    1. A head-only stage always comes first, so the new head's random gradients never
+       reach the pretrained layers.
+    2. The shallowest block whose mean BN shift reaches ``shift_threshold`` is where
+       fine-tuning must reach: its first unit is a candidate start.
+    3. If LogME peaks at a shallower depth than the top, by at least ``logme_margin``,
+       the layers above that depth make the classes less separable: the unit after it
+       is a candidate start.
+    4. If the top's linear-probe skill is below ``min_top_probe_skill``, the start goes
+       one step (of ``unfreeze_steps``) deeper than the candidates so far.
+    5. With no candidate: head only when data are scarce (fewer than
+       ``scarce_images_per_class`` training images in the smallest class), else the
+       first of ``unfreeze_steps`` (a light fine-tune of the top).
+    6. Scarce data never unfreeze below ``scarce_deepest_unit``.
+    7. The backbone stages step down through ``unfreeze_steps`` that lie above the
+       start, and end at the start; each step's learning rate is the previous one's
+       times ``backbone.lr_factor_per_step``.
+    8. ``bn_policy`` is ``adapt`` for every stage when a block's shift reaches
+       ``adapt_bn_threshold`` (ImageNet's BN statistics are then wrong for these
+       images), ``frozen`` otherwise.
+
+    Returns:
+        The stages and the rationale.
+
+    Raises:
+        PlanError: A setting names a unit IRv2 does not have.
+    """
+    position = {unit: index for index, unit in enumerate(measured.units)}
+    steps = _unfreeze_steps(settings, position)
+    rationale: list[str] = []
+    candidates = [
+        start
+        for start in (
+            _shift_start(measured, settings, rationale),
+            _transfer_start(measured, settings, rationale),
+        )
+        if start is not None
+    ]
+    start = min(candidates, key=position.__getitem__) if candidates else None
+    start = _deepen_for_probe(
+        start, measured, settings, steps=steps, rationale=rationale
+    )
+    start = _fit_to_data(start, measured, settings, steps=steps, rationale=rationale)
+    bn_policy = _bn_policy(measured, settings, rationale)
+
+    head = settings["head"]
+    stages = [
+        {
+            "name": "head",
+            "unfreeze_from": None,
+            "epochs": int(head["epochs"]),
+            "learning_rate": float(head["learning_rate"]),
+            "bn_policy": bn_policy,
+        }
+    ]
+    if start is not None:
+        backbone = settings["backbone"]
+        descent = [step for step in steps if position[step] > position[start]]
+        for index, unit in enumerate([*descent, start]):
+            stage = {
+                "name": f"from_{unit}",
+                "unfreeze_from": unit,
+                "epochs": int(backbone["epochs"]),
+                "learning_rate": float(backbone["learning_rate"])
+                * float(backbone["lr_factor_per_step"]) ** index,
+                "bn_policy": bn_policy,
+            }
+            for key in OPTIONAL_KEYS:
+                if backbone.get(key) is not None:
+                    stage[key] = backbone[key]
+            stages.append(stage)
+    return validate_stages(stages, "feature_shift.plan", measured.units), rationale
+
+
+def _unfreeze_steps(settings: Mapping[str, Any], position: dict[str, int]) -> list[str]:
+    """``unfreeze_steps``, checked, top first."""
+    steps = [str(unit) for unit in settings["unfreeze_steps"]]
+    if not steps:
+        raise PlanError("feature_shift.plan.unfreeze_steps is empty; name one unit")
+    named = [("unfreeze_steps", step) for step in steps]
+    named.append(("scarce_deepest_unit", str(settings["scarce_deepest_unit"])))
+    for name, unit in named:
+        if unit not in position:
+            raise PlanError(
+                f"feature_shift.plan.{name}: {unit!r} is not an IRv2 block; use one "
+                f"of {', '.join(position)}"
+            )
+    return sorted(steps, key=position.__getitem__, reverse=True)
+
+
+def _shift_start(
+    measured: Measurements, settings: Mapping[str, Any], rationale: list[str]
+) -> str | None:
+    """Rule 2: the first unit of the shallowest block over ``shift_threshold``."""
+    threshold = float(settings["shift_threshold"])
+    shifts = measured.block_shift
+    peak = max(shifts, key=shifts.__getitem__)
+    shifted = [block for block, value in shifts.items() if value >= threshold]
+    if not shifted:
+        rationale.append(
+            f"No block's mean BN shift reaches shift_threshold {threshold:g} "
+            f"(largest: {peak} {shifts[peak]:.3g}): ImageNet's features fit these "
+            "images at every depth."
+        )
+        return None
+    block = shifted[0]
+    rationale.append(
+        f"{block} is the shallowest block whose mean BN shift reaches shift_threshold "
+        f"{threshold:g} ({shifts[block]:.3g}; largest: {peak} {shifts[peak]:.3g}): "
+        f"fine-tuning reaches down to {FIRST_UNIT[block]}."
+    )
+    return FIRST_UNIT[block]
+
+
+def _transfer_start(
+    measured: Measurements, settings: Mapping[str, Any], rationale: list[str]
+) -> str | None:
+    """Rule 3: the unit after a shallower depth whose LogME beats the top's."""
+    scores = measured.logme
+    top = list(scores)[-1]
+    best = max(scores, key=scores.__getitem__)
+    margin = float(settings["logme_margin"])
+    gain = scores[best] - scores[top]
+    after = measured.units.index(best) + 1
+    if best == top or gain < margin or after >= len(measured.units):
+        rationale.append(
+            f"LogME is highest at {best} ({scores[best]:.3f}; {top}: "
+            f"{scores[top]:.3f}, margin {margin:g}): the top features are as "
+            "transferable as any shallower ones."
+        )
+        return None
+    unit = measured.units[after]
+    rationale.append(
+        f"LogME peaks at {best} ({scores[best]:.3f}), {gain:.3f} above {top} "
+        f"({scores[top]:.3f}, margin {margin:g}): the layers after {best} make the "
+        f"classes less separable, so fine-tuning reaches {unit}."
+    )
+    return unit
+
+
+def _deepen_for_probe(
+    start: str | None,
+    measured: Measurements,
+    settings: Mapping[str, Any],
+    *,
+    steps: list[str],
+    rationale: list[str],
+) -> str | None:
+    """Rule 4: one step deeper when a linear probe on the frozen top does poorly."""
+    top = list(measured.logme)[-1]
+    skill = measured.probe_skill.get(top, math.nan)
+    accuracy = measured.probe_accuracy.get(top, math.nan)
+    minimum = float(settings["min_top_probe_skill"])
+    if math.isnan(skill):
+        rationale.append(
+            f"No linear probe was fitted on {top} features (no validation images)."
+        )
+        return start
+    probe = (
+        f"A linear probe on frozen {top} features reaches {accuracy:.3f} validation "
+        f"accuracy (skill {skill:.3f} between chance 0 and perfect 1"
+    )
+    if skill >= minimum:
+        rationale.append(f"{probe}, at least min_top_probe_skill {minimum:g}).")
+        return start
+    deeper = _step_below(start, steps, measured.units)
+    rationale.append(
+        f"{probe}, under min_top_probe_skill {minimum:g}): the frozen top is not "
+        "enough"
+        + (
+            f", so fine-tuning goes one step deeper, to {deeper}."
+            if deeper != start
+            else "; no deeper step is left in unfreeze_steps."
+        )
+    )
+    return deeper
+
+
+def _fit_to_data(
+    start: str | None,
+    measured: Measurements,
+    settings: Mapping[str, Any],
+    *,
+    steps: list[str],
+    rationale: list[str],
+) -> str | None:
+    """Rules 5 and 6: the training-set size decides between head-only and a light
+    fine-tune, and caps the depth when data are scarce."""
+    per_class = measured.train_images_per_class
+    limit = int(settings["scarce_images_per_class"])
+    deepest = str(settings["scarce_deepest_unit"])
+    scarce = per_class < limit
+    if start is None and scarce:
+        rationale.append(
+            f"With little shift and scarce data (smallest class: {per_class} training "
+            f"images, under scarce_images_per_class {limit}), only the head is "
+            "trained."
+        )
+        return None
+    if start is None:
+        rationale.append(
+            f"With little shift and {per_class} training images in the smallest class "
+            f"(at least scarce_images_per_class {limit}), the top is fine-tuned "
+            f"lightly from {steps[0]}."
+        )
+        return steps[0]
+    if scarce and measured.units.index(start) < measured.units.index(deepest):
+        rationale.append(
+            f"Only {per_class} training images in the smallest class (under "
+            f"scarce_images_per_class {limit}): unfreezing from {start} would overfit, "
+            f"so fine-tuning stops at {deepest}."
+        )
+        return deepest
+    return start
+
+
+def _bn_policy(
+    measured: Measurements, settings: Mapping[str, Any], rationale: list[str]
+) -> str:
+    """Rule 8: re-estimate BN statistics when a block is far from ImageNet."""
+    threshold = float(settings["adapt_bn_threshold"])
+    peak = max(measured.block_shift, key=measured.block_shift.__getitem__)
+    value = measured.block_shift[peak]
+    if value >= threshold:
+        rationale.append(
+            f"The largest block shift, {peak} {value:.3g}, reaches adapt_bn_threshold "
+            f"{threshold:g}: BN statistics are re-estimated on your images "
+            "(bn_policy adapt)."
+        )
+        return "adapt"
+    rationale.append(
+        f"The largest block shift, {peak} {value:.3g}, is under adapt_bn_threshold "
+        f"{threshold:g}: BN keeps ImageNet's statistics in inference mode (bn_policy "
+        "frozen)."
+    )
+    return "frozen"
+
+
+def _step_below(start: str | None, steps: list[str], units: list[str]) -> str | None:
+    """The first of ``steps`` (top first) that unfreezes more than ``start``."""
+    if start is None:
+        return steps[0]
+    deeper = [step for step in steps if units.index(step) < units.index(start)]
+    return deeper[0] if deeper else start
+
+
+def _number(value: Any, name: str, kind: type) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PlanError(f"{name} = {value!r} is not a number")
+    if kind is int and value != int(value):
+        raise PlanError(f"{name} = {value!r} is not a whole number")
+    return kind(value)

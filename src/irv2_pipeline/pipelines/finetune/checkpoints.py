@@ -1,0 +1,193 @@
+"""Per-epoch checkpoints, so a killed run resumes where it was.
+
+A run's checkpoints live in ``<checkpoint_dir>/<key>/``, where the key hashes
+everything that shapes the training (parameters, stages, manifests, class names, the
+package version): a run with other parameters or other images never resumes from
+them. A finished run deletes its folder.
+
+The folder holds ``state.json`` and the weight files it names. Every file is written
+under a temporary name and renamed into place, and ``state.json`` last, so a run
+killed at any moment leaves the previous consistent checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainingState:
+    """Where training is: the stage, the epochs done in it, what came out so far.
+
+    Attributes:
+        stage_index: The stage being trained (all before it are done).
+        epochs_done: Epochs of that stage done.
+        adapted: Whether the stage's BatchNorm adaptation (``adapt``) is done.
+        best_val_loss: The stage's best validation loss so far.
+        best_epoch: The epoch (1-based) that reached it; 0 for none yet.
+        epochs_without_improvement: For early stopping.
+        history: One dict per epoch trained, all stages.
+        stage_records: One dict per finished stage.
+        files: Role (``base``, ``progress``, ``best``, ``optimizer``) to file name.
+        saves: How many times the state was saved (names new files uniquely).
+    """
+
+    stage_index: int = 0
+    epochs_done: int = 0
+    adapted: bool = False
+    best_val_loss: float | None = None
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stage_records: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    saves: int = 0
+
+    def next_stage(self, record: dict[str, Any]) -> None:
+        """Closes the current stage with its record."""
+        self.stage_records.append(record)
+        self.stage_index += 1
+        self.epochs_done = 0
+        self.adapted = False
+        self.best_val_loss = None
+        self.best_epoch = 0
+        self.epochs_without_improvement = 0
+
+
+def checkpoint_key(*parts: Any) -> str:
+    """A short hash of JSON-able parts (data frames are hashed by their CSV text)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, pd.DataFrame):
+            text = part.to_csv(index=False)
+        else:
+            text = json.dumps(part, sort_keys=True, default=str)
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()[:16]
+
+
+class CheckpointStore:
+    """The checkpoint folder of one training run (see the module docstring).
+
+    Args:
+        root: ``finetune.checkpoint_dir``.
+        key: :func:`checkpoint_key` of the run.
+    """
+
+    def __init__(self, root: str | os.PathLike, key: str):
+        self.folder = Path(root) / key
+
+    def load(self) -> TrainingState | None:
+        """The saved state, or ``None`` when there is nothing to resume."""
+        path = self.folder / STATE_FILE
+        if not path.is_file():
+            return None
+        try:
+            state = TrainingState(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise RuntimeError(
+                f"The checkpoint {path} is damaged ({exc}); delete {self.folder} to "
+                "train from the start."
+            ) from exc
+        missing = [n for n in state.files.values() if not (self.folder / n).is_file()]
+        if missing:
+            raise RuntimeError(
+                f"The checkpoint {path} names files that are gone ({missing}); delete "
+                f"{self.folder} to train from the start."
+            )
+        return state
+
+    def save(
+        self,
+        state: TrainingState,
+        arrays: Mapping[str, Sequence[np.ndarray]],
+    ) -> None:
+        """Writes new weight files, then ``state.json``, then drops files it no longer names.
+
+        Args:
+            state: The state to save; its ``files`` are updated.
+            arrays: Role to arrays for the roles that changed (``base``: the whole
+                model; ``progress``: the weights being trained; ``best``: their best
+                so far; ``optimizer``: the optimizer's variables). Roles not given keep
+                their earlier file; a role given as an empty list is dropped.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state.saves += 1
+        # A new name per save: the file state.json names is never overwritten.
+        tag = f"{state.saves:05d}-s{state.stage_index}e{state.epochs_done}"
+        for role, values in arrays.items():
+            if not values:
+                state.files.pop(role, None)
+                continue
+            name = f"{role}-{tag}.npz"
+            _write_npz(self.folder / name, values)
+            state.files[role] = name
+        _write_text(self.folder / STATE_FILE, json.dumps(asdict(state), indent=1))
+        named = set(state.files.values()) | {STATE_FILE}
+        for path in self.folder.iterdir():
+            if path.name not in named:
+                path.unlink()
+
+    def arrays(self, state: TrainingState, role: str) -> list[np.ndarray] | None:
+        """The arrays saved for ``role``, or ``None``."""
+        name = state.files.get(role)
+        if name is None:
+            return None
+        with np.load(self.folder / name) as saved:
+            return [saved[f"a{i}"] for i in range(len(saved.files))]
+
+    def clear(self) -> None:
+        """Deletes the run's checkpoints (after it finished)."""
+        shutil.rmtree(self.folder, ignore_errors=False)
+
+
+def optimizer_arrays(optimizer: keras.optimizers.Optimizer) -> list[np.ndarray]:
+    """The optimizer's variables (step count, moments, ...) as arrays."""
+    return [keras.ops.convert_to_numpy(v) for v in optimizer.variables]
+
+
+def restore_optimizer(
+    optimizer: keras.optimizers.Optimizer, arrays: Sequence[np.ndarray]
+) -> None:
+    """Loads :func:`optimizer_arrays` into an optimizer built on the same variables."""
+    if len(arrays) != len(optimizer.variables):
+        raise RuntimeError(
+            f"The checkpoint holds {len(arrays)} optimizer variables, the optimizer "
+            f"has {len(optimizer.variables)}: it was saved by other code."
+        )
+    for variable, value in zip(optimizer.variables, arrays, strict=True):
+        variable.assign(value)
+
+
+def _write_npz(path: Path, arrays: Sequence[np.ndarray]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as file:
+        np.savez(file, **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)

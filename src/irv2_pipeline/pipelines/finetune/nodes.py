@@ -1,0 +1,148 @@
+"""Nodes of the `finetune` pipeline: staged fine-tuning of IRv2, and its curves."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import keras
+import pandas as pd
+from matplotlib.figure import Figure
+
+import irv2_pipeline
+from irv2_pipeline.backbone import load_irv2, unit_order
+from irv2_pipeline.classifier import HeadSpec, build_classifier
+from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.inputs import class_names
+
+from .checkpoints import CheckpointStore, checkpoint_key
+from .examples import split_examples, training_examples
+from .report import training_curves_figure
+from .runtime import (
+    distribution_strategy,
+    dtype_policy,
+    gpu_capabilities,
+    precision_policy,
+)
+from .stages import resolve_stages
+from .training import TrainingSettings, run_stages
+
+logger = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = [
+    "stage",
+    "epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "stage_index",
+    "cached_features",
+    "seconds",
+]
+# Parameters that say where files go, not how the model trains: not in the key.
+_LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir")
+
+
+def train_classifier(
+    *,
+    image_manifest: pd.DataFrame,
+    augmented_manifest: pd.DataFrame,
+    finetune_plan: dict[str, Any],
+    raw_images: ImageFolder,
+    augmented_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    finetune: dict[str, Any],
+    plan_rules: dict[str, Any],
+) -> tuple[keras.Model, pd.DataFrame, pd.DataFrame, list[str]]:
+    """Fine-tunes IRv2 in stages, resuming from a checkpoint when one matches.
+
+    Args:
+        image_manifest: Accepted images and their split.
+        augmented_manifest: Augmented copies of training images (empty: none).
+        finetune_plan: ``{"stages": [...], "rationale": [...]}``; followed unless
+            ``finetune.stages`` is set.
+        raw_images: The folder of ``image_manifest``.
+        augmented_images: The folder of ``augmented_manifest``.
+        model: ``model`` parameters (weights, image size, seed).
+        images: ``images`` parameters (how images are opened).
+        finetune: ``finetune`` parameters.
+        plan_rules: ``feature_shift.plan_rules`` (learning-rate limits).
+
+    Returns:
+        The model (``[0, 255]`` RGB in, class probabilities out, in
+        ``inputs.class_names`` order), the history (one row per epoch), one record
+        per stage (trainable parameters, BN policy, epochs, best epoch) and the class
+        names.
+    """
+    classes = class_names(image_manifest)
+    train = training_examples(
+        image_manifest, augmented_manifest, raw_images, augmented_images, classes
+    )
+    val = split_examples(image_manifest, raw_images, classes, "val")
+    logger.info(
+        "Training on %d images (%d augmented copies), validating on %d, %d classes",
+        len(train),
+        train.augmented,
+        len(val),
+        len(classes),
+    )
+    strategy = distribution_strategy(str(finetune.get("distribution", "none")))
+    precision = precision_policy(
+        str(finetune.get("mixed_precision", "auto")), gpu_capabilities()
+    )
+    logger.info("Dtype policy: %s", precision)
+    seed = int(model["seed"])
+    with dtype_policy(precision), strategy.scope():
+        keras.utils.set_random_seed(seed)
+        backbone = load_irv2(model["weights"], int(model["image_size"]))
+        stages = resolve_stages(
+            finetune_plan, finetune, plan_rules, unit_order(backbone)
+        )
+        classifier = build_classifier(
+            backbone, classes, HeadSpec.from_params(finetune.get("head") or {}), seed
+        )
+        key = checkpoint_key(
+            {k: v for k, v in finetune.items() if k not in _LOCATION_PARAMETERS},
+            model,
+            images,
+            [stage.as_dict() for stage in stages],
+            classes,
+            precision,
+            strategy.num_replicas_in_sync,
+            irv2_pipeline.__version__,
+            image_manifest[["path", "label", "split", "sha256"]],
+            augmented_manifest,
+        )
+        store = CheckpointStore(finetune["checkpoint_dir"], key)
+        logs = finetune.get("tensorboard_dir")
+        settings = TrainingSettings.from_params(
+            finetune, model, images, None if logs is None else Path(logs) / key
+        )
+        state = run_stages(
+            classifier,
+            stages,
+            train=train,
+            val=val,
+            settings=settings,
+            store=store,
+            replicas=strategy.num_replicas_in_sync,
+        )
+    store.clear()
+    history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
+    return classifier.model, history, pd.DataFrame(state.stage_records), classes
+
+
+def plot_training_curves(training_history: pd.DataFrame) -> Figure:
+    """Loss, accuracy and learning rate per epoch, with stage boundaries marked.
+
+    Args:
+        training_history: One row per epoch of every stage.
+
+    Returns:
+        The figure.
+    """
+    return training_curves_figure(training_history)

@@ -1,0 +1,117 @@
+"""Shared fixtures: run `kedro` on a throw-away copy of this project.
+
+Tests that run pipelines never write into the working tree: ``project_copy`` gives a
+fresh copy in ``tmp_path`` (``conf/`` without the user's ``conf/local`` files,
+``pyproject.toml``, the demo images in ``data/01_raw``, empty ``data/02..08``), and
+``run_kedro`` runs the ``kedro`` command line in it, in a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_FOLDERS = (
+    "02_intermediate",
+    "03_primary",
+    "04_feature",
+    "05_model_input",
+    "06_models",
+    "07_model_output",
+    "08_reporting",
+)
+
+
+def copy_project(destination: Path) -> Path:
+    """Copies what ``kedro run`` needs from this project into ``destination``.
+
+    The package is not copied: it is installed, and Kedro only needs a ``src``
+    folder to exist. ``conf/local`` is left empty so the user's overrides stay out.
+
+    Returns:
+        ``destination``, a Kedro project.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(PROJECT_ROOT / "pyproject.toml", destination / "pyproject.toml")
+    shutil.copytree(
+        PROJECT_ROOT / "conf",
+        destination / "conf",
+        ignore=lambda folder, names: names if Path(folder).name == "local" else [],
+    )
+    (destination / "conf" / "local").mkdir(exist_ok=True)
+    shutil.copytree(PROJECT_ROOT / "data" / "01_raw", destination / "data" / "01_raw")
+    for folder in DATA_FOLDERS:
+        (destination / "data" / folder).mkdir(parents=True, exist_ok=True)
+    (destination / "src").mkdir(exist_ok=True)
+    return destination
+
+
+def kedro(
+    args: Sequence[str], cwd: Path, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Runs ``kedro <args>`` in ``cwd`` with this interpreter; output is captured.
+
+    Telemetry is off and plots use a file backend. The caller checks
+    ``returncode``; ``stdout`` and ``stderr`` are text.
+    """
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run(
+        [sys.executable, "-m", "kedro", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def digest_folder(root: Path) -> str:
+    """A hash over every path, link target, size, timestamp and content under root.
+
+    Links are read, never followed, so a tree with links leaving it hashes safely.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        line = (
+            f"{path.relative_to(root)}|{stat.st_mode}|{stat.st_size}|{stat.st_mtime_ns}"
+        )
+        digest.update(line.encode())
+        if path.is_symlink():
+            digest.update(os.readlink(path).encode())
+        elif path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """A fresh copy of the project, for one test."""
+    return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def project_copy_factory(tmp_path_factory) -> Callable[[str], Path]:
+    """Makes project copies that outlive one test (for module-scoped fixtures)."""
+    return lambda name="project": copy_project(tmp_path_factory.mktemp(name))
+
+
+@pytest.fixture(scope="session")
+def run_kedro() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_kedro(args, cwd)``: runs the kedro CLI in a project copy."""
+    return kedro
+
+
+@pytest.fixture(scope="session")
+def folder_digest() -> Callable[[Path], str]:
+    """``folder_digest(root)``: compare before and after to prove nothing changed."""
+    return digest_folder

@@ -1,0 +1,1 @@
+"""Tests of the pipelines, one folder per pipeline."""

@@ -1,0 +1,272 @@
+"""Fixtures of the evaluation tests: small real images, a tiny model, upstream outputs.
+
+The images are noisy red, green and blue squares, and the model classifies them by
+their mean colour, so every prediction is known in advance. One test image in the
+``red`` folder is green: the model is confidently wrong about it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import imagehash
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from irv2_pipeline.backbone import group_of
+from irv2_pipeline.datasets import ImageFolder
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+IMAGE_SIZE = 32
+COLOURS = {"blue": (40, 40, 220), "green": (40, 200, 40), "red": (220, 40, 40)}
+CLASSES = sorted(COLOURS)
+# Per class: images 0 and 1 train, 2 val, 3 and 4 test.
+SPLIT_OF_INDEX = ("train", "train", "val", "test", "test")
+MISLABELLED = "red/red_4.png"
+
+
+def textured(colour: tuple[int, int, int], seed: int, size: int = 24) -> np.ndarray:
+    """A square of ``colour`` with seeded noise, so every image hashes differently."""
+    noise = np.random.default_rng(seed).integers(0, 80, size=(size, size, 3))
+    return np.clip(np.array(colour) * 0.7 + noise, 0, 255).astype(np.uint8)
+
+
+def load_parameters(name: str, env: str = "base") -> dict:
+    """The parameters of ``conf/<env>/<name>.yml``, as written there."""
+    return yaml.safe_load((PROJECT_ROOT / "conf" / env / f"{name}.yml").read_text())
+
+
+def pipeline_parameters() -> dict:
+    """What the pipeline reads, by catalog name: conf/base's, for the tiny model.
+
+    The model block fits the tiny model (pretrained weights, 32 px); the bootstrap is
+    shortened.
+    """
+    evaluation = load_parameters("parameters_evaluation")["evaluation"]
+    evaluation["bootstrap"] = {"resamples": 50, "seed": 7}
+    evaluation["batch_size"] = 4
+    feature_shift = load_parameters("parameters_feature_shift")["feature_shift"]
+    return {
+        "params:model": {"weights": "imagenet", "image_size": IMAGE_SIZE, "seed": 1},
+        "params:images": load_parameters("parameters")["images"],
+        "params:feature_shift.plan_rules": feature_shift["plan_rules"],
+        "params:evaluation": evaluation,
+    }
+
+
+@pytest.fixture
+def evaluation_params() -> dict:
+    """``conf/base``'s evaluation parameters, with a quick bootstrap."""
+    return pipeline_parameters()["params:evaluation"]
+
+
+@pytest.fixture
+def plan_rules() -> dict:
+    """``conf/base``'s learning-rate limits of every plan (feature_shift.plan_rules)."""
+    return pipeline_parameters()["params:feature_shift.plan_rules"]
+
+
+@pytest.fixture
+def image_params() -> dict:
+    """``conf/base``'s image-opening parameters."""
+    return pipeline_parameters()["params:images"]
+
+
+@pytest.fixture
+def model_params() -> dict:
+    """The model block the tiny model fits: pretrained weights, 32 px."""
+    return pipeline_parameters()["params:model"]
+
+
+@pytest.fixture
+def colour_images(tmp_path) -> tuple[ImageFolder, pd.DataFrame]:
+    """Five images per class on disk and their manifest, ingestion's columns."""
+    return write_colour_images(tmp_path / "images")
+
+
+def write_colour_images(root: Path) -> tuple[ImageFolder, pd.DataFrame]:
+    """Writes five images per class under ``root``; returns it and its manifest."""
+    rows = []
+    for class_index, label in enumerate(CLASSES):
+        (root / label).mkdir(parents=True)
+        for index, split in enumerate(SPLIT_OF_INDEX):
+            path = f"{label}/{label}_{index}.png"
+            colour = COLOURS["green" if path == MISLABELLED else label]
+            pixels = textured(colour, seed=10 * class_index + index)
+            Image.fromarray(pixels).save(root / path)
+            data = (root / path).read_bytes()
+            rows.append(
+                {
+                    "path": path,
+                    "label": label,
+                    "split": split,
+                    "group": f"g{class_index}{index}",
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "phash": str(imagehash.phash(Image.fromarray(pixels))),
+                    "width": pixels.shape[1],
+                    "height": pixels.shape[0],
+                    "format": "PNG",
+                    "mode": "RGB",
+                    "label_conflict": False,
+                }
+            )
+    return ImageFolder(root), pd.DataFrame(rows)
+
+
+def colour_classifier(
+    image_size: int = IMAGE_SIZE, activation: str = "softmax", classes: int = 3
+) -> keras.Model:
+    """Takes ``[0, 255]`` RGB, classifies blue/green/red by the mean colour."""
+    inputs = keras.Input((image_size, image_size, 3))
+    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(scaled)
+    dense = keras.layers.Dense(classes, activation=activation)
+    outputs = dense(pooled)
+    kernel = np.zeros((3, classes), dtype=np.float32)
+    # Channels R, G, B vote for the classes red, green, blue (sorted: blue, green, red).
+    for channel, label in enumerate(("red", "green", "blue")):
+        kernel[channel, CLASSES.index(label)] = 6.0
+    dense.set_weights([kernel, np.zeros(classes, dtype=np.float32)])
+    return keras.Model(inputs, outputs)
+
+
+@pytest.fixture
+def colour_model() -> keras.Model:
+    """The colour classifier with a softmax output."""
+    return colour_classifier()
+
+
+def history_frame(stages: dict[str, list[tuple[float, float, float, float]]]):
+    """A training history: per stage, (loss, accuracy, val_loss, val_accuracy) rows."""
+    rows = [
+        {
+            "stage": stage,
+            "epoch": epoch,
+            "loss": loss,
+            "accuracy": accuracy,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "learning_rate": 1e-3 if stage == "head" else 1e-4,
+        }
+        for stage, epochs in stages.items()
+        for epoch, (loss, accuracy, val_loss, val_accuracy) in enumerate(epochs)
+    ]
+    return pd.DataFrame(rows)
+
+
+def healthy_history() -> pd.DataFrame:
+    """Two stages that train well: losses fall, train and validation agree."""
+    return history_frame(
+        {
+            "head": [(0.9, 0.70, 0.85, 0.72), (0.5, 0.86, 0.52, 0.84)],
+            "block8": [(0.4, 0.90, 0.45, 0.88), (0.3, 0.93, 0.38, 0.90)],
+        }
+    )
+
+
+def shift_profile(unit_shift: dict[str, float]) -> pd.DataFrame:
+    """A BN shift profile (feature_shift's columns): two layers per unit."""
+    rows = []
+    for unit, shift in unit_shift.items():
+        for part in range(2):
+            rows.append(
+                {
+                    "layer": f"{unit}_bn_{part}",
+                    "unit": unit,
+                    "block": group_of(unit),
+                    "depth": len(rows),
+                    "shift": shift,
+                    "mean_part": shift / 2,
+                    "variance_part": shift / 2,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def plan(*unfreeze_from: str | None) -> dict:
+    """A fine-tune plan whose stages unfreeze from the given units."""
+    return {
+        "stages": [
+            {
+                "name": start or "head",
+                "unfreeze_from": start,
+                "epochs": 2,
+                "learning_rate": 1e-3 if start is None else 1e-4,
+                "bn_policy": "frozen",
+            }
+            for start in unfreeze_from
+        ],
+        "rationale": ["the shift is small (mean 0.1 < 1.0)"],
+    }
+
+
+def stages_frame(*unfreeze_from: str | None) -> pd.DataFrame:
+    """``finetune_stages`` as finetune writes it, for the stages of :func:`plan`."""
+    rows = [
+        {
+            "stage_index": index,
+            "stage": stage["name"],
+            **{key: value for key, value in stage.items() if key != "name"},
+            "warmup_epochs": 0,
+            "weight_decay": 1e-5,
+            "epochs_trained": stage["epochs"],
+            "best_epoch": stage["epochs"],
+            "best_val_loss": 0.4,
+            "stopped_early": False,
+            "trainable_params": 1000 * (index + 1),
+            "cached_features": stage["unfreeze_from"] is None,
+            "seconds": 1.0,
+        }
+        for index, stage in enumerate(plan(*unfreeze_from)["stages"])
+    ]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def upstream(colour_images) -> dict:
+    """The outputs of the pipelines before evaluation, for a healthy run."""
+    return upstream_outputs(colour_images[1])
+
+
+def upstream_outputs(manifest: pd.DataFrame) -> dict:
+    """The outputs of the pipelines before evaluation, for a healthy run."""
+    return {
+        "training_history": healthy_history(),
+        "bn_shift_profile": shift_profile(
+            {"stem": 0.1, "block35_1": 0.2, "block17_3": 0.3, "block8_2": 0.4}
+        ),
+        "split_shift": pd.DataFrame(
+            {
+                "pair": ["train-vs-val", "train-vs-test"],
+                "frechet": [1.2, 1.4],
+                "mmd2": [0.001, 0.002],
+                "p_value": [0.6, 0.4],
+                "verdict": ["no shift detected", "no shift detected"],
+            }
+        ),
+        "transferability": pd.DataFrame(
+            {"layer": ["mixed_5b", "conv_7b"], "logme": [-0.5, 0.3]}
+        ),
+        "finetune_plan": plan(None, "block8_1"),
+        "finetune_stages": stages_frame(None, "block8_1"),
+        "class_names": list(CLASSES),
+        "duplicate_report": pd.DataFrame(
+            columns=["group", "kind", "size", "labels", "label_conflict", "paths"]
+        ),
+        "dataset_summary": {
+            "n_images": len(manifest),
+            "n_rejected": 0,
+            "counts": {label: {"train": 2, "val": 1, "test": 2} for label in CLASSES},
+            "duplicate_groups": 0,
+            "images_in_duplicate_groups": 0,
+            "label_conflict_groups": 0,
+            "label_conflict_images_kept": 0,
+            "rejected_by_reason": {},
+            "warnings": [],
+        },
+    }

@@ -1,0 +1,548 @@
+"""Each diagnosis rule fires on a run that has its problem and not on one without."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from irv2_pipeline.pipelines.evaluation import diagnosis
+from irv2_pipeline.pipelines.evaluation.nodes import diagnose_run
+
+from .conftest import (
+    PROJECT_ROOT,
+    healthy_history,
+    history_frame,
+    shift_profile,
+    stages_frame,
+)
+
+
+def trained(*unfreeze_from: str | None) -> list[dict]:
+    """The stage records of finetune_stages, after its CSV round trip."""
+    return diagnosis.stage_records(stages_frame(*unfreeze_from))
+
+
+@pytest.fixture
+def thresholds(evaluation_params) -> dict:
+    return evaluation_params["diagnosis"]
+
+
+def test_overfitting_fires_on_a_large_accuracy_gap(thresholds):
+    history = history_frame(
+        {"head": [(0.6, 0.80, 0.70, 0.75), (0.2, 0.99, 0.75, 0.60)]}
+    )
+    finding = diagnosis.overfitting(history, thresholds["overfitting"])
+    assert finding is not None
+    assert finding.severity == "high"  # gap 0.39 > 2 x 0.15
+    assert finding.evidence == [
+        "stage 'head', epoch 1: training accuracy 0.990 vs validation 0.600 "
+        "(gap 0.390 > 0.15)"
+    ]
+    assert "dropout" in finding.suggestion
+
+
+def test_overfitting_fires_on_validation_loss_rising_while_training_loss_falls(
+    thresholds,
+):
+    history = history_frame(
+        {
+            "block8": [
+                (0.50, 0.85, 0.40, 0.84),
+                (0.35, 0.88, 0.45, 0.83),
+                (0.20, 0.90, 0.60, 0.82),
+            ]
+        }
+    )
+    finding = diagnosis.overfitting(history, thresholds["overfitting"])
+    assert finding is not None
+    assert "rose from 0.400 (epoch 0) to 0.600" in finding.evidence[0]
+
+
+def test_overfitting_is_silent_on_a_healthy_run(thresholds):
+    assert diagnosis.overfitting(healthy_history(), thresholds["overfitting"]) is None
+
+
+def test_underfitting_fires_when_training_accuracy_stays_low(thresholds):
+    history = history_frame(
+        {"head": [(1.1, 0.34, 1.1, 0.33)], "block8": [(1.0, 0.40, 1.0, 0.41)]}
+    )
+    finding = diagnosis.underfitting(history, 3, thresholds["underfitting"])
+    assert finding is not None
+    assert finding.severity == "high"
+    assert (
+        "'block8' reached at most 0.400 training and 0.410 validation"
+        in (finding.evidence[0])
+    )
+    assert "chance is 0.333" in finding.evidence[0]
+
+
+def test_underfitting_is_silent_when_validation_accuracy_is_high(thresholds):
+    # One epoch under augmentation: the epoch's running training accuracy lags.
+    history = history_frame({"block8": [(1.08, 0.51, 1.07, 0.89)]})
+    assert diagnosis.underfitting(history, 3, thresholds["underfitting"]) is None
+
+
+def test_miscalibration_fires_on_over_and_under_confidence(thresholds):
+    settings = thresholds["miscalibration"]
+    over = {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65}
+    under = {"ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96}
+    over_finding = diagnosis.miscalibration(over, settings)
+    under_finding = diagnosis.miscalibration(under, settings)
+    assert over_finding is not None
+    assert under_finding is not None
+    assert "over-confident" in over_finding.cause
+    assert "under-confident" in under_finding.cause
+    assert over_finding.evidence == [
+        "expected calibration error 0.300 > 0.1: mean confidence 0.950 vs accuracy "
+        "0.650"
+    ]
+
+
+def test_miscalibration_is_silent_when_calibrated(thresholds):
+    calibrated = {"ece": 0.03, "mean_confidence": 0.9, "accuracy": 0.88}
+    assert diagnosis.miscalibration(calibrated, thresholds["miscalibration"]) is None
+
+
+def test_underfitting_is_silent_when_the_model_fits(thresholds):
+    assert (
+        diagnosis.underfitting(healthy_history(), 3, thresholds["underfitting"]) is None
+    )
+
+
+def test_domain_gap_fires_when_shifted_blocks_stay_frozen(thresholds):
+    profile = shift_profile({"stem": 0.2, "block35_2": 0.4, "block17_5": 2.5})
+    finding = diagnosis.domain_gap(
+        profile, trained(None, "block8_1"), "imagenet", thresholds["domain_gap"]
+    )
+    assert finding is not None
+    assert finding.severity == "high"
+    assert finding.evidence[1] == "above 1.0: block17 (2.5)"
+    assert finding.evidence[2] == (
+        "stages trained: head: head only, 2 epochs, learning rate 0.001, BatchNorm "
+        "frozen; block8_1: unfreeze from block8_1, 2 epochs, learning rate 0.0001, "
+        "BatchNorm frozen"
+    )
+    assert "unfreeze_from: block17_1" in finding.suggestion
+
+
+def test_domain_gap_is_medium_when_the_plan_already_unfreezes_the_shifted_blocks(
+    thresholds,
+):
+    profile = shift_profile({"stem": 0.2, "block17_5": 2.5})
+    finding = diagnosis.domain_gap(
+        profile, trained(None, "block17_1"), "imagenet", thresholds["domain_gap"]
+    )
+    assert finding is not None
+    assert finding.severity == "medium"
+
+
+def test_domain_gap_is_silent_on_a_small_shift_or_random_weights(thresholds):
+    small = shift_profile({"stem": 0.2, "block8_1": 0.3})
+    large = shift_profile({"stem": 5.0})
+    settings = thresholds["domain_gap"]
+    assert diagnosis.domain_gap(small, trained(None), "imagenet", settings) is None
+    assert diagnosis.domain_gap(large, trained(None), None, settings) is None
+
+
+def split_table(val_p: float, test_p: float) -> pd.DataFrame:
+    """``split_shift`` as feature_shift writes it (a NaN p-value: not compared)."""
+    return pd.DataFrame(
+        {
+            "pair": ["train-vs-val", "train-vs-test"],
+            "n_reference": [120, 120],
+            "n_compared": [25, 30],
+            "frechet": [3.0, 40.0],
+            "mmd2": [0.001, 0.08],
+            "p_value": [val_p, test_p],
+            "shifted": [val_p < 0.01, test_p < 0.01],
+            "verdict": ["no evidence that val differs", "test differs from train"],
+        }
+    )
+
+
+def test_split_shift_fires_when_the_test_split_differs(thresholds):
+    finding = diagnosis.split_shift(split_table(0.5, 0.002), thresholds["split_shift"])
+    assert finding is not None
+    assert finding.severity == "high"
+    assert finding.evidence == [
+        "train-vs-test: p = 0.002 < 0.01, mmd2 = 0.08, frechet = 40, 30 vs 120 images"
+    ]
+
+
+def test_split_shift_is_medium_when_only_validation_differs(thresholds):
+    finding = diagnosis.split_shift(
+        split_table(0.001, math.nan), thresholds["split_shift"]
+    )
+    assert finding is not None
+    assert finding.severity == "medium"
+    assert [line.split(":")[0] for line in finding.evidence] == ["train-vs-val"]
+
+
+def test_split_shift_is_silent_when_no_split_differs(thresholds):
+    assert (
+        diagnosis.split_shift(split_table(0.5, 0.3), thresholds["split_shift"]) is None
+    )
+
+
+def test_split_shift_names_the_columns_it_needs(thresholds):
+    with pytest.raises(diagnosis.DiagnosisInputError, match=r"split_shift.*'p_value'"):
+        diagnosis.split_shift(
+            pd.DataFrame({"pair": ["train-vs-test"], "pvalue": [0.1]}),
+            thresholds["split_shift"],
+        )
+
+
+def test_validation_test_gap_fires_when_test_falls_clearly_below_validation(
+    thresholds,
+):
+    metrics = {"accuracy": 0.62, "accuracy_ci95": [0.55, 0.69]}
+    finding = diagnosis.validation_test_gap(
+        healthy_history(), metrics, thresholds["validation_test_gap"]
+    )
+    assert finding is not None
+    assert finding.evidence == [
+        "best validation accuracy of the last stage 'block8': 0.900; test accuracy "
+        "0.620 (95% interval [0.550, 0.690]), 0.280 lower (> 0.1)"
+    ]
+
+
+def test_validation_test_gap_is_silent_within_the_gap_or_the_interval(thresholds):
+    settings = thresholds["validation_test_gap"]
+    close = {"accuracy": 0.86, "accuracy_ci95": [0.80, 0.92]}
+    noisy = {"accuracy": 0.70, "accuracy_ci95": [0.45, 0.92]}
+    assert diagnosis.validation_test_gap(healthy_history(), close, settings) is None
+    assert diagnosis.validation_test_gap(healthy_history(), noisy, settings) is None
+
+
+def test_leakage_fires_on_exact_and_near_copies_across_splits(
+    colour_images, thresholds
+):
+    _, manifest = colour_images
+    leaky = manifest.copy()
+    train = leaky.index[leaky["split"] == "train"]
+    test = leaky.index[leaky["split"] == "test"]
+    leaky.loc[test[0], "sha256"] = leaky.loc[train[0], "sha256"]
+    leaky.loc[test[0], "phash"] = leaky.loc[train[0], "phash"]
+    near = f"{int(leaky.loc[train[1], 'phash'], 16) ^ 0b101:016x}"  # 2 bits apart
+    leaky.loc[test[1], "phash"] = near
+    finding = diagnosis.leakage(leaky, thresholds["leakage"])
+    assert finding is not None
+    assert finding.evidence == [
+        f"1 of 6 test images are exact copies of training images "
+        f"(e.g. {leaky.loc[test[0], 'path']})",
+        f"1 of 6 test images are near copies (pHash within 4 bits) of training "
+        f"images (e.g. {leaky.loc[test[1], 'path']})",
+    ]
+
+
+def test_leakage_is_silent_without_copies(colour_images, thresholds):
+    _, manifest = colour_images
+    assert diagnosis.leakage(manifest, thresholds["leakage"]) is None
+
+
+def conflicts_report() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "group": ["g1"],
+            "kind": ["exact"],
+            "size": [2],
+            "labels": ["cat, dog"],
+            "label_conflict": [True],
+            "paths": ["cat/1.jpg; dog/1.jpg"],
+        }
+    )
+
+
+def test_label_conflicts_fire_high_when_conflicting_images_remain():
+    summary = {"label_conflict_groups": 1, "label_conflict_images_kept": 2}
+    finding = diagnosis.label_conflicts(summary, conflicts_report())
+    assert finding is not None
+    assert finding.severity == "high"
+    assert "2 of their images are still in the manifest" in finding.evidence[0]
+    assert "cat/1.jpg; dog/1.jpg" in finding.evidence[1]
+
+
+def test_label_conflicts_are_low_when_removed_and_silent_when_absent():
+    removed = {"label_conflict_groups": 1, "label_conflict_images_kept": 0}
+    finding = diagnosis.label_conflicts(removed, conflicts_report())
+    assert finding is not None
+    assert finding.severity == "low"
+    none = {"label_conflict_groups": 0, "label_conflict_images_kept": 0}
+    assert diagnosis.label_conflicts(none, conflicts_report().head(0)) is None
+
+
+def class_report(recalls: dict[str, float]) -> pd.DataFrame:
+    rows = [
+        {
+            "class": name,
+            "precision": 0.9,
+            "recall": recall,
+            "f1_score": 0.9,
+            "support": 10,
+        }
+        for name, recall in recalls.items()
+    ]
+    rows.append(
+        {
+            "class": "macro avg",
+            "precision": 0.9,
+            "recall": 0.1,
+            "f1_score": 0.9,
+            "support": 30,
+        }
+    )
+    return pd.DataFrame(rows)
+
+
+def test_class_imbalance_fires_on_low_recall_and_advises_class_weights(thresholds):
+    metrics = {"accuracy": 0.90, "balanced_accuracy": 0.70}
+    finding = diagnosis.class_imbalance(
+        metrics,
+        class_report({"cat": 0.95, "dog": 0.3, "eel": 0.9}),
+        {"cat": 300, "dog": 20, "eel": 250},
+        thresholds["class_imbalance"],
+    )
+    assert finding is not None
+    assert finding.evidence == [
+        "accuracy 0.900 vs balanced accuracy 0.700 (gap 0.200 > 0.05)",
+        "class 'dog': recall 0.300 < 0.5 (10 test images, 20 training images)",
+        "training images per class: from 20 ('dog') to 300 ('cat'), 15.0x above 1.5x",
+    ]
+    assert "finetune.class_weights" in finding.parameters
+
+
+def test_class_imbalance_with_balanced_training_points_at_the_confusion(thresholds):
+    metrics = {"accuracy": 0.60, "balanced_accuracy": 0.60}
+    finding = diagnosis.class_imbalance(
+        metrics,
+        class_report({"cat": 0.9, "dog": 0.2, "eel": 0.7}),
+        {"cat": 100, "dog": 100, "eel": 95},
+        thresholds["class_imbalance"],
+    )
+    assert finding is not None
+    assert "finetune.class_weights" not in finding.parameters
+    assert "'dog'" in finding.suggestion
+
+
+def test_class_imbalance_is_silent_on_balanced_results(thresholds):
+    metrics = {"accuracy": 0.90, "balanced_accuracy": 0.89}
+    report = class_report({"cat": 0.9, "dog": 0.88, "eel": 0.9})
+    counts = {"cat": 300, "dog": 20, "eel": 250}
+    assert (
+        diagnosis.class_imbalance(
+            metrics, report, counts, thresholds["class_imbalance"]
+        )
+        is None
+    )
+
+
+def test_unstable_training_fires_on_nan_and_on_loss_spikes(thresholds):
+    settings = thresholds["unstable_training"]
+    spiky = history_frame(
+        {"head": [(0.8, 0.7, 0.8, 0.7), (2.4, 0.5, 0.9, 0.6), (0.6, 0.8, 0.7, 0.7)]}
+    )
+    finding = diagnosis.unstable_training(spiky, [], settings)
+    assert finding is not None
+    assert finding.severity == "medium"
+    assert finding.evidence == [
+        "stage 'head': loss jumped from 0.8 to 2.4 at epoch 1 (3.0x > 2.0x)"
+    ]
+    diverged = history_frame(
+        {"head": [(0.8, 0.7, 0.8, 0.7), (math.nan, 0.3, math.nan, 0.3)]}
+    )
+    finding = diagnosis.unstable_training(diverged, [], settings)
+    assert finding is not None
+    assert finding.severity == "high"
+    assert "loss is NaN or infinite at epoch 1" in finding.evidence[0]
+
+
+def test_unstable_training_reports_learning_rates_the_plan_rules_flag(thresholds):
+    problem = "stage 'block8': learning rate 0.01 is above 0.001 for backbone layers"
+    finding = diagnosis.unstable_training(
+        healthy_history(), [problem], thresholds["unstable_training"]
+    )
+    assert finding is not None
+    assert finding.evidence == [problem]
+
+
+def test_unstable_training_is_silent_on_a_smooth_run(thresholds):
+    assert (
+        diagnosis.unstable_training(
+            healthy_history(), [], thresholds["unstable_training"]
+        )
+        is None
+    )
+
+
+def test_random_weights_fires_only_without_pretrained_weights():
+    finding = diagnosis.random_weights(None)
+    assert finding is not None
+    assert "model.weights: imagenet" in finding.suggestion
+    assert diagnosis.random_weights("imagenet") is None
+    assert diagnosis.random_weights("/models/irv2_notop.h5") is None
+
+
+def test_small_test_set_fires_on_a_wide_interval(thresholds):
+    settings = thresholds["small_test_set"]
+    wide = {"n_test": 20, "accuracy": 0.7, "accuracy_ci95": [0.5, 0.9]}
+    narrow = {"n_test": 2000, "accuracy": 0.7, "accuracy_ci95": [0.68, 0.72]}
+    finding = diagnosis.small_test_set(wide, settings)
+    assert finding is not None
+    assert "width 0.400 > 0.2" in finding.evidence[0]
+    assert diagnosis.small_test_set(narrow, settings) is None
+
+
+@pytest.fixture
+def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> dict:
+    """Every input of ``diagnose_run`` but ``model``, for a healthy run."""
+    _, manifest = colour_images
+    return {
+        "evaluation_metrics": {
+            "accuracy": 0.8,
+            "balanced_accuracy": 0.8,
+            "ece": 0.05,
+            "mean_confidence": 0.82,
+            "accuracy_ci95": [0.5, 0.95],
+            "n_test": 6,
+            "classes": ["blue", "green", "red"],
+        },
+        "classification_report": class_report({"blue": 0.8, "green": 0.8, "red": 0.8}),
+        "image_manifest": manifest,
+        "plan_rules": plan_rules,
+        "evaluation": evaluation_params,
+        **{
+            name: upstream[name]
+            for name in (
+                "training_history",
+                "bn_shift_profile",
+                "split_shift",
+                "finetune_stages",
+                "duplicate_report",
+                "dataset_summary",
+            )
+        },
+    }
+
+
+def test_diagnose_run_orders_findings_by_severity(diagnosis_inputs, model_params):
+    healthy = diagnose_run(model=model_params, **diagnosis_inputs)
+    assert [finding["rule"] for finding in healthy] == ["small_test_set"]
+
+    random_init = diagnose_run(
+        model={**model_params, "weights": None}, **diagnosis_inputs
+    )
+    assert [finding["rule"] for finding in random_init] == [
+        "random_weights",
+        "small_test_set",
+    ]
+    assert set(random_init[0]) == {
+        "rule",
+        "cause",
+        "evidence",
+        "severity",
+        "suggestion",
+        "parameters",
+    }
+
+
+def test_stage_records_read_the_head_stage_back_from_csv_as_head_only(tmp_path):
+    path = tmp_path / "finetune_stages.csv"
+    stages_frame(None, "block8_1").to_csv(path, index=False)
+    records = diagnosis.stage_records(pd.read_csv(path))
+    assert [record["unfreeze_from"] for record in records] == [None, "block8_1"]
+
+
+def test_diagnose_run_flags_a_learning_rate_the_plan_rules_reject(
+    diagnosis_inputs, model_params, plan_rules
+):
+    reckless = stages_frame(None, "block8_1")
+    reckless.loc[1, "learning_rate"] = 10 * plan_rules["max_backbone_learning_rate"]
+    findings = diagnose_run(
+        model=model_params, **{**diagnosis_inputs, "finetune_stages": reckless}
+    )
+    unstable = [f for f in findings if f["rule"] == "unstable_training"]
+    assert len(unstable) == 1
+    assert "above max_backbone_learning_rate" in unstable[0]["evidence"][0]
+
+
+def base_parameter_keys() -> set[str]:
+    """Every dotted key of conf/base/parameters*.yml."""
+    keys: set[str] = set()
+
+    def walk(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            keys.add(prefix + key)
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    for path in (PROJECT_ROOT / "conf" / "base").glob("parameters*.yml"):
+        walk(yaml.safe_load(path.read_text()) or {}, "")
+    return keys
+
+
+def test_every_parameter_a_finding_names_exists(colour_images, thresholds):
+    _, manifest = colour_images
+    leaky = manifest.assign(sha256="same", phash="0" * 16)
+    bad_history = history_frame(
+        {"head": [(1.0, 0.40, 1.0, 0.3), (3.0, 0.45, 2.5, 0.2)]}
+    )
+    findings = [
+        diagnosis.overfitting(bad_history, thresholds["overfitting"]),
+        diagnosis.underfitting(bad_history, 3, thresholds["underfitting"]),
+        diagnosis.domain_gap(
+            shift_profile({"stem": 5.0}),
+            trained(None),
+            "imagenet",
+            thresholds["domain_gap"],
+        ),
+        diagnosis.domain_gap(
+            shift_profile({"block8_1": 5.0}),
+            trained(None, "block8_1"),
+            "imagenet",
+            thresholds["domain_gap"],
+        ),
+        diagnosis.split_shift(split_table(0.5, 0.001), thresholds["split_shift"]),
+        diagnosis.validation_test_gap(
+            healthy_history(),
+            {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]},
+            thresholds["validation_test_gap"],
+        ),
+        diagnosis.leakage(leaky, thresholds["leakage"]),
+        diagnosis.label_conflicts(
+            {"label_conflict_groups": 1, "label_conflict_images_kept": 2},
+            conflicts_report(),
+        ),
+        diagnosis.class_imbalance(
+            {"accuracy": 0.9, "balanced_accuracy": 0.5},
+            class_report({"cat": 0.9, "dog": 0.1}),
+            {"cat": 100, "dog": 10},
+            thresholds["class_imbalance"],
+        ),
+        diagnosis.class_imbalance(
+            {"accuracy": 0.6, "balanced_accuracy": 0.6},
+            class_report({"cat": 0.9, "dog": 0.1}),
+            {"cat": 100, "dog": 100},
+            thresholds["class_imbalance"],
+        ),
+        diagnosis.unstable_training(bad_history, [], thresholds["unstable_training"]),
+        diagnosis.miscalibration(
+            {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65},
+            thresholds["miscalibration"],
+        ),
+        diagnosis.miscalibration(
+            {"ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96},
+            thresholds["miscalibration"],
+        ),
+        diagnosis.random_weights(None),
+        diagnosis.small_test_set(
+            {"n_test": 10, "accuracy": 0.5, "accuracy_ci95": [0.2, 0.8]},
+            thresholds["small_test_set"],
+        ),
+    ]
+    assert all(finding is not None for finding in findings)
+    known = base_parameter_keys()
+    for finding in findings:
+        assert set(finding.parameters) <= known, finding.rule

@@ -1,0 +1,86 @@
+"""The moments collected inside the graph equal NumPy's over the same feature maps."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from irv2_pipeline.backbone import preprocessing_layer, unit_order
+from irv2_pipeline.images import OpenPolicy, load_image, resize
+from irv2_pipeline.pipelines.feature_shift.moments import unit_output_layer
+
+from .conftest import IMAGE_SIZE, UNITS
+
+
+def test_in_graph_moments_match_numpy_moments_of_the_feature_maps(
+    irv2_probe, demo_paths
+):
+    # 11 images: batches of 8 and 3, so the padded last batch is exercised.
+    paths = (
+        demo_paths["bag"][:4] + demo_paths["sneaker"][:4] + demo_paths["trouser"][:3]
+    )
+    measured = irv2_probe.run(paths)
+    assert measured.n_images == 11
+
+    pixels = np.stack(
+        [resize(load_image(path, OpenPolicy()).pixels, IMAGE_SIZE) for path in paths]
+    ).astype("float32")
+    backbone = irv2_probe.backbone
+    by_name = {layer.name: layer for layer in backbone.layers}
+    names = [bn.name for bn in irv2_probe.layout.batch_norms]
+    maps_model = keras.Model(
+        backbone.input,
+        [by_name[name].input for name in names]
+        + [by_name[name].output for name in irv2_probe.layout.depth_layers],
+    )
+    maps = [
+        keras.ops.convert_to_numpy(tensor)
+        for tensor in maps_model(preprocessing_layer()(pixels))
+    ]
+
+    assert len(names) == 204
+    for name, feature_map in zip(names, maps, strict=False):
+        values = feature_map.astype(np.float64)
+        np.testing.assert_allclose(
+            measured.bn_means[name],
+            values.mean(axis=(0, 1, 2)),
+            rtol=1e-4,
+            atol=1e-5 * (np.abs(values).max() + 1e-12),
+            err_msg=name,
+        )
+        np.testing.assert_allclose(
+            measured.bn_variances[name],
+            values.var(axis=(0, 1, 2)),
+            rtol=1e-3,
+            atol=1e-6 * (values**2).max(),
+            err_msg=name,
+        )
+    for depth, feature_map in zip(
+        irv2_probe.layout.depths, maps[len(names) :], strict=True
+    ):
+        np.testing.assert_allclose(
+            measured.features[depth],
+            feature_map.mean(axis=(1, 2)),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_layers_and_units_follow_the_network_order(irv2_probe):
+    layout = irv2_probe.layout
+    assert [bn.depth for bn in layout.batch_norms] == list(range(204))
+    units = list(dict.fromkeys(bn.unit for bn in layout.batch_norms))
+    assert units == unit_order(irv2_probe.backbone) == UNITS
+    assert layout.depth_layers == ("mixed_5b", "mixed_6a", "mixed_7a", "conv_7b_ac")
+    # IRv2's BN layers have no scale: the moving statistics are all there is.
+    assert all(
+        not layer.scale
+        for layer in irv2_probe.backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+
+
+def test_an_unknown_depth_names_the_parameter(irv2_probe):
+    with pytest.raises(ValueError, match=r"feature_shift\.depths: 'block99'"):
+        unit_output_layer(irv2_probe.backbone, "block99")

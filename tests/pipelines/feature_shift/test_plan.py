@@ -1,0 +1,171 @@
+"""The plan rule, the stage checks and the learning-rate rules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from irv2_pipeline.pipelines.feature_shift.plan import (
+    Measurements,
+    PlanError,
+    learning_rate_problems,
+    plan_stages,
+    validate_stages,
+)
+
+from .conftest import DEPTHS, GROUPS, UNITS, feature_shift_params
+
+
+@pytest.fixture
+def settings() -> dict:
+    return copy.deepcopy(feature_shift_params()["plan"])
+
+
+def measured(
+    shift: dict[str, float] | None = None,
+    logme: dict[str, float] | None = None,
+    top_skill: float = 0.9,
+    per_class: int = 500,
+) -> Measurements:
+    """Measurements with small shift, LogME rising to the top and a good probe."""
+    return Measurements(
+        block_shift={group: 0.1 for group in GROUPS} | (shift or {}),
+        logme=dict(zip(DEPTHS, (0.1, 0.2, 0.3, 0.4), strict=True)) | (logme or {}),
+        probe_skill={depth: top_skill for depth in DEPTHS},
+        probe_accuracy={depth: 0.5 + top_skill / 2 for depth in DEPTHS},
+        train_images_per_class=per_class,
+        units=UNITS,
+    )
+
+
+def starts(stages: list[dict]) -> list[str | None]:
+    return [stage["unfreeze_from"] for stage in stages]
+
+
+def test_small_shift_and_plenty_of_data_fine_tunes_the_top_lightly(settings):
+    stages, rationale = plan_stages(measured(), settings)
+    assert starts(stages) == [None, "block8_1"]
+    assert {stage["bn_policy"] for stage in stages} == {"frozen"}
+    assert any("0.1" in line and "shift_threshold" in line for line in rationale)
+
+
+def test_small_shift_and_scarce_data_trains_the_head_only(settings):
+    stages, rationale = plan_stages(measured(per_class=20), settings)
+    assert starts(stages) == [None]
+    assert any("20 training images" in line for line in rationale)
+
+
+def test_a_shifted_block_is_reached_through_the_steps_above_it(settings):
+    stages, rationale = plan_stages(
+        measured(shift={"block17": 1.6, "block8": 2.5}), settings
+    )
+    assert starts(stages) == [None, "block8_1", "block17_1"]
+    backbone = settings["backbone"]
+    assert stages[1]["learning_rate"] == pytest.approx(backbone["learning_rate"])
+    assert stages[2]["learning_rate"] == pytest.approx(
+        backbone["learning_rate"] * backbone["lr_factor_per_step"]
+    )
+    assert stages[2]["warmup_epochs"] == backbone["warmup_epochs"]
+    # block8's 2.5 reaches adapt_bn_threshold 2.0: BN is re-estimated everywhere.
+    assert {stage["bn_policy"] for stage in stages} == {"adapt"}
+    assert any("block17" in line and "1.6" in line for line in rationale)
+
+
+def test_a_larger_shift_unfreezes_more(settings):
+    shallow = plan_stages(measured(shift={"block8": 1.5}), settings)[0]
+    deep = plan_stages(measured(shift={"stem": 1.5, "block8": 1.5}), settings)[0]
+    assert starts(shallow)[-1] == "block8_1"
+    assert starts(deep)[-1] == "stem"
+    assert UNITS.index(starts(deep)[-1]) < UNITS.index(starts(shallow)[-1])
+
+
+def test_logme_peaking_below_the_top_pulls_the_start_down(settings):
+    stages, rationale = plan_stages(
+        measured(logme={"mixed_6a": 0.9, "conv_7b": 0.4}), settings
+    )
+    assert starts(stages)[-1] == "block17_1"
+    assert any("LogME peaks at mixed_6a" in line for line in rationale)
+
+
+def test_a_weak_probe_at_the_top_goes_one_step_deeper(settings):
+    base = plan_stages(measured(shift={"block8": 1.5}), settings)[0]
+    weak = plan_stages(measured(shift={"block8": 1.5}, top_skill=0.2), settings)
+    assert starts(base)[-1] == "block8_1"
+    assert starts(weak[0])[-1] == "block17_1"
+    assert any("0.200" in line for line in weak[1])
+
+
+def test_scarce_data_caps_the_depth(settings):
+    stages, rationale = plan_stages(
+        measured(shift={"stem": 3.0}, per_class=30), settings
+    )
+    assert starts(stages)[-1] == settings["scarce_deepest_unit"]
+    assert any("overfit" in line for line in rationale)
+
+
+def test_thresholds_are_parameters_not_constants(settings):
+    shift = measured(shift={"block17": 0.6})
+    assert starts(plan_stages(shift, settings)[0])[-1] == "block8_1"
+    settings["shift_threshold"] = 0.5
+    assert starts(plan_stages(shift, settings)[0])[-1] == "block17_1"
+
+
+def test_every_planned_stage_keeps_the_rules_of_conf_base(settings):
+    rules = feature_shift_params()["plan_rules"]
+    for shift in ({}, {"block35": 5.0}, {"stem": 9.0}):
+        stages, _ = plan_stages(measured(shift=shift), settings)
+        assert learning_rate_problems(stages, rules) == []
+
+
+def test_an_unknown_unit_in_the_settings_is_named(settings):
+    settings["unfreeze_steps"] = ["block8_1", "block99_1"]
+    with pytest.raises(
+        PlanError, match=r"feature_shift\.plan\.unfreeze_steps.*block99_1"
+    ):
+        plan_stages(measured(), settings)
+
+
+@pytest.mark.parametrize("env", ["base", "smoke"])
+def test_default_stages_are_valid_and_keep_the_rules(env):
+    params = feature_shift_params(env)
+    stages = validate_stages(params["default_stages"], "default_stages", UNITS)
+    assert starts(stages) == [None, "block8_1"]
+    assert learning_rate_problems(stages, params["plan_rules"]) == []
+    if env == "smoke":
+        assert all(stage["epochs"] == 1 for stage in stages)
+
+
+def test_learning_rate_problems_name_the_stage_and_the_limit():
+    rules = {"max_backbone_learning_rate": 1e-4, "max_head_learning_rate": 1e-2}
+    stages = [
+        {"name": "head", "unfreeze_from": None, "learning_rate": 0.05},
+        {"name": "top", "unfreeze_from": "block8_1", "learning_rate": 1e-3},
+        {"name": "fine", "unfreeze_from": "block17_1", "learning_rate": 1e-5},
+    ]
+    problems = learning_rate_problems(stages, rules)
+    assert len(problems) == 2
+    assert "'head'" in problems[0] and "max_head_learning_rate 0.01" in problems[0]
+    assert "'top'" in problems[1] and "max_backbone_learning_rate 0.0001" in problems[1]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"bn_policy": "sometimes"}, r"stages\[0\]\.bn_policy"),
+        ({"unfreeze_from": "block99"}, r"stages\[0\]\.unfreeze_from = 'block99'"),
+        ({"epochs": 0}, r"stages\[0\]: epochs \(0\)"),
+        ({"learning_rate": "1e-3"}, r"stages\[0\]\.learning_rate = '1e-3' is not a"),
+        ({"momentum": 0.9}, r"unknown momentum"),
+    ],
+)
+def test_bad_stages_are_refused_with_the_setting_named(change, message):
+    stage = {
+        "name": "head",
+        "unfreeze_from": None,
+        "epochs": 1,
+        "learning_rate": 1e-3,
+        "bn_policy": "frozen",
+    } | change
+    with pytest.raises(PlanError, match=message):
+        validate_stages([stage], "stages", UNITS)

@@ -1,0 +1,61 @@
+"""The symmetric KL divergence of two Gaussians and the running moments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+from irv2_pipeline.pipelines.feature_shift.moments import RunningMoments
+from irv2_pipeline.pipelines.feature_shift.shift import symmetric_kl
+
+
+def numerical_kl(p, q) -> float:
+    low, high = -60.0, 60.0
+    return integrate.quad(lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), low, high)[
+        0
+    ]
+
+
+@pytest.mark.parametrize(
+    ("target", "stored"), [((0.5, 2.0), (0.0, 1.0)), ((-3.0, 0.2), (1.0, 4.0))]
+)
+def test_symmetric_kl_matches_numerical_integration(target, stored):
+    epsilon = 1e-3
+    p = stats.norm(target[0], np.sqrt(target[1] + epsilon))
+    q = stats.norm(stored[0], np.sqrt(stored[1] + epsilon))
+    expected = (numerical_kl(p, q) + numerical_kl(q, p)) / 2
+    measured = symmetric_kl(
+        np.array([target[0]]),
+        np.array([target[1]]),
+        np.array([stored[0]]),
+        np.array([stored[1]]),
+        epsilon,
+    )
+    assert measured.shift[0] == pytest.approx(expected, rel=1e-6)
+    assert measured.mean_part[0] + measured.variance_part[0] == pytest.approx(
+        measured.shift[0]
+    )
+
+
+def test_identical_gaussians_have_zero_shift_and_epsilon_tames_dead_channels():
+    same = symmetric_kl(np.ones(3), np.full(3, 2.0), np.ones(3), np.full(3, 2.0), 1e-3)
+    assert np.allclose(same.shift, 0.0)
+    # A channel that is constant on the target images: without epsilon the shift
+    # would be infinite.
+    dead = symmetric_kl(np.zeros(1), np.zeros(1), np.zeros(1), np.full(1, 1e-3), 1e-3)
+    assert np.isfinite(dead.shift[0])
+    assert dead.shift[0] == pytest.approx((0.5 + 2.0 - 2.0) / 4)
+
+
+def test_running_moments_equal_the_moments_of_all_pixels():
+    rng = np.random.default_rng(0)
+    # 11 images of 5x5 pixels, 3 channels, far from zero mean (cancellation-prone).
+    maps = rng.normal(loc=500.0, scale=2.0, size=(11, 5, 5, 3))
+    running = RunningMoments(3)
+    for start, stop in [(0, 4), (4, 8), (8, 11)]:
+        batch = maps[start:stop]
+        running.add(batch.mean(axis=(1, 2)), batch.var(axis=(1, 2)))
+    assert running.count == 11
+    np.testing.assert_allclose(running.mean, maps.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(running.variance, maps.var(axis=(0, 1, 2)), rtol=1e-9)

@@ -1,0 +1,139 @@
+"""Faults: a run killed mid-stage resumes there; NaN stops it; the model file is whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from kedro.io import DatasetError
+
+from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
+from irv2_pipeline.pipelines.finetune.checkpoints import CheckpointStore
+from irv2_pipeline.pipelines.finetune.training import TrainingDivergedError
+
+from . import child_run
+from .conftest import PROJECT_ROOT, demo_examples, mini_classifier, stage, train
+
+CHILD = Path(child_run.__file__)
+
+
+def run_child(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KEDRO_DISABLE_TELEMETRY": "1"}
+    return subprocess.run(
+        [sys.executable, str(CHILD), str(workdir), *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_a_run_killed_in_stage_two_resumes_there_without_redoing_stage_one(tmp_path):
+    killed = run_child(tmp_path, "--kill-at", "1:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (folder,) = (tmp_path / "checkpoints").iterdir()
+    saved = json.loads((folder / "state.json").read_text())
+    assert (saved["stage_index"], saved["epochs_done"]) == (1, 1)
+    log = tmp_path / "epochs.log"
+    assert log.read_text().split("\n")[:-1] == [
+        "head_on_features 0",
+        "irv2_classifier_bn_frozen 0",
+        "irv2_classifier_bn_frozen 1",
+    ]
+    log.unlink()
+
+    result = child_run.run(tmp_path)
+
+    # Only the rest of stage two was trained, from its second epoch on.
+    assert log.read_text().split("\n")[:-1] == [
+        "irv2_classifier_bn_frozen 1",
+        "irv2_classifier_bn_frozen 2",
+    ]
+    history = result["history"]
+    assert [(row["stage"], row["epoch"]) for row in history] == [
+        ("head", 1),
+        ("top", 1),
+        ("top", 2),
+        ("top", 3),
+    ]
+    assert history[:2] == saved["history"]
+    assert [r["epochs_trained"] for r in result["records"]] == [1, 3]
+    assert not folder.exists(), "a finished run leaves no checkpoint behind"
+
+
+def test_a_nan_loss_stops_training_and_checkpoints_nothing_of_it(tmp_path):
+    classifier = mini_classifier()
+    kernel = classifier.head.get_layer("logits").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    with pytest.raises(
+        TrainingDivergedError, match=r"stage 'head', epoch 1.*loss is nan"
+    ):
+        train(classifier, [stage("head", None)], demo_examples(2, 1), tmp_path)
+    state = CheckpointStore(tmp_path, "run").load()
+    assert (state.stage_index, state.epochs_done, state.history) == (0, 0, [])
+
+
+def test_the_saved_model_reloads_in_safe_mode_with_identical_predictions(tmp_path):
+    classifier = mini_classifier()
+    dataset = AtomicTensorFlowModelDataset(filepath=str(tmp_path / "model.keras"))
+    dataset.save(classifier.model)
+    reloaded = dataset.load()
+    pixels = np.random.default_rng(0).uniform(0, 255, (5, 75, 75, 3)).astype("float32")
+    np.testing.assert_array_equal(
+        reloaded.predict(pixels, verbose=0), classifier.model.predict(pixels, verbose=0)
+    )
+    assert reloaded.layers[1].name == "irv2_preprocess"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+def test_a_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch):
+    path = tmp_path / "model.keras"
+    dataset = AtomicTensorFlowModelDataset(filepath=str(path))
+    dataset.save(mini_classifier().model)
+    before = path.read_bytes()
+
+    def dies_half_way(model, filepath, **kwargs):
+        Path(filepath).write_bytes(b"half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(keras.saving, "save_model", dies_half_way)
+    with pytest.raises(DatasetError, match="disk full"):
+        dataset.save(mini_classifier(seed=1).model)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
+
+
+def test_early_stopping_ends_the_stage_and_restores_its_best_epoch(tmp_path):
+    classifier = mini_classifier()
+    initial = classifier.head.get_weights()
+
+    class ScrambleAfterSecondEpoch(keras.callbacks.Callback):
+        # Runs after the epoch's validation: the epoch's val_loss is the unscrambled
+        # one, but the weights the stage ends with are garbage unless restored.
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                classifier.head.set_weights([w + 5.0 for w in initial])
+
+    # A learning rate of 0: val_loss never improves after the first epoch.
+    state = train(
+        classifier,
+        [stage("head", None, epochs=5, learning_rate=0.0)],
+        demo_examples(2, 1),
+        tmp_path,
+        callbacks=(ScrambleAfterSecondEpoch(),),
+        patience=1,
+    )
+    record = state.stage_records[0]
+    assert (record["epochs_trained"], record["best_epoch"]) == (2, 1)
+    assert record["stopped_early"]
+    for restored, start in zip(classifier.head.get_weights(), initial, strict=True):
+        np.testing.assert_array_equal(restored, start)

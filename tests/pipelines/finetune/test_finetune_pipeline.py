@@ -1,0 +1,188 @@
+"""The pipeline as Kedro runs it: its datasets, augmented copies, and what it writes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from kedro_datasets.json import JSONDataset
+from kedro_datasets.matplotlib import MatplotlibDataset
+from kedro_datasets.pandas import CSVDataset
+
+from irv2_pipeline.datasets import ImageFolder, ImageFolderDataset
+from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
+from irv2_pipeline.pipelines.finetune import create_pipeline, nodes
+from irv2_pipeline.pipelines.finetune.examples import ExamplesError, training_examples
+from irv2_pipeline.pipelines.finetune.training import TrainingDivergedError
+
+from .conftest import (
+    CLASSES,
+    DEMO_IMAGES,
+    IMAGE_SIZE,
+    PROJECT_ROOT,
+    demo_manifest,
+    mini_irv2,
+)
+
+STAGES = [
+    {
+        "name": "head",
+        "unfreeze_from": None,
+        "epochs": 2,
+        "learning_rate": 1e-3,
+        "bn_policy": "frozen",
+    },
+    {
+        "name": "top",
+        "unfreeze_from": "block8_1",
+        "epochs": 1,
+        "learning_rate": 1e-4,
+        "bn_policy": "frozen",
+    },
+]
+
+
+@pytest.fixture
+def augmented(tmp_path) -> tuple[Path, pd.DataFrame]:
+    """One "augmented copy" (a plain copy) of the first training image of each class."""
+    root = tmp_path / "augmented"
+    rows = []
+    manifest = demo_manifest(train_per_class=2, val_per_class=1)
+    for source in manifest[manifest["split"] == "train"].groupby("label").head(1).path:
+        label = source.split("/")[0]
+        copy = f"{label}/{Path(source).stem}__c0.png"
+        (root / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(DEMO_IMAGES / source, root / copy)
+        rows.append({"path": copy, "source_path": source, "label": label, "copy": 0})
+    return root, pd.DataFrame(rows)
+
+
+def catalog_for(tmp_path, augmented, finetune_params, plan_rules) -> DataCatalog:
+    root, augmented_manifest = augmented
+    return DataCatalog(
+        datasets={
+            "image_manifest": MemoryDataset(demo_manifest(2, 1)),
+            "augmented_manifest": MemoryDataset(augmented_manifest),
+            "finetune_plan": MemoryDataset({"stages": STAGES, "rationale": []}),
+            "raw_images": ImageFolderDataset(path=str(DEMO_IMAGES)),
+            "augmented_images": ImageFolderDataset(path=str(root)),
+            "params:model": MemoryDataset(
+                {"weights": None, "image_size": IMAGE_SIZE, "seed": 7}
+            ),
+            "params:images": MemoryDataset({}),
+            "params:finetune": MemoryDataset(finetune_params),
+            "params:feature_shift.plan_rules": MemoryDataset(plan_rules),
+            "finetuned_model": AtomicTensorFlowModelDataset(
+                filepath=str(tmp_path / "out" / "model.keras")
+            ),
+            "training_history": CSVDataset(filepath=str(tmp_path / "out/history.csv")),
+            "finetune_stages": CSVDataset(filepath=str(tmp_path / "out/stages.csv")),
+            "class_names": JSONDataset(filepath=str(tmp_path / "out/classes.json")),
+            "training_curves_plot": MatplotlibDataset(
+                filepath=str(tmp_path / "out/curves.png")
+            ),
+        }
+    )
+
+
+def test_pipeline_follows_the_plan_on_originals_and_copies_and_writes_it_all(
+    tmp_path, augmented, finetune_params, plan_rules, monkeypatch
+):
+    monkeypatch.setattr(nodes, "load_irv2", lambda weights, size: mini_irv2(size))
+    catalog = catalog_for(tmp_path, augmented, finetune_params, plan_rules)
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    history = catalog.load("training_history")
+    assert list(history.columns[:7]) == [
+        "stage",
+        "epoch",
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+    ]
+    assert list(zip(history["stage"], history["epoch"], strict=True)) == [
+        ("head", 1),
+        ("head", 2),
+        ("top", 1),
+    ]
+    assert np.isfinite(history[["loss", "val_loss", "learning_rate"]]).all().all()
+    stages = catalog.load("finetune_stages")
+    assert list(stages["stage"]) == ["head", "top"]
+    assert list(stages["train_images"]) == [9, 9]  # 6 originals + 3 copies
+    assert list(stages["augmented_images"]) == [3, 3]
+    assert list(stages["cached_features"]) == [True, False]
+    assert list(stages["bn_policy"]) == ["frozen", "frozen"]
+    assert stages["trainable_params"].iloc[1] > stages["trainable_params"].iloc[0]
+    assert catalog.load("class_names") == CLASSES
+    assert (tmp_path / "out/curves.png").stat().st_size > 0
+
+    model = catalog.load("finetuned_model")
+    pixels = np.full((2, IMAGE_SIZE, IMAGE_SIZE, 3), 200.0, "float32")
+    probabilities = model.predict(pixels, verbose=0)
+    assert probabilities.shape == (2, len(CLASSES))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_diverging_run_saves_no_model(
+    tmp_path, augmented, finetune_params, plan_rules, monkeypatch
+):
+    def poisoned(weights, size):
+        backbone = mini_irv2(size)
+        kernel = backbone.get_layer("conv_7b").kernel
+        kernel.assign(np.full(kernel.shape, np.inf, "float32"))
+        return backbone
+
+    monkeypatch.setattr(nodes, "load_irv2", poisoned)
+    catalog = catalog_for(tmp_path, augmented, finetune_params, plan_rules)
+    with pytest.raises(TrainingDivergedError, match="No model was saved"):
+        SequentialRunner().run(create_pipeline(), catalog)
+    assert not (tmp_path / "out").exists()
+
+
+def test_augmented_copies_of_non_training_images_are_refused(augmented):
+    root, copies = augmented
+    manifest = demo_manifest(train_per_class=2, val_per_class=1)
+    leaked = copies.copy()
+    val_image = manifest.loc[manifest["split"] == "val", "path"].iloc[0]
+    leaked.loc[0, "source_path"] = val_image
+    with pytest.raises(ExamplesError, match="not in the training split"):
+        training_examples(
+            manifest, leaked, ImageFolder(DEMO_IMAGES), ImageFolder(root), CLASSES
+        )
+    relabelled = copies.copy()
+    relabelled.loc[0, "label"] = (
+        "trouser" if copies.loc[0, "label"] != "trouser" else "bag"
+    )
+    with pytest.raises(ExamplesError, match="another label than their source"):
+        training_examples(
+            manifest, relabelled, ImageFolder(DEMO_IMAGES), ImageFolder(root), CLASSES
+        )
+
+
+def test_the_catalog_declares_every_output_and_the_inputs_come_from_upstream():
+    pipeline = create_pipeline()
+    catalog = yaml.safe_load(
+        (PROJECT_ROOT / "conf/base/catalog_finetune.yml").read_text()
+    )
+    assert set(pipeline.outputs()) <= set(catalog)
+    assert catalog["finetuned_model"]["filepath"].startswith("data/06_models/")
+    assert set(pipeline.inputs()) == {
+        "image_manifest",
+        "augmented_manifest",
+        "finetune_plan",
+        "raw_images",
+        "augmented_images",
+        "params:model",
+        "params:images",
+        "params:finetune",
+        "params:feature_shift.plan_rules",
+    }
