@@ -8,6 +8,7 @@ import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def training_curves_figure(training_history: pd.DataFrame) -> plt.Figure:
@@ -36,6 +37,7 @@ def training_curves_figure(training_history: pd.DataFrame) -> plt.Figure:
     if (history["learning_rate"] > 0).all():
         axes[2].set_yscale("log")
     axes[2].set_xlabel("epoch (all stages)")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     starts = history.index[history["stage"] != history["stage"].shift()]
     for start in starts:
         for axis in axes:
