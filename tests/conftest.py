@@ -115,3 +115,13 @@ def run_kedro() -> Callable[..., subprocess.CompletedProcess]:
 def folder_digest() -> Callable[[Path], str]:
     """``folder_digest(root)``: compare before and after to prove nothing changed."""
     return digest_folder
+
+
+def project_parameters(env: str = "base") -> dict:
+    """The parameters Kedro gives a run in ``env``, merged over conf/base as in settings."""
+    from kedro.config import OmegaConfigLoader  # noqa: PLC0415
+
+    from irv2_pipeline.settings import CONFIG_LOADER_ARGS  # noqa: PLC0415
+
+    args = {**CONFIG_LOADER_ARGS, "default_run_env": env}
+    return dict(OmegaConfigLoader(str(PROJECT_ROOT / "conf"), **args)["parameters"])

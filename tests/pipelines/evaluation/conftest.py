@@ -20,6 +20,7 @@ from PIL import Image
 
 from irv2_pipeline.backbone import group_of
 from irv2_pipeline.datasets import ImageFolder
+from tests.conftest import project_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 IMAGE_SIZE = 32
@@ -37,7 +38,9 @@ def textured(colour: tuple[int, int, int], seed: int, size: int = 24) -> np.ndar
 
 
 def load_parameters(name: str, env: str = "base") -> dict:
-    """The parameters of ``conf/<env>/<name>.yml``, as written there."""
+    """``conf/base/<name>.yml`` as written there; for another env, what a run gets."""
+    if env != "base":
+        return project_parameters(env)
     return yaml.safe_load((PROJECT_ROOT / "conf" / env / f"{name}.yml").read_text())
 
 

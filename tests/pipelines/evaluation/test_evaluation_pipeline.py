@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
 from kedro_datasets.tensorflow import TensorFlowModelDataset
@@ -19,6 +18,7 @@ from sklearn import metrics as skm
 
 from irv2_pipeline.datasets import MarkdownReportDataset
 from irv2_pipeline.pipelines.evaluation import create_pipeline
+from tests.conftest import project_parameters
 
 from .conftest import (
     CLASSES,
@@ -187,18 +187,8 @@ def nested_keys(tree: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def test_smoke_parameters_are_the_complete_evaluation_block():
-    # Kedro replaces the whole top-level key, so a missing key would break smoke runs.
-    base = load_parameters("parameters_evaluation")["evaluation"]
-    smoke = load_parameters("parameters_evaluation", env="smoke")["evaluation"]
-    assert nested_keys(smoke) == nested_keys(base)
-
-
 def test_the_smoke_configuration_has_every_parameter_the_pipeline_reads():
-    loader = OmegaConfigLoader(
-        str(PROJECT_ROOT / "conf"), base_env="base", default_run_env="smoke"
-    )
-    parameters = loader["parameters"]
+    parameters = project_parameters("smoke")
     for name in sorted(create_pipeline().inputs()):
         if not name.startswith("params:"):
             continue

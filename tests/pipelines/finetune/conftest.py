@@ -24,6 +24,7 @@ from irv2_pipeline.pipelines.finetune.checkpoints import CheckpointStore
 from irv2_pipeline.pipelines.finetune.examples import Examples, split_examples
 from irv2_pipeline.pipelines.finetune.stages import Stage
 from irv2_pipeline.pipelines.finetune.training import TrainingSettings, run_stages
+from tests.conftest import project_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEMO_IMAGES = PROJECT_ROOT / "data" / "01_raw" / "images"
@@ -106,7 +107,9 @@ def demo_manifest(train_per_class: int, val_per_class: int) -> pd.DataFrame:
 
 
 def load_parameters(name: str, env: str = "base") -> dict:
-    """The parameters of ``conf/<env>/<name>.yml``, as written there."""
+    """``conf/base/<name>.yml`` as written there; for another env, what a run gets."""
+    if env != "base":
+        return project_parameters(env)
     return yaml.safe_load((PROJECT_ROOT / "conf" / env / f"{name}.yml").read_text())
 
 
