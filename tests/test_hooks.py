@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from kedro.io import DataCatalog
+from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 from kedro_datasets.pandas import CSVDataset
 
@@ -15,6 +16,8 @@ from irv2_pipeline.hooks import (
     MissingInputError,
     MissingInputsHook,
     NodeTimingHook,
+    ParameterCheckHook,
+    ParameterError,
     RunLockHook,
 )
 
@@ -72,3 +75,54 @@ def test_each_node_logs_its_duration(caplog):
         hook.before_node_run(node)
         hook.after_node_run(node)
     assert re.search(r"Node scan_images took \d+\.\ds", caplog.text)
+
+
+def _project_with(tmp_path, local_params: str) -> Path:
+    (tmp_path / "conf" / "base").mkdir(parents=True)
+    (tmp_path / "conf" / "local").mkdir()
+    (tmp_path / "conf" / "base" / "parameters.yml").write_text(
+        "model: {weights: null, image_size: 299, seed: 1}\n"
+        "ingestion: {split: {train: 0.7, val: 0.15, test: 0.15}}\n"
+        "augmentation: {presets: {standard: []}}\n"
+    )
+    (tmp_path / "conf" / "local" / "parameters.yml").write_text(local_params)
+    return tmp_path
+
+
+def _check(project: Path, params: dict) -> None:
+    catalog = DataCatalog({"parameters": MemoryDataset(params)})
+    ParameterCheckHook().before_pipeline_run(
+        {"project_path": str(project), "env": "local"}, catalog
+    )
+
+
+def test_unknown_keys_and_impossible_values_are_named_with_their_file(tmp_path):
+    project = _project_with(
+        tmp_path,
+        "model: {image_sise: 80, image_size: 64}\n"
+        "ingestion: {split: {train: 0.8, val: 0.15, test: 0.15}}\n",
+    )
+    params = {
+        "model": {"weights": None, "image_size": 64, "seed": 1},
+        "ingestion": {"split": {"train": 0.8, "val": 0.15, "test": 0.15}},
+    }
+    with pytest.raises(ParameterError) as error:
+        _check(project, params)
+    message = str(error.value)
+    assert "conf/local/parameters.yml: unknown key `model.image_sise`" in message
+    assert (
+        "conf/local/parameters.yml: ingestion.split" in message
+        and "sum to 1" in message
+    )
+    assert "conf/local/parameters.yml: model.image_size = 64" in message
+
+
+def test_known_keys_and_own_presets_pass(tmp_path):
+    project = _project_with(
+        tmp_path, "model: {image_size: 150}\naugmentation: {presets: {mine: []}}\n"
+    )
+    params = {
+        "model": {"weights": None, "image_size": 150, "seed": 1},
+        "ingestion": {"split": {"train": 0.7, "val": 0.15, "test": 0.15}},
+    }
+    _check(project, params)

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
 from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog
 from kedro.pipeline import Node, Pipeline
@@ -147,3 +148,93 @@ class NodeTimingHook:
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(seconds, 60)
     return f"{int(minutes)}m{secs:04.1f}s" if minutes >= 1 else f"{secs:.1f}s"
+
+
+class ParameterError(ValueError):
+    """Parameters that cannot work; the message names each file and key."""
+
+
+class ParameterCheckHook:
+    """Checks the parameters when the run starts, not halfway through it.
+
+    conf/base is the schema: a key that an environment's file (``conf/local``,
+    ``conf/smoke``, ...) sets but conf/base does not have is a typo, not a setting.
+    Values that cannot work (split fractions, image size) are named with the file that
+    set them. Every problem is reported at once.
+    """
+
+    # Mappings whose keys users may add to (their own augmentation presets).
+    OPEN_MAPPINGS = ("augmentation.presets",)
+    MIN_IMAGE_SIZE = 75
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict, catalog: DataCatalog) -> None:
+        """Raises ``ParameterError`` listing every problem found."""
+        conf = Path(run_params["project_path"]) / "conf"
+        env = run_params.get("env") or "local"
+        base_files = sorted((conf / "base").glob("parameters*.yml"))
+        env_files = (
+            sorted((conf / env).glob("parameters*.yml")) if env != "base" else []
+        )
+        base_keys = set().union(*(_key_paths(_read_yaml(f)) for f in base_files))
+        problems = [
+            f"{_relative(path, conf)}: unknown key `{key}` (conf/base has no such key)"
+            for path in env_files
+            for key in sorted(_key_paths(_read_yaml(path)))
+            if key not in base_keys and not key.startswith(self.OPEN_MAPPINGS)
+        ]
+        params = catalog.load("parameters") if "parameters" in catalog else {}
+        origin = _key_origins(base_files + env_files, conf)
+        problems += _value_problems(params, origin, self.MIN_IMAGE_SIZE)
+        if problems:
+            raise ParameterError(
+                "The parameters cannot work:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
+
+
+def _read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _relative(path: Path, conf: Path) -> str:
+    return f"conf/{path.relative_to(conf).as_posix()}"
+
+
+def _key_paths(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= _key_paths(value, f"{prefix}{key}.")
+    return keys
+
+
+def _key_origins(files: list[Path], conf: Path) -> dict[str, str]:
+    """For each key, the last file that sets it (later files override earlier ones)."""
+    origins = {}
+    for path in files:
+        origins.update(
+            dict.fromkeys(_key_paths(_read_yaml(path)), _relative(path, conf))
+        )
+    return origins
+
+
+def _value_problems(params: dict, origin: dict[str, str], min_size: int) -> list[str]:
+    problems = []
+    split = params.get("ingestion", {}).get("split", {})
+    fractions = [split.get(name) for name in ("train", "val", "test")]
+    if all(isinstance(f, int | float) for f in fractions):
+        if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            where = origin.get("ingestion.split.train", "conf/base")
+            problems.append(
+                f"{where}: ingestion.split train/val/test = {fractions} must be "
+                "non-negative and sum to 1"
+            )
+    size = params.get("model", {}).get("image_size")
+    if size is not None and (not isinstance(size, int) or size < min_size):
+        problems.append(
+            f"{origin.get('model.image_size', 'conf/base')}: model.image_size = {size!r}; "
+            f"InceptionResNetV2 needs a whole number of pixels, at least {min_size}"
+        )
+    return problems

@@ -1,9 +1,15 @@
 """Project settings: hooks and the configuration loader."""
 
-from irv2_pipeline.hooks import MissingInputsHook, NodeTimingHook, RunLockHook
+from irv2_pipeline.hooks import (
+    MissingInputsHook,
+    NodeTimingHook,
+    ParameterCheckHook,
+    RunLockHook,
+)
 
 # The lock comes first: a second run must not even inspect half-written outputs.
-HOOKS = (RunLockHook(), MissingInputsHook(), NodeTimingHook())
+# Then the parameters, then the inputs: all before any node runs.
+HOOKS = (RunLockHook(), ParameterCheckHook(), MissingInputsHook(), NodeTimingHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
