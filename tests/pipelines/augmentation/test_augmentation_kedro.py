@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog
 from kedro_viz.models.flowchart.node_metadata import DataNodeMetadata
@@ -19,6 +18,7 @@ from PIL import Image
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy, load_image
 from irv2_pipeline.pipelines.augmentation.nodes import write_augmented_images
+from tests.conftest import project_parameters
 
 from .conftest import IMAGE_SIZE
 
@@ -69,9 +69,7 @@ def test_the_smoke_run_writes_copies_of_every_training_image(smoke_project):
 def test_copies_rendered_in_another_process_are_byte_identical(smoke_project):
     project, _ = smoke_project
     manifest = pd.read_csv(project / "data/05_model_input/augmented_manifest.csv")
-    params = yaml.safe_load(
-        (project / "conf/smoke/parameters_augmentation.yml").read_text()
-    )["augmentation"]
+    params = project_parameters("smoke")["augmentation"]
     model = {"image_size": IMAGE_SIZE}  # the operations come from the manifest
     sample = manifest.sample(12, random_state=1)
 

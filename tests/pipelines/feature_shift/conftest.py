@@ -13,7 +13,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from irv2_pipeline.backbone import load_irv2
@@ -25,6 +24,7 @@ from irv2_pipeline.pipelines.feature_shift.moments import (
     build_probe,
     run_pass,
 )
+from tests.conftest import project_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEMO_IMAGES = PROJECT_ROOT / "data" / "01_raw" / "images"
@@ -47,9 +47,8 @@ UNITS = [
 
 
 def feature_shift_params(env: str = "base") -> dict:
-    """The ``feature_shift`` parameters of ``conf/<env>``, as written there."""
-    text = (PROJECT_ROOT / "conf" / env / "parameters_feature_shift.yml").read_text()
-    return yaml.safe_load(text)["feature_shift"]
+    """The ``feature_shift`` parameters a run in ``env`` gets (merged over conf/base)."""
+    return project_parameters(env)["feature_shift"]
 
 
 @dataclass(frozen=True)
