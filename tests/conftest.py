@@ -16,8 +16,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import kedro.framework.project  # noqa: F401 - see below
 import pytest
 
+# Kedro configures logging when kedro.framework.project is first imported. Importing it
+# here, before test modules are collected under output capture, keeps its handlers off
+# pytest's capture files, which are closed at the end (the interpreter then crashed at
+# exit with "lost sys.stderr").
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_FOLDERS = (
     "02_intermediate",
