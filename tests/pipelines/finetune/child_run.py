@@ -47,7 +47,11 @@ STAGES = [
 def main() -> None:
     """Sets up the devices, then :func:`run` with the command line's arguments."""
     args = _arguments()
-    logging.basicConfig(level=logging.INFO)
+    # The test helpers import Kedro, which configures logging on import: let it do so
+    # first, then send this process's log to stderr, where the tests read it.
+    import kedro.framework.project  # noqa: F401, PLC0415
+
+    logging.basicConfig(level=logging.INFO, force=True)
     if args.logical_cpus > 1:
         # Must come before TensorFlow creates its devices: before any other TF call.
         import tensorflow as tf  # noqa: PLC0415 - ordering is the point
