@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -108,6 +109,21 @@ def project_copy(tmp_path) -> Path:
 def project_copy_factory(tmp_path_factory) -> Callable[[str], Path]:
     """Makes project copies that outlive one test (for module-scoped fixtures)."""
     return lambda name="project": copy_project(tmp_path_factory.mktemp(name))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(project_copy_factory) -> tuple[Path, str, float]:
+    """``kedro run --env smoke`` of the whole DAG, once per session.
+
+    Returns:
+        The finished project (read it, never write into it: copy it first), the
+        run's log and its duration in seconds.
+    """
+    project = project_copy_factory("smoke")
+    started = time.monotonic()
+    result = kedro(["run", "--env", "smoke"], cwd=project, timeout=1500)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return project, result.stdout + result.stderr, time.monotonic() - started
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The whole DAG on the demo images, as a user runs it: `kedro run --env smoke`.
 
-One smoke run (module-scoped) feeds the checks of what users meet after it: every
+One smoke run (``smoke_run``, shared by the session) feeds the checks of what users meet after it: every
 output of DESIGN.md on disk, the notebook, and Kedro-Viz's build with previews.
 """
 
@@ -14,7 +14,6 @@ import time
 
 import nbformat
 import pandas as pd
-import pytest
 from nbclient import NotebookClient
 
 from irv2_pipeline.pipeline_registry import register_pipelines
@@ -42,15 +41,6 @@ OUTPUTS = {
     "data/08_reporting/diagnosis.json": "json",
     "data/08_reporting/evaluation_report.md": "md",
 }
-
-
-@pytest.fixture(scope="module")
-def smoke_run(project_copy_factory):
-    project = project_copy_factory("smoke")
-    started = time.monotonic()
-    result = kedro(["run", "--env", "smoke"], cwd=project, timeout=1500)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return project, result.stdout + result.stderr, time.monotonic() - started
 
 
 def test_the_whole_dag_writes_every_output(smoke_run):

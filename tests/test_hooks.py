@@ -1,18 +1,22 @@
-"""Tests of the project hooks: missing inputs and one run at a time."""
+"""Tests of the project hooks: missing inputs, one run at a time, parameters."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 from kedro_datasets.pandas import CSVDataset
 
 from irv2_pipeline.hooks import (
     ConcurrentRunError,
+    FinishedCheckpointsHook,
     MissingInputError,
     MissingInputsHook,
     NodeTimingHook,
@@ -20,6 +24,8 @@ from irv2_pipeline.hooks import (
     ParameterError,
     RunLockHook,
 )
+from irv2_pipeline.settings import CONFIG_LOADER_ARGS
+from tests.conftest import PROJECT_ROOT
 
 
 def _identity(frame):
@@ -77,52 +83,102 @@ def test_each_node_logs_its_duration(caplog):
     assert re.search(r"Node scan_images took \d+\.\ds", caplog.text)
 
 
-def _project_with(tmp_path, local_params: str) -> Path:
-    (tmp_path / "conf" / "base").mkdir(parents=True)
-    (tmp_path / "conf" / "local").mkdir()
-    (tmp_path / "conf" / "base" / "parameters.yml").write_text(
-        "model: {weights: null, image_size: 299, seed: 1}\n"
-        "ingestion: {split: {train: 0.7, val: 0.15, test: 0.15}}\n"
-        "augmentation: {presets: {standard: []}}\n"
+def _project_with(tmp_path: Path, local_params: str) -> Path:
+    """A conf/ folder: this project's conf/base and one conf/local parameters file."""
+    conf = tmp_path / "conf"
+    shutil.copytree(PROJECT_ROOT / "conf" / "base", conf / "base")
+    (conf / "local").mkdir()
+    (conf / "local" / "parameters.yml").write_text(local_params)
+    return conf
+
+
+def _check(tmp_path: Path, runtime_params: dict | None = None) -> None:
+    """Runs the hook as ``kedro run`` would, on parameters merged by Kedro's loader."""
+    loader = OmegaConfigLoader(
+        str(tmp_path / "conf"), **CONFIG_LOADER_ARGS, runtime_params=runtime_params
     )
-    (tmp_path / "conf" / "local" / "parameters.yml").write_text(local_params)
-    return tmp_path
-
-
-def _check(project: Path, params: dict) -> None:
-    catalog = DataCatalog({"parameters": MemoryDataset(params)})
+    catalog = DataCatalog({"parameters": MemoryDataset(loader["parameters"])})
     ParameterCheckHook().before_pipeline_run(
-        {"project_path": str(project), "env": "local"}, catalog
+        {
+            "project_path": str(tmp_path),
+            "env": "local",
+            "runtime_params": runtime_params,
+        },
+        catalog,
     )
+
+
+def _problems(tmp_path: Path, runtime_params: dict | None = None) -> str:
+    with pytest.raises(ParameterError) as error:
+        _check(tmp_path, runtime_params)
+    return str(error.value)
+
+
+def test_checkpoints_of_finished_runs_go_once_the_model_is_saved(tmp_path):
+    root = tmp_path / "checkpoints"
+    for key, finished in (("done", True), ("killed", False)):
+        (root / key).mkdir(parents=True)
+        (root / key / "state.json").write_text(json.dumps({"finished": finished}))
+    hook = FinishedCheckpointsHook()
+    catalog = DataCatalog(
+        {"params:finetune": MemoryDataset({"checkpoint_dir": str(root)})}
+    )
+    hook.before_pipeline_run(catalog=catalog)
+
+    hook.after_dataset_saved(dataset_name="training_history")
+    assert sorted(p.name for p in root.iterdir()) == ["done", "killed"]
+    hook.after_dataset_saved(dataset_name="finetuned_model")
+    assert [p.name for p in root.iterdir()] == ["killed"]
 
 
 def test_unknown_keys_and_impossible_values_are_named_with_their_file(tmp_path):
-    project = _project_with(
+    _project_with(
         tmp_path,
         "model: {image_sise: 80, image_size: 64}\n"
-        "ingestion: {split: {train: 0.8, val: 0.15, test: 0.15}}\n",
+        "ingestion: {split: {train: 0.8}}\n"
+        "augmentation: {copiez: 2}\n",
     )
-    params = {
-        "model": {"weights": None, "image_size": 64, "seed": 1},
-        "ingestion": {"split": {"train": 0.8, "val": 0.15, "test": 0.15}},
-    }
-    with pytest.raises(ParameterError) as error:
-        _check(project, params)
-    message = str(error.value)
+    message = _problems(tmp_path)
     assert "conf/local/parameters.yml: unknown key `model.image_sise`" in message
-    assert (
-        "conf/local/parameters.yml: ingestion.split" in message
-        and "sum to 1" in message
+    assert "did you mean `image_size`?" in message
+    assert "conf/local/parameters.yml: model.image_size = 64: must be at least 75" in (
+        message
     )
-    assert "conf/local/parameters.yml: model.image_size = 64" in message
+    assert "conf/local/parameters.yml: ingestion.split: train + val + test" in message
+    assert "sum to 1" in message
+    # Blocks without a model are still checked against conf/base's keys.
+    assert (
+        "conf/local/parameters.yml: unknown key `augmentation.copiez` "
+        "(conf/base has no such key)" in message
+    )
+
+
+def test_each_problem_is_reported_once(tmp_path):
+    _project_with(tmp_path, "model: {image_sise: 80}\n")
+    assert _problems(tmp_path).count("model.image_sise") == 1
+
+
+def test_a_value_set_in_conf_base_is_named_with_its_pipeline_file(tmp_path):
+    conf = _project_with(tmp_path, "model: {weights: null}\n")
+    ingestion = conf / "base" / "parameters_ingestion.yml"
+    ingestion.write_text(ingestion.read_text().replace("seed: 20240601", "seed: 1.5"))
+    message = _problems(tmp_path)
+    assert (
+        "conf/base/parameters_ingestion.yml: ingestion.split.seed = 1.5: "
+        "must be a valid integer" in message
+    )
+
+
+def test_a_runtime_parameter_is_named_as_params(tmp_path):
+    _project_with(tmp_path, "model: {seed: 1}\n")
+    message = _problems(tmp_path, runtime_params={"model": {"image_size": 50}})
+    assert "--params: model.image_size = 50" in message
 
 
 def test_known_keys_and_own_presets_pass(tmp_path):
-    project = _project_with(
-        tmp_path, "model: {image_size: 150}\naugmentation: {presets: {mine: []}}\n"
+    _project_with(
+        tmp_path,
+        "model: {image_size: 150, weights: null}\n"
+        "augmentation: {presets: {mine: []}}\n",
     )
-    params = {
-        "model": {"weights": None, "image_size": 150, "seed": 1},
-        "ingestion": {"split": {"train": 0.7, "val": 0.15, "test": 0.15}},
-    }
-    _check(project, params)
+    _check(tmp_path)

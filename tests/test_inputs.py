@@ -92,3 +92,65 @@ def test_wrongly_scaled_batches_stop_with_a_clear_error(low, high, message):
 
 def test_plain_pixels_pass_the_range_check():
     check_pixel_range(np.linspace(0, 255, 48, dtype=np.float32).reshape(1, 4, 4, 3))
+
+
+def _noise_copies(folder, size: int = 32) -> list:
+    """Copies as augmentation writes them: RGB JPEG (quality 95) and PNG, at size."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, kind in enumerate(["JPEG", "PNG", "JPEG", "PNG"]):
+        path = folder / f"copy_{i}.{kind.lower()}"
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, kind, quality=95)
+        paths.append(path)
+    return paths
+
+
+def _read(paths, generated, image_size: int = 32) -> np.ndarray:
+    dataset = image_dataset(
+        paths,
+        None,
+        image_size=image_size,
+        batch_size=2,
+        policy=OpenPolicy(),
+        generated=generated,
+    )
+    return np.concatenate(list(dataset.as_numpy_iterator()))
+
+
+def test_generated_copies_decode_in_the_graph_to_the_same_pixels(tmp_path):
+    paths = _noise_copies(tmp_path)
+    in_graph = _read(paths, [True] * 4)
+    np.testing.assert_array_equal(in_graph, _read(paths, None))
+    # A copy written at another size is resized; within rounding of images.resize.
+    resized = _read(paths, [True] * 4, image_size=24)
+    assert np.abs(resized - _read(paths, None, image_size=24)).max() <= 1
+
+
+def test_generated_and_user_images_mixed_keep_their_labels(coloured_files):
+    paths, _ = coloured_files
+    dataset = image_dataset(
+        paths,
+        list(range(6)),
+        image_size=16,
+        batch_size=3,
+        policy=OpenPolicy(),
+        shuffle_seed=3,
+        generated=[False, True] * 3,
+    )
+    for images, labels in dataset.as_numpy_iterator():
+        for image, i in zip(images, labels, strict=True):
+            assert image[8, 8].tolist() == [40 * i, 255 - 40 * i, 7 * i]
+
+
+def test_generated_flags_must_match_the_paths(coloured_files):
+    paths, _ = coloured_files
+    with pytest.raises(ValueError, match="5 generated flags for 6 paths"):
+        image_dataset(
+            paths,
+            None,
+            image_size=8,
+            batch_size=2,
+            policy=OpenPolicy(),
+            generated=[1] * 5,
+        )

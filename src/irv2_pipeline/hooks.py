@@ -14,6 +14,8 @@ from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog
 from kedro.pipeline import Node, Pipeline
 
+from irv2_pipeline.parameters import MODELLED_BLOCKS, parameter_problems
+
 logger = logging.getLogger(__name__)
 
 
@@ -124,6 +126,41 @@ class RunLockHook:
             self._handle = None
 
 
+class FinishedCheckpointsHook:
+    """Deletes a training run's checkpoints once its model file is saved.
+
+    The ``train_classifier`` node leaves its checkpoint, marked finished, for this
+    hook: Kedro saves a node's outputs after the node returns, and a run killed
+    while the model is written must find the final weights instead of training again.
+    """
+
+    MODEL_DATASET = "finetuned_model"
+
+    def __init__(self):
+        self._checkpoint_dir: str | None = None
+
+    @hook_impl
+    def before_pipeline_run(self, catalog: DataCatalog) -> None:
+        """Notes ``finetune.checkpoint_dir`` of this run."""
+        finetune = (
+            catalog.load("params:finetune") if "params:finetune" in catalog else {}
+        )
+        self._checkpoint_dir = finetune.get("checkpoint_dir")
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        """After the model file is saved, deletes finished runs' checkpoints."""
+        if dataset_name != self.MODEL_DATASET or self._checkpoint_dir is None:
+            return
+        # Imported here: it imports Keras, which other commands need not load.
+        from irv2_pipeline.pipelines.finetune.checkpoints import (  # noqa: PLC0415
+            remove_finished_checkpoints,
+        )
+
+        for folder in remove_finished_checkpoints(self._checkpoint_dir):
+            logger.info("The model is saved; deleted its checkpoints in %s", folder)
+
+
 class NodeTimingHook:
     """Logs each node's duration when it ends, so a log file shows where time went."""
 
@@ -157,15 +194,15 @@ class ParameterError(ValueError):
 class ParameterCheckHook:
     """Checks the parameters when the run starts, not halfway through it.
 
-    conf/base is the schema: a key that an environment's file (``conf/local``,
-    ``conf/smoke``, ...) sets but conf/base does not have is a typo, not a setting.
-    Values that cannot work (split fractions, image size) are named with the file that
-    set them. Every problem is reported at once.
+    The rules live in ``irv2_pipeline.parameters`` (Pydantic models of the blocks that
+    have them); this hook applies them and names the file that set each key. For the
+    blocks without a model, conf/base is the schema: a key that an environment's file
+    (``conf/local``, ``conf/smoke``, ...) sets but conf/base does not have is a typo,
+    not a setting. Every problem is reported at once.
     """
 
     # Mappings whose keys users may add to (their own augmentation presets).
     OPEN_MAPPINGS = ("augmentation.presets",)
-    MIN_IMAGE_SIZE = 75
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict, catalog: DataCatalog) -> None:
@@ -176,21 +213,39 @@ class ParameterCheckHook:
         env_files = (
             sorted((conf / env).glob("parameters*.yml")) if env != "base" else []
         )
-        base_keys = set().union(*(_key_paths(_read_yaml(f)) for f in base_files))
-        problems = [
-            f"{_relative(path, conf)}: unknown key `{key}` (conf/base has no such key)"
-            for path in env_files
-            for key in sorted(_key_paths(_read_yaml(path)))
-            if key not in base_keys and not key.startswith(self.OPEN_MAPPINGS)
-        ]
+        problems = self._unknown_keys(base_files, env_files, conf)
         params = catalog.load("parameters") if "parameters" in catalog else {}
         origin = _key_origins(base_files + env_files, conf)
-        problems += _value_problems(params, origin, self.MIN_IMAGE_SIZE)
+        # --params is merged last, over every file.
+        origin.update(
+            dict.fromkeys(
+                _key_paths(run_params.get("runtime_params") or {}), "--params"
+            )
+        )
+        problems += [
+            f"{_origin(problem.key, origin)}: {problem.text}"
+            for problem in parameter_problems(params)
+        ]
         if problems:
             raise ParameterError(
                 "The parameters cannot work:\n"
                 + "\n".join(f"  - {p}" for p in problems)
             )
+
+    def _unknown_keys(
+        self, base_files: list[Path], env_files: list[Path], conf: Path
+    ) -> list[str]:
+        """Keys of an environment's files that conf/base lacks, outside the models."""
+        base_keys = set().union(*(_key_paths(_read_yaml(f)) for f in base_files))
+        return [
+            f"{_relative(path, conf)}: unknown key `{key}` (conf/base has no such key)"
+            for path in env_files
+            for key in sorted(_key_paths(_read_yaml(path)))
+            if key not in base_keys
+            and not key.startswith(self.OPEN_MAPPINGS)
+            # The models forbid unknown keys themselves, with a suggestion.
+            and key.split(".")[0] not in MODELLED_BLOCKS
+        ]
 
 
 def _read_yaml(path: Path) -> dict:
@@ -220,21 +275,11 @@ def _key_origins(files: list[Path], conf: Path) -> dict[str, str]:
     return origins
 
 
-def _value_problems(params: dict, origin: dict[str, str], min_size: int) -> list[str]:
-    problems = []
-    split = params.get("ingestion", {}).get("split", {})
-    fractions = [split.get(name) for name in ("train", "val", "test")]
-    if all(isinstance(f, int | float) for f in fractions):
-        if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            where = origin.get("ingestion.split.train", "conf/base")
-            problems.append(
-                f"{where}: ingestion.split train/val/test = {fractions} must be "
-                "non-negative and sum to 1"
-            )
-    size = params.get("model", {}).get("image_size")
-    if size is not None and (not isinstance(size, int) or size < min_size):
-        problems.append(
-            f"{origin.get('model.image_size', 'conf/base')}: model.image_size = {size!r}; "
-            f"InceptionResNetV2 needs a whole number of pixels, at least {min_size}"
-        )
-    return problems
+def _origin(key: str, origins: dict[str, str]) -> str:
+    """The file that set ``key``, or its closest parent that a file sets."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        where = origins.get(".".join(parts[:end]))
+        if where:
+            return where
+    return "conf/base"

@@ -10,7 +10,10 @@ from typing import Any
 
 
 def worker_count(workers: int | str, parameter: str = "workers") -> int:
-    """The number of processes a ``workers`` parameter asks for (``auto``: all cores).
+    """The number of processes a ``workers`` parameter asks for.
+
+    ``auto`` is the number of cores this process may run on (its CPU affinity, as
+    ``taskset`` or a container's cpuset limits it), not every core of the machine.
 
     Args:
         workers: ``auto`` or a positive integer.
@@ -20,7 +23,11 @@ def worker_count(workers: int | str, parameter: str = "workers") -> int:
         ValueError: Neither ``auto`` nor a positive integer.
     """
     if workers == "auto":
-        return os.cpu_count() or 1
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
     try:
         count = int(workers)
     except (TypeError, ValueError):

@@ -1,6 +1,9 @@
 """Project settings: hooks and the configuration loader."""
 
+from importlib.util import find_spec
+
 from irv2_pipeline.hooks import (
+    FinishedCheckpointsHook,
     MissingInputsHook,
     NodeTimingHook,
     ParameterCheckHook,
@@ -9,7 +12,20 @@ from irv2_pipeline.hooks import (
 
 # The lock comes first: a second run must not even inspect half-written outputs.
 # Then the parameters, then the inputs: all before any node runs.
-HOOKS = (RunLockHook(), ParameterCheckHook(), MissingInputsHook(), NodeTimingHook())
+HOOKS = (
+    RunLockHook(),
+    ParameterCheckHook(),
+    MissingInputsHook(),
+    NodeTimingHook(),
+    FinishedCheckpointsHook(),
+)
+
+# The optional `mlflow` extra: kedro-mlflow registers its own hook through its entry
+# point; ours logs the history, model and report. Without the extra, nothing of it loads.
+if find_spec("kedro_mlflow") is not None:
+    from irv2_pipeline.tracking import MlflowArtifactsHook
+
+    HOOKS = (*HOOKS, MlflowArtifactsHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -1,10 +1,20 @@
-"""Custom Kedro datasets, only where kedro-datasets has none."""
+"""Custom Kedro datasets: atomic saves of kedro-datasets' files, and what it has not."""
 
+from .atomic import (
+    AtomicCSVDataset,
+    AtomicJSONDataset,
+    AtomicMatplotlibDataset,
+    AtomicTextDataset,
+)
 from .generated_images import GeneratedImageFolderDataset, ImageJobs
 from .image_folder import ImageFolder, ImageFolderDataset
 from .markdown_report import MarkdownReportDataset
 
 __all__ = [
+    "AtomicCSVDataset",
+    "AtomicJSONDataset",
+    "AtomicMatplotlibDataset",
+    "AtomicTextDataset",
     "GeneratedImageFolderDataset",
     "ImageJobs",
     "ImageFolder",

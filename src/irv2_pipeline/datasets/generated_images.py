@@ -14,6 +14,7 @@ from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets._typing import ImagePreview
 from PIL import Image
 
+from irv2_pipeline.atomic import replaced_atomically
 from irv2_pipeline.images import OpenPolicy, load_image
 from irv2_pipeline.parallel import process_map, worker_count
 from irv2_pipeline.progress import ProgressLog
@@ -188,7 +189,8 @@ class GeneratedImageFolderDataset(AbstractDataset[ImageJobs, ImageFolder]):
 
     def _write_index(self, index: dict[str, str]) -> None:
         content = json.dumps({"files": dict(sorted(index.items()))}, indent=0)
-        _write_atomically(self._path / INDEX_NAME, content.encode())
+        with replaced_atomically(self._path / INDEX_NAME) as temporary:
+            temporary.write_text(content)
 
     def _prune(self, keep: set[str]) -> int:
         """Deletes every file under the folder that is not kept (and empty folders)."""
@@ -230,20 +232,10 @@ def _render_and_write(task: tuple[ImageJob, list[str], str]) -> list[str]:
     job, missing, root = task
     contents = job.render(missing)
     for rel in missing:
-        _write_atomically(Path(root, *PurePosixPath(rel).parts), contents[rel])
+        # Hidden temporaries are not in the index: a file cut short by a killed run
+        # is never taken for a written one, and the next save prunes it.
+        with replaced_atomically(
+            Path(root, *PurePosixPath(rel).parts), bulk=True
+        ) as temporary:
+            temporary.write_bytes(contents[rel])
     return missing
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Writes a temporary file next to ``path`` and renames it over ``path``.
-
-    The temporary name is hidden and not in the index, so a file cut short by a
-    killed run is never taken for a written one, and the next save deletes it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(content)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -8,16 +8,17 @@ from urllib.parse import unquote, urlparse
 
 from kedro.io.core import get_filepath_str
 from kedro_datasets._typing import HTMLPreview
-from kedro_datasets.text import TextDataset
 from markdown_it import MarkdownIt
+
+from .atomic import AtomicTextDataset
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
-class MarkdownReportDataset(TextDataset):
+class MarkdownReportDataset(AtomicTextDataset):
     """A Markdown file whose Kedro-Viz preview is the rendered report.
 
-    Saving and loading are ``text.TextDataset``'s. The preview renders the Markdown
+    Saving (atomic) and loading are ``text.TextDataset``'s. The preview renders the Markdown
     (tables included) to HTML and inlines the images it links to by relative path,
     so the plots next to the report show up in Kedro-Viz too.
 

@@ -127,7 +127,9 @@ def test_a_write_killed_halfway_leaves_no_file_a_later_save_accepts(tmp_path):
     folder = tmp_path / "out"
     killed_save(folder, colour=50, mode="mid-write", n=3)
 
-    leftovers = [p for p in (folder / "solid").iterdir() if p.name.endswith(".tmp")]
+    leftovers = [
+        p for p in (folder / "solid").iterdir() if p.name.startswith(".c.png.")
+    ]
     assert len(leftovers) == 1  # the half-written third image, under a hidden name
     assert not (folder / "solid" / "c.png").exists()
 

@@ -157,7 +157,7 @@ def plot_files(catalog_file: Path) -> set[Path]:
     return {
         Path(entry["filepath"])
         for entry in config.values()
-        if entry.get("type") == "matplotlib.MatplotlibDataset"
+        if entry.get("type") == "irv2_pipeline.datasets.AtomicMatplotlibDataset"
     }
 
 

@@ -15,7 +15,10 @@ import pytest
 from kedro.io import DatasetError
 
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
-from irv2_pipeline.pipelines.finetune.checkpoints import CheckpointStore
+from irv2_pipeline.pipelines.finetune.checkpoints import (
+    CheckpointStore,
+    remove_finished_checkpoints,
+)
 from irv2_pipeline.pipelines.finetune.training import TrainingDivergedError
 
 from . import child_run
@@ -67,7 +70,15 @@ def test_a_run_killed_in_stage_two_resumes_there_without_redoing_stage_one(tmp_p
     ]
     assert history[:2] == saved["history"]
     assert [r["epochs_trained"] for r in result["records"]] == [1, 3]
-    assert not folder.exists(), "a finished run leaves no checkpoint behind"
+    # The checkpoint stays, finished, until the model file is saved: a run killed
+    # while saving it gets the same result again without training.
+    assert json.loads((folder / "state.json").read_text())["finished"]
+    log.unlink()
+    again = child_run.run(tmp_path)
+    assert not log.exists(), "no epoch is trained again"
+    assert again["history"] == history
+    assert remove_finished_checkpoints(tmp_path / "checkpoints") == [folder]
+    assert not folder.exists()
 
 
 def test_a_nan_loss_stops_training_and_checkpoints_nothing_of_it(tmp_path):

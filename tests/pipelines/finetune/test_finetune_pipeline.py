@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def test_pipeline_follows_the_plan_on_originals_and_copies_and_writes_it_all(
     probabilities = model.predict(pixels, verbose=0)
     assert probabilities.shape == (2, len(CLASSES))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    assert not any((tmp_path / "checkpoints").iterdir())
+    # Finished, and kept for hooks.FinishedCheckpointsHook to delete after the save.
+    (state,) = (tmp_path / "checkpoints").glob("*/state.json")
+    assert json.loads(state.read_text())["finished"]
 
 
 def test_a_diverging_run_saves_no_model(

@@ -51,6 +51,7 @@ def pooled_features(
         image_size=settings.image_size,
         batch_size=batch_size,
         policy=settings.policy,
+        generated=examples.generated,
     )
     progress = _PredictProgress(len(examples), batch_size)
     features = classifier.features.predict(images, verbose=0, callbacks=[progress])

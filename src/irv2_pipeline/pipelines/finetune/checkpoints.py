@@ -3,7 +3,9 @@
 A run's checkpoints live in ``<checkpoint_dir>/<key>/``, where the key hashes
 everything that shapes the training (parameters, stages, manifests, class names, the
 package version): a run with other parameters or other images never resumes from
-them. A finished run deletes its folder.
+them. A run's folder is deleted once its model file is saved
+(``remove_finished_checkpoints``), not before: a run killed while saving the model
+resumes with its final weights instead of training again.
 
 The folder holds ``state.json`` and the weight files it names. Every file is written
 under a temporary name and renamed into place, and ``state.json`` last, so a run
@@ -26,6 +28,8 @@ import keras
 import numpy as np
 import pandas as pd
 
+from irv2_pipeline.atomic import replaced_atomically
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
@@ -46,6 +50,9 @@ class TrainingState:
         stage_records: One dict per finished stage.
         files: Role (``base``, ``progress``, ``best``, ``optimizer``) to file name.
         saves: How many times the state was saved (names new files uniquely).
+        finished: Every stage is done; ``base`` holds the final weights. Kept until
+            the model file is saved (``hooks.FinishedCheckpointsHook``), so a run
+            killed while saving it does not train again.
     """
 
     stage_index: int = 0
@@ -58,6 +65,7 @@ class TrainingState:
     stage_records: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     saves: int = 0
+    finished: bool = False
 
     def next_stage(self, record: dict[str, Any]) -> None:
         """Closes the current stage with its record."""
@@ -68,6 +76,20 @@ class TrainingState:
         self.best_val_loss = None
         self.best_epoch = 0
         self.epochs_without_improvement = 0
+
+
+def remove_finished_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Deletes the checkpoint folders under ``root`` of runs that finished training.
+
+    Returns:
+        The folders deleted.
+    """
+    removed = []
+    for state_file in sorted(Path(root).glob(f"*/{STATE_FILE}")):
+        if json.loads(state_file.read_text()).get("finished"):
+            shutil.rmtree(state_file.parent)
+            removed.append(state_file.parent)
+    return removed
 
 
 def checkpoint_key(*parts: Any) -> str:
@@ -152,10 +174,6 @@ class CheckpointStore:
         with np.load(self.folder / name) as saved:
             return [saved[f"a{i}"] for i in range(len(saved.files))]
 
-    def clear(self) -> None:
-        """Deletes the run's checkpoints (after it finished)."""
-        shutil.rmtree(self.folder, ignore_errors=False)
-
 
 def optimizer_arrays(optimizer: keras.optimizers.Optimizer) -> list[np.ndarray]:
     """The optimizer's variables (step count, moments, ...) as arrays."""
@@ -176,18 +194,10 @@ def restore_optimizer(
 
 
 def _write_npz(path: Path, arrays: Sequence[np.ndarray]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as file:
+    with replaced_atomically(path) as temporary, open(temporary, "wb") as file:
         np.savez(file, **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    with replaced_atomically(path) as temporary:
+        temporary.write_text(text)

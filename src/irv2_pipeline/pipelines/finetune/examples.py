@@ -29,7 +29,7 @@ class Examples:
     Attributes:
         paths: Absolute image paths.
         labels: Class index of each image (``int32``).
-        augmented: How many of them are augmented copies.
+        augmented: How many of them are augmented copies: the last ones.
     """
 
     paths: tuple[str, ...]
@@ -38,6 +38,11 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def generated(self) -> tuple[bool, ...]:
+        """For each path, whether it is an augmented copy (they come last)."""
+        return (False,) * (len(self) - self.augmented) + (True,) * self.augmented
 
     def class_counts(self, classes: int) -> np.ndarray:
         """Images per class index."""

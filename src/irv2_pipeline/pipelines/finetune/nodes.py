@@ -131,7 +131,7 @@ def train_classifier(
             store=store,
             replicas=strategy.num_replicas_in_sync,
         )
-    store.clear()
+    # The checkpoint stays until the model file is saved (hooks.FinishedCheckpointsHook).
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
     return classifier.model, history, pd.DataFrame(state.stage_records), classes
 

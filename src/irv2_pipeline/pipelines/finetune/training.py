@@ -181,6 +181,9 @@ def run_stages(
     for index, stage in enumerate(stages):
         if index >= state.stage_index:
             run.train_stage(index, stage, state)
+    if not state.finished:
+        state.finished = True
+        store.save(state, {})
     return state
 
 
@@ -228,6 +231,14 @@ class _Run:
                 shutil.rmtree(self.settings.tensorboard_dir, ignore_errors=True)
             state = TrainingState()
             self.store.save(state, {"base": self.classifier.model.get_weights()})
+            return state
+        if state.finished:
+            logger.info(
+                "Training had finished in %s, but its model was not saved: the final "
+                "weights are used, no epoch is trained again",
+                self.store.folder,
+            )
+            self.classifier.model.set_weights(self.store.arrays(state, "base"))
             return state
         logger.info(
             "Resuming from %s: stage %d of %d (%s), %d of its epochs done",
@@ -294,20 +305,21 @@ class _Run:
         )
 
     def _check_first_batch(self) -> None:
-        for images in self._images(self.train.paths[: self.batch]).take(1):
+        for images in self._images(self.train).take(1):
             check_pixel_range(keras.ops.convert_to_numpy(images))
 
-    def _images(self, paths: Sequence[str]) -> tf.data.Dataset:
+    def _images(self, examples: Examples) -> tf.data.Dataset:
         return image_dataset(
-            paths,
+            examples.paths,
             None,
             image_size=self.settings.image_size,
             batch_size=self.batch,
             policy=self.settings.policy,
+            generated=examples.generated,
         )
 
     def _adapt(self) -> None:
-        seen = adapt_batchnorm(self.classifier.backbone, self._images(self.train.paths))
+        seen = adapt_batchnorm(self.classifier.backbone, self._images(self.train))
         self.features = None
         logger.info("BatchNorm statistics re-estimated (adapt) on %d images", seen)
 
@@ -326,6 +338,7 @@ class _Run:
                 batch_size=self.batch,
                 policy=self.settings.policy,
                 shuffle_seed=seed,
+                generated=examples.generated,
             ).map(self._one_hot)
 
         return _StageGraph(

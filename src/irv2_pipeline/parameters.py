@@ -1,0 +1,240 @@
+"""The rules that parameters must keep, as Pydantic models.
+
+Each model mirrors one block of ``conf/base/parameters*.yml`` and forbids keys it does
+not know, so a misspelt key is an error rather than a silently ignored setting.
+``parameter_problems`` checks the merged parameters of a run against them and returns
+every problem at once; ``hooks.ParameterCheckHook`` names the file that set each key.
+A rule between keys (the split fractions' sum, ``min_size`` against ``max_pixels``) is
+checked once each of its keys is valid on its own.
+
+The nodes still receive plain dictionaries: Kedro's typed node parameters (1.7)
+would replace a block with a model object for every node of a run, including nodes
+that index it as a mapping, and their errors cannot name the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+# keras.applications.InceptionResNetV2 refuses inputs smaller than 75 x 75 pixels.
+MIN_IMAGE_SIZE = 75
+# pHash is 64 bits: two hashes are never further apart than this.
+PHASH_BITS = 64
+
+# Strict: YAML gives real numbers, so "80" or 80.5 is a mistake, not something to
+# round; a bool is not a number either.
+WholeNumber = Annotated[int, Field(strict=True)]
+Fraction = Annotated[float, Field(strict=True, ge=0, le=1)]
+Channel = Annotated[int, Field(strict=True, ge=0, le=255)]
+
+
+def _image_size(size: int) -> int:
+    if size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"must be at least {MIN_IMAGE_SIZE} (InceptionResNetV2 accepts no "
+            "smaller input)"
+        )
+    return size
+
+
+def _weights(weights: str | None) -> str | None:
+    # A relative path is read from the directory `kedro run` starts in, as
+    # backbone.load_irv2 reads it later.
+    if weights is None or weights == "imagenet" or Path(weights).is_file():
+        return weights
+    raise ValueError(
+        "must be 'imagenet', null, or the path of an existing weights file"
+    )
+
+
+def _workers(workers: Any) -> Any:
+    if workers == "auto" or (
+        isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
+    ):
+        return workers
+    raise ValueError("use 'auto' or a positive whole number of processes")
+
+
+def _group_key_pattern(pattern: str | None) -> str | None:
+    if pattern is None:
+        return None
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as error:
+        raise ValueError(f"is not a regular expression ({error})") from None
+    if groups < 1:
+        raise ValueError(
+            "needs a capturing group: the first group is the key, e.g. 'patient_(\\d+)'"
+        )
+    return pattern
+
+
+class _Block(BaseModel):
+    """A parameter block: every key is known, values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(_Block):
+    """``model``: the backbone shared by every pipeline."""
+
+    weights: Annotated[str | None, Field(strict=True), AfterValidator(_weights)]
+    image_size: Annotated[WholeNumber, AfterValidator(_image_size)]
+    seed: WholeNumber
+
+
+class ImagesParams(_Block):
+    """``images``: how every image is opened (``images.OpenPolicy``)."""
+
+    max_pixels: Annotated[WholeNumber, Field(gt=0)]
+    min_size: Annotated[WholeNumber, Field(ge=1)]
+    background: tuple[Channel, Channel, Channel]
+
+    @model_validator(mode="after")
+    def _some_image_fits(self) -> ImagesParams:
+        if self.min_size**2 > self.max_pixels:
+            raise ValueError(
+                f"min_size {self.min_size} squared is more than max_pixels "
+                f"{self.max_pixels}: every image would be rejected"
+            )
+        return self
+
+
+class SplitParams(_Block):
+    """``ingestion.split``: fractions of the duplicate groups per split."""
+
+    train: Fraction
+    val: Fraction
+    test: Fraction
+    seed: WholeNumber
+    min_images_per_class: Annotated[WholeNumber, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"train + val + test = {self.train} + {self.val} + {self.test} = "
+                f"{total:g}; the fractions must sum to 1"
+            )
+        return self
+
+
+class DuplicatesParams(_Block):
+    """``ingestion.duplicates``: what counts as one image."""
+
+    max_hamming: Annotated[int, Field(strict=True, ge=0, le=PHASH_BITS)] | None
+    group_key_pattern: Annotated[
+        str | None, Field(strict=True), AfterValidator(_group_key_pattern)
+    ]
+    exclude_label_conflicts: Annotated[bool, Field(strict=True)]
+
+
+class IngestionParams(_Block):
+    """``ingestion``: scanning, de-duplicating and splitting the image folder."""
+
+    workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)]
+    split: SplitParams
+    duplicates: DuplicatesParams
+    # Largest over smallest class is never below 1.
+    imbalance_warning_ratio: Annotated[float, Field(strict=True, ge=1)]
+
+
+class ProjectParameters(BaseModel):
+    """The blocks with rules; other blocks are checked against conf/base's keys."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model: ModelParams
+    images: ImagesParams
+    ingestion: IngestionParams
+
+
+MODELLED_BLOCKS = tuple(ProjectParameters.model_fields)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule.
+
+    Attributes:
+        key: Dotted path of the parameter, e.g. ``ingestion.split.train``.
+        text: What is wrong, naming the key, e.g. ``model.image_size = 64: must be
+            at least 75 ...``.
+    """
+
+    key: str
+    text: str
+
+
+def parameter_problems(params: dict[str, Any]) -> list[Problem]:
+    """Checks a run's merged parameters against the models.
+
+    Args:
+        params: The ``parameters`` of a run (every block, merged over conf/base).
+
+    Returns:
+        Every problem found, in the models' field order; empty when all is well.
+    """
+    try:
+        ProjectParameters.model_validate(params)
+    except ValidationError as error:
+        return [_problem(params, e) for e in error.errors(include_url=False)]
+    return []
+
+
+def _problem(params: dict[str, Any], error: dict[str, Any]) -> Problem:
+    names = [part for part in error["loc"] if isinstance(part, str)]
+    key = ".".join(names)
+    if error["type"] == "extra_forbidden":
+        return Problem(key, f"unknown key `{key}`{_suggestion(names)}")
+    items = [part for part in error["loc"] if isinstance(part, int)]
+    if error["type"] == "missing":
+        missing = f"item {items[0]} of `{key}`" if items else f"`{key}`"
+        return Problem(key, f"{missing} is missing")
+    message = _message(error)
+    if items:
+        message = f"item {items[0]}: {message}"
+    return Problem(key, f"{key}{_shown(_value_at(params, names))}: {message}")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return ""
+    # As written in YAML: repr would double every backslash of a regular expression.
+    return f" = '{value}'" if isinstance(value, str) else f" = {value!r}"
+
+
+def _message(error: dict[str, Any]) -> str:
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    return error["msg"].replace("Input should be", "must be")
+
+
+def _suggestion(names: list[str]) -> str:
+    block = ProjectParameters
+    for name in names[:-1]:
+        block = block.model_fields[name].annotation
+    close = get_close_matches(names[-1], list(block.model_fields), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _value_at(params: dict[str, Any], names: list[str]) -> Any:
+    value: Any = params
+    for name in names:
+        value = value[name]
+    return value

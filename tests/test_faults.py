@@ -1,0 +1,273 @@
+"""Faults during a `kedro run`, end to end: a full disk, and runs killed part way.
+
+Each test runs the ``kedro`` command line in a subprocess on a copy of the project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import kedro
+
+# The size of a tmpfs mounted for the project copy, and what is left free on it when
+# the second run starts: enough for Kedro to start, less than ingestion writes.
+TMPFS_SIZE = "64m"
+LEFT_FREE_BYTES = 16 * 1024
+
+
+def contents(root: Path) -> dict[str, str]:
+    """Every file under ``root`` and a hash of its bytes (times and modes left out)."""
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def can_mount_a_tmpfs() -> bool:
+    """Whether this machine lets a process mount a tmpfs in its own namespace."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=1m tmpfs /mnt",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(
+    not can_mount_a_tmpfs(),
+    reason="needs `unshare` and user namespaces to mount a small tmpfs as a full disk",
+)
+def test_a_full_disk_fails_the_run_with_the_error_and_keeps_earlier_outputs(
+    project_copy, tmp_path
+):
+    """On a tmpfs that ingestion fills, the second run fails with ENOSPC."""
+    mount_point, out = tmp_path / "disk", tmp_path / "out"
+    mount_point.mkdir()
+    out.mkdir()
+    # Inside a private mount namespace: the project on a small tmpfs, a first run
+    # that fits, the disk filled to LEFT_FREE_BYTES, a second run, and copies of the
+    # data folder after each run kept on the real disk.
+    script = textwrap.dedent(
+        f"""
+        set -e
+        mount -t tmpfs -o size={TMPFS_SIZE} tmpfs {mount_point}
+        cp -a {project_copy}/. {mount_point}/
+        cd {mount_point}
+        run() {{ {sys.executable} -m kedro run --env smoke --pipeline ingestion; }}
+        run > {out}/first.log 2>&1
+        cp -a data {out}/data_before
+        free=$(df --output=avail -B1 . | tail -1)
+        head -c $((free - {LEFT_FREE_BYTES})) /dev/zero > filler || true
+        set +e
+        run > {out}/second.log 2>&1
+        echo $? > {out}/second.rc
+        cp -a data {out}/data_after
+        """
+    )
+    subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "KEDRO_DISABLE_TELEMETRY": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "MPLBACKEND": "Agg",
+            "HOME": str(tmp_path),
+        },
+        check=True,
+        timeout=900,
+    )
+
+    first_log = (out / "first.log").read_text()
+    second_log = (out / "second.log").read_text()
+    assert "Pipeline execution completed successfully" in first_log, first_log[-3000:]
+    assert int((out / "second.rc").read_text()) != 0, second_log[-3000:]
+    assert "No space left on device" in second_log, second_log[-3000:]
+    assert "Could not write" in second_log, "the message names the output's own file"
+
+    before, after = contents(out / "data_before"), contents(out / "data_after")
+    before.pop(".kedro_run.lock")  # holds the pid of the run that last took it
+    after.pop(".kedro_run.lock")
+    assert after == before, "every earlier output is whole and nothing else was left"
+
+
+# The smoke plan trains one epoch per stage; a kill in the middle of stage two needs
+# more. conf/smoke is the environment `--env smoke` reads (conf/local is not read then).
+STAGES = """
+finetune:
+  batch_size: 16
+  mixed_precision: float32
+  jit_compile: false
+  stages:
+  - {name: head, unfreeze_from: null, epochs: 1, learning_rate: 1.0e-3, bn_policy: frozen}
+  - {name: top, unfreeze_from: conv_7b, epochs: 3, learning_rate: 1.0e-4, bn_policy: frozen}
+"""
+EXPECTED_EPOCHS = [("head", 1), ("top", 1), ("top", 2), ("top", 3)]
+RESUME = ["run", "--env", "smoke", "--from-nodes", "train_classifier"]
+MODEL = Path("data/06_models/finetuned_model.keras")
+CHECKPOINTS = Path("data/06_models/checkpoints")
+UPSTREAM_OUTPUTS = (
+    "data/02_intermediate/image_manifest.csv",
+    "data/05_model_input/augmented_manifest.csv",
+    "data/05_model_input/augmented/.generated_images.json",
+    "data/05_model_input/finetune_plan.json",
+)
+
+
+def run_and_kill_when(
+    project: Path, args: list[str], moment: Callable[[], bool], *, delay: float = 0.0
+) -> str:
+    """Starts ``kedro <args>`` and SIGKILLs it ``delay`` seconds after ``moment()``.
+
+    Returns:
+        The killed run's log.
+    """
+    log_path = project / "killed.log"
+    with log_path.open("w") as log:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "kedro", *args],
+            cwd=project,
+            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 900
+            while not moment() and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(delay)
+            assert run.poll() is None, log_path.read_text()[-3000:]
+            os.killpg(run.pid, signal.SIGKILL)
+            assert run.wait(60) == -signal.SIGKILL
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    return log_path.read_text()
+
+
+def checkpoint_state(project: Path) -> dict | None:
+    """The state of the project's one training checkpoint, if there is one."""
+    states = list((project / CHECKPOINTS).glob("*/state.json"))
+    return json.loads(states[0].read_text()) if states else None
+
+
+def in_stage_two(project: Path) -> bool:
+    """Whether stage two has checkpointed an epoch (the next one is training)."""
+    state = checkpoint_state(project)
+    return state is not None and state["stage_index"] == 1 and state["epochs_done"] >= 1
+
+
+def saving_the_model(project: Path) -> bool:
+    """Whether the model file is being written (its temporary file exists)."""
+    return any((project / MODEL).parent.glob(f".{MODEL.name}.*.tmp*"))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_run_killed_in_stage_two_and_then_while_saving_resumes_each_time(
+    smoke_run, tmp_path
+):
+    """Killed mid-epoch in stage two, then while saving the model: nothing is lost."""
+    finished, _, _ = smoke_run
+    project = tmp_path / "project"
+    shutil.copytree(finished, project, ignore=shutil.ignore_patterns("tensorboard"))
+    (project / "conf/smoke/parameters_finetune.yml").write_text(STAGES)
+    upstream = {path: (project / path).stat().st_mtime_ns for path in UPSTREAM_OUTPUTS}
+    previous_model = sha256(project / MODEL)
+
+    # 1. Killed two seconds into stage two's second epoch.
+    run_and_kill_when(project, RESUME, lambda: in_stage_two(project), delay=2)
+    saved = checkpoint_state(project)
+    assert (saved["stage_index"], saved["finished"]) == (1, False)
+    assert 1 <= saved["epochs_done"] < 3, "killed in the middle of stage two"
+
+    # 2. The rerun resumes there; killed while it writes the model file.
+    log = run_and_kill_when(project, RESUME, lambda: saving_the_model(project))
+    resumed_at = f"stage 2 of 2 (top), {saved['epochs_done']} of its epochs done"
+    assert resumed_at in log, log[-5000:]
+    assert "stage head epoch" not in log, "stage one is not trained again"
+    assert sha256(project / MODEL) == previous_model, "the previous model is whole"
+    assert checkpoint_state(project)["finished"]
+
+    # 3. The next rerun trains nothing, saves the model, deletes the checkpoint.
+    last = kedro(RESUME, cwd=project, timeout=900)
+    log = last.stdout + last.stderr
+    assert last.returncode == 0, log[-5000:]
+    assert "Training had finished" in log and " epoch 1/" not in log, log[-5000:]
+    history = pd.read_csv(project / "data/07_model_output/training_history.csv")
+    assert list(zip(history["stage"], history["epoch"], strict=True)) == EXPECTED_EPOCHS
+    kept = pd.DataFrame(saved["history"])[["stage", "epoch", "loss", "val_loss"]]
+    pd.testing.assert_frame_equal(
+        history[kept.columns].head(len(kept)), kept, check_exact=False, rtol=1e-6
+    )
+    assert sha256(project / MODEL) != previous_model
+    leftovers = [p.name for p in (project / MODEL).parent.iterdir()]
+    assert not [name for name in leftovers if name.startswith(".")], leftovers
+    assert not any((project / CHECKPOINTS).iterdir())
+    assert {p: (project / p).stat().st_mtime_ns for p in UPSTREAM_OUTPUTS} == upstream
+    report = project / "data/08_reporting/evaluation_report.md"
+    assert report.stat().st_mtime_ns > max(upstream.values()), "evaluation ran again"
+
+
+AUGMENTED = Path("data/05_model_input/augmented")
+AUGMENTED_MANIFEST = Path("data/05_model_input/augmented_manifest.csv")
+
+
+def test_a_run_killed_during_augmentation_leaves_nothing_a_rerun_accepts(
+    smoke_run, tmp_path
+):
+    """The rerun after the kill writes exactly what an uninterrupted run wrote."""
+    finished, _, _ = smoke_run
+    project = tmp_path / "project"
+    shutil.copytree(
+        finished,
+        project,
+        ignore=shutil.ignore_patterns("*.keras", "tensorboard", "checkpoints"),
+    )
+    shutil.rmtree(project / AUGMENTED)
+    (project / AUGMENTED_MANIFEST).unlink()
+    augment = ["run", "--env", "smoke", "--pipeline", "augmentation"]
+
+    def some_copies_written() -> bool:
+        return len(list((project / AUGMENTED).rglob("*.jpg"))) >= 20
+
+    run_and_kill_when(project, augment, some_copies_written)
+    assert not (project / AUGMENTED_MANIFEST).exists()
+    written = contents(project / AUGMENTED)
+    uninterrupted = contents(finished / AUGMENTED)
+    assert 20 <= len(written) < len(uninterrupted)
+    # Every image under its own name is whole: the uninterrupted run's file. Half
+    # written ones have hidden temporary names, and so does the folder's index.
+    images = {n: d for n, d in written.items() if not Path(n).name.startswith(".")}
+    assert images and all(uninterrupted[n] == d for n, d in images.items())
+
+    rerun = kedro(augment, cwd=project, timeout=900)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-5000:]
+    assert contents(project / AUGMENTED) == uninterrupted
+    assert sha256(project / AUGMENTED_MANIFEST) == sha256(finished / AUGMENTED_MANIFEST)
