@@ -123,9 +123,9 @@ finetune:
   jit_compile: false
   stages:
   - {name: head, unfreeze_from: null, epochs: 1, learning_rate: 1.0e-3, bn_policy: frozen}
-  - {name: top, unfreeze_from: conv_7b, epochs: 3, learning_rate: 1.0e-4, bn_policy: frozen}
+  - {name: top, unfreeze_from: conv_7b, epochs: 2, learning_rate: 1.0e-4, bn_policy: frozen}
 """
-EXPECTED_EPOCHS = [("head", 1), ("top", 1), ("top", 2), ("top", 3)]
+EXPECTED_EPOCHS = [("head", 1), ("top", 1), ("top", 2)]
 RESUME = ["run", "--env", "smoke", "--from-nodes", "train_classifier"]
 MODEL = Path("data/06_models/finetuned_model.keras")
 CHECKPOINTS = Path("data/06_models/checkpoints")
@@ -205,7 +205,7 @@ def test_a_run_killed_in_stage_two_and_then_while_saving_resumes_each_time(
     run_and_kill_when(project, RESUME, lambda: in_stage_two(project), delay=2)
     saved = checkpoint_state(project)
     assert (saved["stage_index"], saved["finished"]) == (1, False)
-    assert 1 <= saved["epochs_done"] < 3, "killed in the middle of stage two"
+    assert saved["epochs_done"] == 1, "killed in the middle of stage two"
 
     # 2. The rerun resumes there; killed while it writes the model file.
     log = run_and_kill_when(project, RESUME, lambda: saving_the_model(project))
