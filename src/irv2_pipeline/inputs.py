@@ -57,7 +57,7 @@ def image_dataset(
         ``(batch, image_size, image_size, 3)`` in ``[0, 255]``.
     """
     paths = [str(path) for path in paths]
-    index = _example_order(len(paths), shuffle_seed)
+    index = _example_order(tf.data.Dataset.range(len(paths)), shuffle_seed)
     flags = [False] * len(paths) if generated is None else [bool(g) for g in generated]
     if len(flags) != len(paths):
         raise ValueError(f"{len(flags)} generated flags for {len(paths)} paths")
@@ -139,20 +139,24 @@ def feature_dataset(
     label_array = np.asarray(labels, dtype=np.int32)
     if len(features) != len(label_array):
         raise ValueError(f"{len(features)} feature rows but {len(label_array)} labels")
-    feature_tensor = tf.constant(features)
-    label_tensor = tf.constant(label_array)
-    pairs = _example_order(len(features), shuffle_seed).map(
-        lambda i: (tf.gather(feature_tensor, i), tf.gather(label_tensor, i))
+    pairs = _example_order(
+        tf.data.Dataset.from_tensor_slices((features, label_array)), shuffle_seed
     )
     return pairs.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def _example_order(count: int, shuffle_seed: int | None) -> tf.data.Dataset:
-    """Example indices: in order, or reshuffled each epoch with a seed."""
-    index = tf.data.Dataset.range(count)
-    if shuffle_seed is not None:
-        index = index.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return index
+def _example_order(
+    examples: tf.data.Dataset, shuffle_seed: int | None
+) -> tf.data.Dataset:
+    """The examples in order, or reshuffled each epoch with a seed.
+
+    The shuffle draws the same permutation for any elements of one count, so images
+    and the features computed from them come in the same order for one seed.
+    """
+    if shuffle_seed is None:
+        return examples
+    count = int(examples.cardinality())
+    return examples.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
 
 
 def check_pixel_range(batch: np.ndarray) -> None:
