@@ -1,7 +1,7 @@
 """Benchmark of the `augmentation` pipeline: writing copies, and reading them back.
 
-Generates ``--images`` random-textured ``--size`` px JPEGs (10 classes) in a
-temporary folder, all in the train split, then:
+Generates ``--images`` random-textured ``--size`` px JPEGs (10 classes;
+``bench/synthetic.py``) in a temporary folder, all in the train split, then:
 
 1. Writes ``--copies`` augmented copies of each at 299 px with conf/base's
    ``standard`` preset, through the pipeline's own nodes and dataset: PNG on 2
@@ -36,43 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import yaml
-from PIL import Image
+from synthetic import CLASSES, generate
 
-CLASSES = 10
 IMAGE_SIZE = 299
 BATCH = 32
 ROOT = Path(__file__).resolve().parents[1]
 WRITES = (("png", 2), ("png", 1), ("jpeg", 2))
-
-
-def write_texture(args: tuple[Path, int, int]) -> None:
-    """Writes one random smooth-plus-grain texture as a JPEG (quality 90)."""
-    path, seed, size = args
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    smooth = np.asarray(
-        Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC),
-        dtype=np.int16,
-    )
-    grain = rng.integers(-24, 25, (size, size, 3), dtype=np.int16)
-    pixels = np.clip(smooth + grain, 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, "JPEG", quality=90)
-
-
-def generate(root: Path, count: int, size: int) -> None:
-    """Fills ``root/class_XX/`` with ``count`` distinct JPEGs, on all cores."""
-    jobs = []
-    for index in range(count):
-        folder = root / f"class_{index % CLASSES:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((folder / f"img_{index:06d}.jpg", index, size))
-    with ProcessPoolExecutor() as pool:
-        list(pool.map(write_texture, jobs, chunksize=64))
 
 
 def manifest_of(root: Path):
@@ -194,8 +166,14 @@ def read_with_inputs(folder: Path) -> dict:
 
     paths = sorted(p for p in folder.rglob("*.*") if p.suffix in (".png", ".jpg"))
     labels = [int(p.parent.name.split("_")[1]) for p in paths]
+    # The copies are files this project wrote: finetune reads them the same way.
     dataset = image_dataset(
-        paths, labels, image_size=IMAGE_SIZE, batch_size=BATCH, policy=OpenPolicy()
+        paths,
+        labels,
+        image_size=IMAGE_SIZE,
+        batch_size=BATCH,
+        policy=OpenPolicy(),
+        generated=[True] * len(paths),
     )
     next(iter(dataset))  # warm-up: builds the tf.data pipeline
     start = time.perf_counter()
@@ -267,7 +245,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_augmentation_") as tmp:
         root = Path(tmp) / "images"
-        generate(root, args.images, args.size)
+        generate(root, args.images, args.size, texture="grain")
         print(f"generated {args.images} {args.size} px JPEGs in {CLASSES} classes")
         writes = {}
         for file_format, workers in WRITES:

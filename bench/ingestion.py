@@ -1,10 +1,10 @@
 """Benchmark of the `ingestion` pipeline's validation, grouping and split.
 
-Generates ``--images`` random-textured ``--size`` px JPEGs (10 classes, no duplicates)
-in a temporary folder, then runs ``scan_images``, ``group_duplicates`` and
-``split_images`` on them with 2 worker processes and with 1, side by side. Each
-measurement runs in a fresh Python process, so its peak memory and CPU time are its
-own (workers included).
+Generates ``--images`` random-textured ``--size`` px JPEGs (10 classes, no duplicates;
+``bench/synthetic.py``) in a temporary folder, then runs ``scan_images``,
+``group_duplicates`` and ``split_images`` on them with 2 worker processes and with 1,
+side by side. Each measurement runs in a fresh Python process, so its peak memory and
+CPU time are its own (workers included).
 
 Usage::
 
@@ -28,46 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from synthetic import generate
 
-CLASSES = 10
 WORKER_COUNTS = (2, 1)
-
-
-def write_texture(args: tuple[Path, int, int]) -> None:
-    """Writes one random texture as a JPEG (quality 90), about 30 KB at 320 px.
-
-    A coarse colour field, finer luminance detail and light grain: roughly the
-    bytes per pixel of a photograph, and no two images alike.
-    """
-    path, seed, size = args
-    rng = np.random.default_rng(seed)
-
-    def upscaled(shape: tuple[int, ...]) -> np.ndarray:
-        small = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
-        big = small.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(big, dtype=np.int16)
-
-    colour = upscaled((8, 8, 3))
-    detail = (upscaled((size // 8, size // 8)) - 128) * 60 // 128
-    grain = rng.integers(-6, 7, (size, size), dtype=np.int16)
-    pixels = np.clip(colour + (detail + grain)[..., None], 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, "JPEG", quality=90)
-
-
-def generate(root: Path, count: int, size: int) -> None:
-    """Fills ``root/class_XX/`` with ``count`` distinct JPEGs, on all cores."""
-    jobs = []
-    for index in range(count):
-        folder = root / f"class_{index % CLASSES:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((folder / f"img_{index:06d}.jpg", index, size))
-    with ProcessPoolExecutor() as pool:
-        list(pool.map(write_texture, jobs, chunksize=64))
 
 
 def cpu_seconds() -> float:
@@ -154,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_ingestion_") as tmp:
         root = Path(tmp) / "images"
         start = time.perf_counter()
-        generate(root, args.images, args.size)
+        generate(root, args.images, args.size, texture="photo")
         mean_kb = (
             sum(f.stat().st_size for f in root.rglob("*.jpg")) / args.images / 1024
         )

@@ -149,24 +149,29 @@ def write_augmented_images(
     settings = parse_settings(augmentation)
     open_policy = OpenPolicy.from_params(images)
     image_size = int(model["image_size"])
-    jobs = []
-    for source_path, copies in augmentation_plan.groupby("source_path", sort=True):
-        keys = {
-            row.path: _copy_key(row.policy, row.source_sha256, row.ops)
-            for row in copies.itertuples()
-        }
-        jobs.append(
-            SourceCopies(
-                source=str(raw_images.path_of(source_path)),
-                source_path=source_path,
-                outputs=keys,
-                ops={row.path: json.loads(row.ops) for row in copies.itertuples()},
-                image_size=image_size,
-                open_policy=open_policy,
-                geometry=settings.geometry,
-                encoding=settings.encoding,
-            )
+    # One pass over the plan sorted by source; each job keeps its copies' operations
+    # as the plan's JSON text (parsed when rendered): a few hundred bytes per copy.
+    outputs: dict[str, dict[str, str]] = {}
+    ops: dict[str, dict[str, str]] = {}
+    plan = augmentation_plan.sort_values("source_path", kind="stable")
+    for row in plan.itertuples():
+        outputs.setdefault(row.source_path, {})[row.path] = _copy_key(
+            row.policy, row.source_sha256, row.ops
         )
+        ops.setdefault(row.source_path, {})[row.path] = row.ops
+    jobs = [
+        SourceCopies(
+            source=str(raw_images.path_of(source_path)),
+            source_path=source_path,
+            outputs=outputs[source_path],
+            ops=ops[source_path],
+            image_size=image_size,
+            open_policy=open_policy,
+            geometry=settings.geometry,
+            encoding=settings.encoding,
+        )
+        for source_path in outputs
+    ]
     image_jobs = ImageJobs(
         jobs=jobs,
         workers=settings.workers,

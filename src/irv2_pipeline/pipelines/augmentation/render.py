@@ -6,6 +6,7 @@ Kept apart from ``nodes.py`` so that a worker imports only what it renders with.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,7 +51,8 @@ class SourceCopies:
         source: Absolute path of the source image.
         source_path: Its manifest path, for error messages.
         outputs: Relative output path of each copy, to the copy's key.
-        ops: Relative output path of each copy, to its drawn operations.
+        ops: Relative output path of each copy, to its drawn operations (the
+            manifest's JSON list of ``{op, params}``).
         image_size: Side of the square copies, in pixels.
         open_policy: How the source is opened (``images.OpenPolicy``).
         geometry: Fill mode and interpolation of geometric operations.
@@ -60,7 +62,7 @@ class SourceCopies:
     source: str
     source_path: str
     outputs: Mapping[str, str]
-    ops: Mapping[str, list[dict]]
+    ops: Mapping[str, str]
     image_size: int
     open_policy: OpenPolicy
     geometry: Geometry
@@ -78,7 +80,9 @@ class SourceCopies:
             ) from None
         pixels = resize(loaded.pixels, self.image_size)
         return {
-            rel: self.encoding.encode(augment(pixels, self.ops[rel], self.geometry))
+            rel: self.encoding.encode(
+                augment(pixels, json.loads(self.ops[rel]), self.geometry)
+            )
             for rel in wanted
         }
 

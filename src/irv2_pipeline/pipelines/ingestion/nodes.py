@@ -76,7 +76,9 @@ def scan_images(
     if not candidates and not rejected:
         raise IngestionError(f"The image folder {raw_images.root} is empty.")
 
-    accepted = []
+    columns = ["path", "label", "sha256", "phash", "width", "height", "format", "mode"]
+    # A tuple per image, not a dict: about the manifest's own size, not three times it.
+    accepted: list[tuple] = []
     progress = ProgressLog("images validated", len(candidates), logger)
     # fingerprint lives in images.py: spawned workers import only that light module.
     jobs = (str(raw_images.path_of(path)) for path in candidates)
@@ -90,10 +92,10 @@ def scan_images(
         if isinstance(result, str):
             rejected.append((path, result))
         else:
-            accepted.append({"path": path, "label": path.split("/", 1)[0], **result})
+            label = path.split("/", 1)[0]
+            accepted.append((path, label, *(result[c] for c in columns[2:])))
         progress.advance()
 
-    columns = ["path", "label", "sha256", "phash", "width", "height", "format", "mode"]
     accepted_df = pd.DataFrame(accepted, columns=columns)
     rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
     logger.info(
