@@ -148,3 +148,52 @@ def test_early_stopping_ends_the_stage_and_restores_its_best_epoch(tmp_path):
     assert record["stopped_early"]
     for restored, start in zip(classifier.head.get_weights(), initial, strict=True):
         np.testing.assert_array_equal(restored, start)
+
+
+class _Interrupted(Exception):
+    """Stands in for a run that dies right after a checkpoint."""
+
+
+class _StopAfterEpoch(keras.callbacks.Callback):
+    """Raises once ``stage_model`` ends epoch ``epoch`` (after its checkpoint)."""
+
+    def __init__(self, stage_model: str, epoch: int):
+        super().__init__()
+        self._stage_model, self._epoch = stage_model, epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.model.name == self._stage_model and epoch == self._epoch:
+            raise _Interrupted
+
+
+@pytest.mark.parametrize(
+    ("stage_model", "epoch"),
+    [("head_on_features", 0), ("irv2_classifier_bn_frozen", 0)],
+)
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(
+    tmp_path, stage_model, epoch
+):
+    """Every epoch sees its own seeded order, so resuming changes no weight."""
+    examples = demo_examples(2, 1)
+    stages = [
+        stage("head", None, epochs=3),
+        stage("top", "block8_1", epochs=2, learning_rate=1e-3),
+    ]
+    uninterrupted = mini_classifier()
+    train(uninterrupted, stages, examples, tmp_path / "whole")
+
+    with pytest.raises(_Interrupted):
+        train(
+            mini_classifier(),
+            stages,
+            examples,
+            tmp_path / "cut",
+            callbacks=(_StopAfterEpoch(stage_model, epoch),),
+        )
+    resumed = mini_classifier()
+    train(resumed, stages, examples, tmp_path / "cut")
+
+    for whole, cut in zip(
+        uninterrupted.model.get_weights(), resumed.model.get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(cut, whole, rtol=0, atol=1e-6)

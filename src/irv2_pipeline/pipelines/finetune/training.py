@@ -263,10 +263,10 @@ class _Run:
         self._compile(graph, stage)
         best = self._resume(state, graph)
         tensorboard = _tensorboard(self.settings, stage)
-        while state.epochs_done < stage.epochs and not _stopped_early(
+        if state.epochs_done < stage.epochs and not _stopped_early(
             state, self.settings
         ):
-            best = self._train_epoch(
+            best = self._train_epochs(
                 index,
                 stage,
                 graph,
@@ -411,7 +411,7 @@ class _Run:
         restore_optimizer(graph.optimizer, self.store.arrays(state, "optimizer"))
         return self.store.arrays(state, "best")
 
-    def _train_epoch(
+    def _train_epochs(
         self,
         index: int,
         stage: Stage,
@@ -421,55 +421,38 @@ class _Run:
         best: list[np.ndarray] | None,
         callbacks: list[keras.callbacks.Callback],
     ) -> list[np.ndarray] | None:
-        """Trains one epoch, records it, checkpoints it; returns the best weights."""
-        epoch = state.epochs_done
-        started = time.monotonic()
-        first_step = int(keras.ops.convert_to_numpy(graph.optimizer.iterations))
-        guard = _StopOnNonFiniteLoss(stage.name, epoch + 1)
-        progress = _EpochProgress(stage, epoch + 1, len(self.train), self.batch)
-        result = graph.trainee.fit(
-            graph.train(epoch_seed(self.settings.seed, index, epoch)),
+        """Trains the stage's remaining epochs in one ``fit``; returns the best weights.
+
+        One ``fit`` for all epochs, not one per epoch: each call has a fixed cost
+        (iterators, callbacks), as large as a whole epoch of the head on cached
+        features. Each epoch still comes in its own seeded order (the same on a
+        resumed run as on the first), and :class:`_EpochRecord` records and
+        checkpoints it as it ends.
+        """
+        first = state.epochs_done
+        seed = self.settings.seed
+        train = graph.train(epoch_seed(seed, index, first))
+        for epoch in range(first + 1, stage.epochs):
+            train = train.concatenate(graph.train(epoch_seed(seed, index, epoch)))
+        record = _EpochRecord(self, index, stage, graph, state, best=best)
+        graph.trainee.fit(
+            train,
             validation_data=graph.val,
-            initial_epoch=epoch,
-            epochs=epoch + 1,
+            initial_epoch=first,
+            epochs=stage.epochs,
+            # Keras keeps one iterator across epochs when this is given.
+            steps_per_epoch=steps_per_epoch(len(self.train), self.batch),
             shuffle=False,
             class_weight=self.class_weight,
-            callbacks=[guard, progress, *callbacks],
+            callbacks=[
+                _StopOnNonFiniteLoss(stage.name),
+                _EpochProgress(stage, len(self.train), self.batch),
+                record,
+                *callbacks,
+            ],
             verbose=0,
         )
-        logs = {name: float(values[-1]) for name, values in result.history.items()}
-        guard.check(logs)
-        steps_done = int(keras.ops.convert_to_numpy(graph.optimizer.iterations))
-        row = {
-            "stage": stage.name,
-            "epoch": epoch + 1,
-            "loss": logs["loss"],
-            "accuracy": logs["accuracy"],
-            "val_loss": logs["val_loss"],
-            "val_accuracy": logs["val_accuracy"],
-            "learning_rate": _mean_rate(graph.schedule, first_step, steps_done),
-            "stage_index": index,
-            "cached_features": graph.cached,
-            "seconds": round(time.monotonic() - started, 3),
-        }
-        _log_epoch(row, stage.epochs)
-        state.history.append(row)
-        state.epochs_done = epoch + 1
-        saved = {
-            "progress": graph.holder.get_weights(),
-            "optimizer": optimizer_arrays(graph.optimizer),
-        }
-        if state.best_val_loss is None or logs["val_loss"] < (
-            state.best_val_loss - self.settings.min_delta
-        ):
-            state.best_val_loss = logs["val_loss"]
-            state.best_epoch = epoch + 1
-            state.epochs_without_improvement = 0
-            best = saved["best"] = saved["progress"]
-        else:
-            state.epochs_without_improvement += 1
-        self.store.save(state, saved)
-        return best
+        return record.best
 
 
 def _check_replica_batches(
@@ -551,24 +534,98 @@ def _stopped_early(state: TrainingState, settings: TrainingSettings) -> bool:
     )
 
 
+class _EpochRecord(keras.callbacks.Callback):
+    """As each epoch ends: its history row, the best weights, the checkpoint, and
+    early stopping."""
+
+    def __init__(
+        self,
+        run: _Run,
+        index: int,
+        stage: Stage,
+        graph: _StageGraph,
+        state: TrainingState,
+        *,
+        best: list[np.ndarray] | None,
+    ):
+        super().__init__()
+        self._run = run
+        self._index = index
+        self._stage = stage
+        self._graph = graph
+        self._state = state
+        self.best = best
+        self._started = 0.0
+        self._first_step = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.monotonic()
+        self._first_step = _steps_done(self._graph.optimizer)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {name: float(value) for name, value in (logs or {}).items()}
+        state, graph, settings = self._state, self._graph, self._run.settings
+        row = {
+            "stage": self._stage.name,
+            "epoch": epoch + 1,
+            "loss": logs["loss"],
+            "accuracy": logs["accuracy"],
+            "val_loss": logs["val_loss"],
+            "val_accuracy": logs["val_accuracy"],
+            "learning_rate": _mean_rate(
+                graph.schedule, self._first_step, _steps_done(graph.optimizer)
+            ),
+            "stage_index": self._index,
+            "cached_features": graph.cached,
+            "seconds": round(time.monotonic() - self._started, 3),
+        }
+        _log_epoch(row, self._stage.epochs)
+        state.history.append(row)
+        state.epochs_done = epoch + 1
+        saved = {
+            "progress": graph.holder.get_weights(),
+            "optimizer": optimizer_arrays(graph.optimizer),
+        }
+        if state.best_val_loss is None or logs["val_loss"] < (
+            state.best_val_loss - settings.min_delta
+        ):
+            state.best_val_loss = logs["val_loss"]
+            state.best_epoch = epoch + 1
+            state.epochs_without_improvement = 0
+            self.best = saved["best"] = saved["progress"]
+        else:
+            state.epochs_without_improvement += 1
+        self._run.store.save(state, saved)
+        if _stopped_early(state, settings):
+            self.model.stop_training = True
+
+
+def _steps_done(optimizer: keras.optimizers.Optimizer) -> int:
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
 class _StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Raises :class:`TrainingDivergedError` at the first NaN or infinite loss."""
 
-    def __init__(self, stage: str, epoch: int):
+    def __init__(self, stage: str):
         super().__init__()
         self._stage = stage
-        self._epoch = epoch
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
         loss = float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
         if not math.isfinite(loss):
             self._fail("loss", loss, f", batch {batch + 1}")
 
-    def check(self, logs: Mapping[str, float]) -> None:
-        """Checks the epoch's training and validation loss."""
+    def on_epoch_end(self, epoch, logs=None):
+        # Before _EpochRecord (the next callback) checkpoints the epoch.
         for name in ("loss", "val_loss"):
-            if not math.isfinite(logs[name]):
-                self._fail(name, logs[name], "")
+            value = float((logs or {}).get(name, 0.0))
+            if not math.isfinite(value):
+                self._fail(name, value, "")
 
     def _fail(self, name: str, value: float, where: str) -> None:
         raise TrainingDivergedError(
@@ -581,15 +638,21 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
 class _EpochProgress(keras.callbacks.Callback):
     """Logs images trained in the epoch, their rate and the time left."""
 
-    def __init__(self, stage: Stage, epoch: int, examples: int, batch_size: int):
+    def __init__(self, stage: Stage, examples: int, batch_size: int):
         super().__init__()
-        self._log = ProgressLog(
-            f"images trained (stage {stage.name}, epoch {epoch}/{stage.epochs})",
-            examples,
-            logger,
-        )
+        self._stage = stage
         self._examples = examples
         self._batch_size = batch_size
+        self._log: ProgressLog | None = None
+        self._done = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._log = ProgressLog(
+            f"images trained (stage {self._stage.name}, epoch {epoch + 1}/"
+            f"{self._stage.epochs})",
+            self._examples,
+            logger,
+        )
         self._done = 0
 
     def on_train_batch_end(self, batch, logs=None):
