@@ -49,17 +49,10 @@ from pathlib import Path
 import pandas as pd
 from synthetic import CLASSES, generate
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import copy_project  # noqa: E402 - the tests' project copy
+
 PIPELINES = ("ingestion", "augmentation")
-DATA_FOLDERS = (
-    "02_intermediate",
-    "03_primary",
-    "04_feature",
-    "05_model_input",
-    "06_models",
-    "07_model_output",
-    "08_reporting",
-)
 MANIFESTS = {
     "ingestion": "data/02_intermediate/image_manifest.csv",
     "augmentation": "data/05_model_input/augmented_manifest.csv",
@@ -67,27 +60,6 @@ MANIFESTS = {
 SAMPLE_SECONDS = 0.5
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
-
-
-def copy_project(destination: Path) -> Path:
-    """A Kedro project in ``destination`` with an empty image root (see conftest.py).
-
-    The package is installed, so only ``pyproject.toml``, ``conf`` (without
-    ``conf/local``, the user's overrides) and an empty ``src`` are needed.
-    """
-    destination.mkdir(parents=True)
-    shutil.copy2(ROOT / "pyproject.toml", destination / "pyproject.toml")
-    shutil.copytree(
-        ROOT / "conf",
-        destination / "conf",
-        ignore=lambda folder, names: names if Path(folder).name == "local" else [],
-    )
-    (destination / "conf" / "local").mkdir(exist_ok=True)
-    (destination / "data" / "01_raw" / "images").mkdir(parents=True)
-    for folder in DATA_FOLDERS:
-        (destination / "data" / folder).mkdir(parents=True)
-    (destination / "src").mkdir()
-    return destination
 
 
 def process_tree_rss(root_pid: int) -> int:
@@ -188,6 +160,7 @@ def manifest_megabytes(path: Path) -> tuple[int, float]:
 def measure(count: int, size: int, workdir: Path) -> dict:
     """Generates ``count`` images in a project copy and runs both pipelines on it."""
     project = copy_project(workdir / f"project_{count}")
+    shutil.rmtree(project / "data" / "01_raw" / "images")  # only generated images
     start = time.perf_counter()
     generate(project / "data" / "01_raw" / "images", count, size, texture="photo")
     generated = time.perf_counter() - start

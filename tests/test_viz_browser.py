@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from docs.make_screenshots import free_port, signal_group
 from irv2_pipeline.pipeline_registry import register_pipelines
 
 PIPELINES = ("ingestion", "augmentation", "feature_shift", "finetune", "evaluation")
@@ -45,22 +44,6 @@ STARTUP_SECONDS = 240
 def node_names(pipeline: str) -> set[str]:
     """The names of the nodes (functions) of a registered pipeline."""
     return {node.name for node in register_pipelines()[pipeline].nodes}
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on, on the loopback interface.
-
-    Viz refuses ports above 49151, where the system's own picks (``bind`` to port 0)
-    often land, so the port is drawn below Linux's ephemeral range instead.
-    """
-    while True:
-        port = random.randrange(10_000, 32_768)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
 
 
 def get_json(url: str) -> dict:
@@ -112,12 +95,6 @@ def stop(process: subprocess.Popen) -> None:
     # Whatever is left of the group, the server child included, goes now.
     signal_group(process, signal.SIGKILL)
     process.wait()
-
-
-def signal_group(process: subprocess.Popen, number: signal.Signals) -> None:
-    """Sends a signal to the process group ``process`` leads, if any of it is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, number)
 
 
 @pytest.fixture(scope="module")
