@@ -273,6 +273,9 @@ def main() -> None:
                 "runs": {str(count): run for count, run in runs.items()},
                 "growth": growths,
                 "cpu_count": os.cpu_count(),
+                # pandas keeps text in Arrow arrays when pyarrow is installed (the
+                # `mlflow` extra brings it), else as Python strings: other figures.
+                "string_storage": pd.Series(["text"]).dtype.storage,
                 # Other work on the machine slows the wall-clock figures.
                 "load_average_1min": [round(load_before, 2), round(load_after, 2)],
             }

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import islice
 from typing import Any
+
+# Chunks queued per worker: enough to keep every worker busy between two results.
+IN_FLIGHT_PER_WORKER = 4
 
 
 def worker_count(workers: int | str, parameter: str = "workers") -> int:
@@ -67,14 +72,32 @@ def process_map(
     if count <= 1:
         yield from map(function, jobs)
         return
+    job_iterator = iter(jobs)
+    chunks = iter(lambda: list(islice(job_iterator, chunksize)), [])
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         max_workers=count, mp_context=context, initializer=initializer
     ) as pool:
+        # A few chunks per worker in flight, not every job submitted at once (as
+        # Executor.map does): memory stays flat however many jobs there are.
+        in_flight: deque[Future] = deque(
+            pool.submit(_apply, function, chunk)
+            for chunk in islice(chunks, IN_FLIGHT_PER_WORKER * count)
+        )
         try:
-            yield from pool.map(function, jobs, chunksize=chunksize)
+            while in_flight:
+                results = in_flight.popleft().result()
+                chunk = next(chunks, None)
+                if chunk is not None:
+                    in_flight.append(pool.submit(_apply, function, chunk))
+                yield from results
         except BaseException:
             # A failed job (or a caller that stops early) ends the run now, instead
             # of after every queued job has run for nothing.
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def _apply(function: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
+    """Runs ``function`` on each job of one chunk (in a worker process)."""
+    return [function(job) for job in chunk]

@@ -4,7 +4,7 @@ The only exception allowed out of ``load_image`` is ``ImageRejected``; libFuzzer
 ``-timeout`` (seconds per input) and ``-rss_limit_mb`` flags bound time and memory.
 
     python tests/fuzz/fuzz_images.py -max_total_time=3600 -timeout=10 \
-        -rss_limit_mb=2048 CORPUS_DIR
+        -rss_limit_mb=512 CORPUS_DIR
 
 ``make_seed_corpus(folder)`` writes the small valid seed files (JPEG, PNG, GIF, WebP,
 BMP, TIFF) that the test and the command above start from.

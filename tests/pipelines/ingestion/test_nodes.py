@@ -235,6 +235,58 @@ def test_near_pairs_are_all_found_whatever_the_block_size(budget):
     assert sorted(found) == sorted(expected)
 
 
+def scanned_rows(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """A ``scan_images`` table from (path, sha256, phash) rows; label from the path."""
+    return pd.DataFrame(
+        [
+            (path, path.split("/")[0], sha, phash, 64, 64, "BMP", "RGB")
+            for path, sha, phash in rows
+        ],
+        columns=[
+            "path",
+            "label",
+            "sha256",
+            "phash",
+            "width",
+            "height",
+            "format",
+            "mode",
+        ],
+    )
+
+
+def test_exact_near_and_key_links_chain_into_one_group_named_by_its_smallest_token():
+    sha = {name: hashlib.sha256(name.encode()).hexdigest() for name in "abcdefg"}
+    rows = [
+        ("cat/a.bmp", sha["a"], "00000000000000ff"),
+        ("cat/b.bmp", sha["a"], "00000000000000ff"),  # a's exact copy
+        ("cat/subject_1_c.bmp", sha["c"], "00000000000000fc"),  # 2 bits from b
+        ("dog/subject_1_d.bmp", sha["d"], "ff00000000000000"),  # c's key only
+        ("dog/e.bmp", sha["e"], "0f0f0f0f0f0f0f0f"),
+        ("dog/f.bmp", sha["f"], "f0f0f0f0f0f0f0f0"),
+        ("cat/g.bmp", sha["g"], "3c3c3c3c3c3c3c3c"),
+    ]
+    settings = params(duplicates={"group_key_pattern": r"subject_(\d+)"})
+
+    grouped, report = group_duplicates(scanned_rows(rows), settings)
+
+    groups = grouped.set_index("path")["group"]
+    chain = ["cat/a.bmp", "cat/b.bmp", "cat/subject_1_c.bmp", "dog/subject_1_d.bmp"]
+    # c and d carry the key, so their token is the key's, not their SHA-256's.
+    smallest = min(f"h:{sha['a']}", "k:1")
+    assert set(groups[chain]) == {
+        "g" + hashlib.sha256(smallest.encode()).hexdigest()[:12]
+    }
+    assert groups.nunique() == 4
+    # The link through a shared key joins the group, but makes no label conflict.
+    assert not grouped["label_conflict"].any()
+    assert report["kind"].tolist() == ["key"]
+    assert report["labels"].tolist() == ["cat, dog"]
+    # Row order does not change any group.
+    shuffled, _ = group_duplicates(scanned_rows(rows[::-1]), settings)
+    assert shuffled.set_index("path")["group"].sort_index().equals(groups.sort_index())
+
+
 def test_without_near_duplicate_matching_only_exact_copies_group(root):
     make_tree(root, {"cat": 12, "dog": 12})
     copies = add_copies(root, "cat")

@@ -20,6 +20,7 @@ from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.datasets.generated_images import ImageJobs
 from irv2_pipeline.images import OpenPolicy, resize
 from irv2_pipeline.parallel import worker_count
+from irv2_pipeline.tables import frame_from_rows
 
 from .ops import FILL_MODES, INTERPOLATIONS, Geometry, OpConfig, draw_ops, parse_ops
 from .render import Encoding, SourceCopies, single_threaded_worker
@@ -96,27 +97,27 @@ def plan_augmentation(
     seed, image_size = int(model["seed"]), int(model["image_size"])
     copies = _copies_per_image(train, settings, seed)
     policy = _policy_fingerprint(settings, seed, image_size)
-    rows = []
-    for source, label, sha256, count in zip(
-        train["path"], train["label"], train["sha256"], copies, strict=True
-    ):
-        stem = _file_stem(source)
-        for copy in range(count):
-            copy_seed = _copy_seed(seed, source, copy)
-            ops = draw_ops(settings.ops, np.random.default_rng(copy_seed))
-            rows.append(
-                {
-                    "path": f"{label}/{stem}__c{copy}.{settings.encoding.extension}",
-                    "source_path": source,
-                    "label": label,
-                    "copy": copy,
-                    "seed": copy_seed,
-                    "ops": json.dumps(ops),
-                    "source_sha256": sha256,
-                    "policy": policy,
-                }
-            )
-    plan = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+    def rows():
+        for source, label, sha256, count in zip(
+            train["path"], train["label"], train["sha256"], copies, strict=True
+        ):
+            stem = _file_stem(source)
+            for copy in range(count):
+                copy_seed = _copy_seed(seed, source, copy)
+                ops = draw_ops(settings.ops, np.random.default_rng(copy_seed))
+                yield (
+                    f"{label}/{stem}__c{copy}.{settings.encoding.extension}",
+                    source,
+                    label,
+                    copy,
+                    copy_seed,
+                    json.dumps(ops),
+                    sha256,
+                    policy,
+                )
+
+    plan = frame_from_rows(rows(), MANIFEST_COLUMNS)
     _log_counts(train, plan)
     return plan
 

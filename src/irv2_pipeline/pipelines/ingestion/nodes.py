@@ -17,6 +17,7 @@ from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy, fingerprint
 from irv2_pipeline.parallel import process_map
 from irv2_pipeline.progress import ProgressLog
+from irv2_pipeline.tables import frame_from_rows
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
@@ -77,8 +78,6 @@ def scan_images(
         raise IngestionError(f"The image folder {raw_images.root} is empty.")
 
     columns = ["path", "label", "sha256", "phash", "width", "height", "format", "mode"]
-    # A tuple per image, not a dict: about the manifest's own size, not three times it.
-    accepted: list[tuple] = []
     progress = ProgressLog("images validated", len(candidates), logger)
     # fingerprint lives in images.py: spawned workers import only that light module.
     jobs = (str(raw_images.path_of(path)) for path in candidates)
@@ -88,15 +87,17 @@ def scan_images(
         ingestion.get("workers", "auto"),
         parameter="ingestion.workers",
     )
-    for path, result in zip(candidates, results, strict=True):
-        if isinstance(result, str):
-            rejected.append((path, result))
-        else:
-            label = path.split("/", 1)[0]
-            accepted.append((path, label, *(result[c] for c in columns[2:])))
-        progress.advance()
 
-    accepted_df = pd.DataFrame(accepted, columns=columns)
+    def accepted_rows():
+        for path, result in zip(candidates, results, strict=True):
+            progress.advance()
+            if isinstance(result, str):
+                rejected.append((path, result))
+            else:
+                label = path.split("/", 1)[0]
+                yield (path, label, *(result[c] for c in columns[2:]))
+
+    accepted_df = frame_from_rows(accepted_rows(), columns)
     rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
     logger.info(
         "%d images accepted, %d files rejected", len(accepted_df), len(rejected_df)
@@ -126,33 +127,28 @@ def group_duplicates(
     settings = ingestion["duplicates"]
     images = scanned_images.reset_index(drop=True)
     keys = _group_keys(images["path"], settings.get("group_key_pattern"))
-    parents = np.arange(len(images))
-
-    for members in images.groupby("sha256").indices.values():
-        _union_all(parents, members)
+    # A union-find forest in one integer array: each image points at a member of its
+    # group. Array operations, not Python objects per image: those would cost several
+    # times the manifest's own memory (bench/scale.py).
+    parents = _first_of_each(images["sha256"])
     max_hamming = settings.get("max_hamming")
     if max_hamming is not None and len(images) > 1:
         for i, j in _near_pairs(images["phash"], int(max_hamming)):
             _union(parents, i, j)
-    duplicate_of = np.array([_find(parents, i) for i in range(len(images))])
-    if keys is not None:
-        for members in (
-            pd.Series(range(len(images))).groupby(keys.to_numpy()).indices.values()
-        ):
-            _union_all(parents, members)
-
-    roots = np.array([_find(parents, i) for i in range(len(images))])
+    duplicate_of = _roots(parents)
     tokens = "h:" + images["sha256"]
     if keys is not None:
+        with_key = np.flatnonzero(keys.notna().to_numpy())
+        for i, first in zip(
+            with_key.tolist(), _first_of_each(keys.iloc[with_key]).tolist(), strict=True
+        ):
+            _union(parents, i, int(with_key[first]))
         tokens = ("k:" + keys).where(keys.notna(), tokens)
-    # The group id is the smallest member token: stable while the group's members stay.
-    group_ids = tokens.groupby(roots).transform("min")
-    images["group"] = "g" + group_ids.map(
-        lambda t: hashlib.sha256(t.encode()).hexdigest()[:12]
-    )
+    roots = _roots(parents)
+    images["group"] = _group_ids(tokens, roots)
     label_counts = images.groupby(duplicate_of)["label"].transform("nunique")
     images["label_conflict"] = label_counts > 1
-    report = _duplicate_report(images, duplicate_of)
+    report = _duplicate_report(images, duplicate_of, roots)
     logger.info(
         "%d duplicate groups (%d with label conflicts)",
         len(report),
@@ -300,27 +296,61 @@ def _group_keys(paths: pd.Series, pattern: str | None) -> pd.Series | None:
     return keys.astype(object)
 
 
-def _near_pairs(phashes: pd.Series, max_hamming: int, budget: int = 1 << 22):
+def _near_pairs(phashes: pd.Series, max_hamming: int, budget: int = 1 << 20):
     """Index pairs whose 64-bit perceptual hashes differ in at most ``max_hamming`` bits.
 
     Each block of rows is compared with the rows from its own start on, in at most
-    ``budget`` distances at a time, so memory stays flat however many images there are.
+    ``budget`` distances at a time, in buffers made once: memory stays flat however
+    many images there are.
     """
-    values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
-    chunk = max(1, budget // max(1, len(values)))
+    # The hashes are 16 hex digits each: one join and one parse, not an int per image.
+    values = np.frombuffer(bytes.fromhex("".join(phashes)), dtype=">u8").astype(
+        np.uint64
+    )
+    chunk = max(1, min(len(values), budget // max(1, len(values))))
+    distances = np.empty(chunk * len(values), dtype=np.uint64)
+    close = np.empty(chunk * len(values), dtype=bool)
     for start in range(0, len(values), chunk):
         block = values[start : start + chunk]
         # Row r and column c are images start + r and start + c.
-        close = np.bitwise_count(block[:, None] ^ values[None, start:]) <= max_hamming
+        shape = (len(block), len(values) - start)
+        size = shape[0] * shape[1]
+        block_distances = distances[:size].reshape(shape)
+        np.bitwise_xor(block[:, None], values[None, start:], out=block_distances)
+        np.bitwise_count(block_distances, out=block_distances)
+        block_close = close[:size].reshape(shape)
+        np.less_equal(block_distances, max_hamming, out=block_close)
         # Each image matches itself (c == r); only more matches need locating.
-        if np.count_nonzero(close) > len(block):
-            rows, cols = np.nonzero(close)
+        if np.count_nonzero(block_close) > len(block):
+            rows, cols = np.nonzero(block_close)
             keep = rows < cols
             yield from zip(
                 (rows[keep] + start).tolist(),
                 (cols[keep] + start).tolist(),
                 strict=True,
             )
+
+
+def _first_of_each(values: pd.Series) -> np.ndarray:
+    """For each position, the first position holding the same value (itself if none)."""
+    present = values.notna().to_numpy()
+    positions = np.arange(len(values))
+    # NumPy on Python strings, not pandas' factorize: Arrow's allocator keeps what
+    # its hash table took, a few hundred bytes per image (bench/scale.py).
+    _, first, codes = np.unique(
+        values[present].to_numpy(dtype=object), return_index=True, return_inverse=True
+    )
+    result = positions.copy()
+    result[present] = positions[present][first][codes]
+    return result
+
+
+def _roots(parents: np.ndarray) -> np.ndarray:
+    """Each node's root: pointers are followed in steps that double until all stop."""
+    roots = parents.copy()
+    while not np.array_equal(hops := roots[roots], roots):
+        roots = hops
+    return roots
 
 
 def _find(parents: np.ndarray, i: int) -> int:
@@ -336,16 +366,33 @@ def _union(parents: np.ndarray, i: int, j: int) -> None:
         parents[max(root_i, root_j)] = min(root_i, root_j)
 
 
-def _union_all(parents: np.ndarray, members) -> None:
-    for other in members[1:]:
-        _union(parents, int(members[0]), int(other))
+def _group_ids(tokens: pd.Series, roots: np.ndarray) -> pd.Series:
+    """``g`` + 12 hex digits of the SHA-256 of the smallest member token of each group.
+
+    The smallest token keeps a group's id while its members stay, whatever is added
+    to the folder elsewhere; one hash per group, not per image.
+    """
+    uniques, codes = np.unique(tokens.to_numpy(dtype=object), return_inverse=True)
+    smallest = np.full(len(tokens), len(uniques))
+    np.minimum.at(smallest, roots, codes)
+    group_codes, inverse = np.unique(smallest[roots], return_inverse=True)
+    names = np.array(
+        [
+            "g" + hashlib.sha256(uniques[code].encode()).hexdigest()[:12]
+            for code in group_codes.tolist()
+        ],
+        dtype=object,
+    )
+    return pd.Series(names[inverse], index=tokens.index, dtype="str")
 
 
-def _duplicate_report(images: pd.DataFrame, duplicate_of: np.ndarray) -> pd.DataFrame:
+def _duplicate_report(
+    images: pd.DataFrame, duplicate_of: np.ndarray, roots: np.ndarray
+) -> pd.DataFrame:
     """One row per group of two or more: ``exact``, ``near`` or (user) ``key``."""
     rows = []
     # Only groups of two or more: iterating over every single image would be slow.
-    shared = images.groupby("group")["group"].transform("size") > 1
+    shared = np.bincount(roots, minlength=len(roots))[roots] > 1
     for group, members in images[shared].groupby("group"):
         if members["sha256"].nunique() == 1:
             kind = "exact"
