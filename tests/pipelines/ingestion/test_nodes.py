@@ -23,6 +23,7 @@ from PIL import Image
 
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.pipelines.ingestion.nodes import (
+    SCANNED_COLUMNS,
     IngestionError,
     _near_pairs,
     group_duplicates,
@@ -242,16 +243,7 @@ def scanned_rows(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
             (path, path.split("/")[0], sha, phash, 64, 64, "BMP", "RGB")
             for path, sha, phash in rows
         ],
-        columns=[
-            "path",
-            "label",
-            "sha256",
-            "phash",
-            "width",
-            "height",
-            "format",
-            "mode",
-        ],
+        columns=SCANNED_COLUMNS,
     )
 
 

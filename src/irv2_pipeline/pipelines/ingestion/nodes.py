@@ -25,17 +25,24 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = [
+# What scan_images gives for each accepted image.
+SCANNED_COLUMNS = [
     "path",
     "label",
-    "split",
-    "group",
     "sha256",
     "phash",
     "width",
     "height",
     "format",
     "mode",
+]
+# The manifest adds where each image went and why it may be doubtful.
+MANIFEST_COLUMNS = [
+    "path",
+    "label",
+    "split",
+    "group",
+    *SCANNED_COLUMNS[2:],
     "label_conflict",
 ]
 REJECTED_COLUMNS = ["path", "reason"]
@@ -77,7 +84,6 @@ def scan_images(
     if not candidates and not rejected:
         raise IngestionError(f"The image folder {raw_images.root} is empty.")
 
-    columns = ["path", "label", "sha256", "phash", "width", "height", "format", "mode"]
     progress = ProgressLog("images validated", len(candidates), logger)
     # fingerprint lives in images.py: spawned workers import only that light module.
     jobs = (str(raw_images.path_of(path)) for path in candidates)
@@ -95,9 +101,9 @@ def scan_images(
                 rejected.append((path, result))
             else:
                 label = path.split("/", 1)[0]
-                yield (path, label, *(result[c] for c in columns[2:]))
+                yield (path, label, *(result[c] for c in SCANNED_COLUMNS[2:]))
 
-    accepted_df = frame_from_rows(accepted_rows(), columns)
+    accepted_df = frame_from_rows(accepted_rows(), SCANNED_COLUMNS)
     rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
     logger.info(
         "%d images accepted, %d files rejected", len(accepted_df), len(rejected_df)
