@@ -54,7 +54,10 @@ def _evidence_at(
     interpolate the target, as they do with more dimensions than images.
     """
     projected = spectrum.left.T @ target
-    outside = max(float(target @ target - projected @ projected), 0.0)
+    # The part of the target outside the features' span, as the norm of the residual
+    # vector: as |y|^2 - |U^T y|^2 it is rounding noise of |y|^2 where the span holds
+    # the target, and beta (up to 1e9 there) multiplies it into the evidence.
+    outside = float(((target - spectrum.left @ projected) ** 2).sum())
     precision = alpha + beta * spectrum.sigma2
     weight_norm2 = float(
         ((beta * np.sqrt(spectrum.sigma2) * projected / precision) ** 2).sum()
