@@ -115,8 +115,20 @@ def main() -> None:
         classifier, settings = results[True]["classifier"], results[True]["settings"]
         set_trainable_from(backbone, None)
         started = time.perf_counter()
-        pooled_features(classifier, train, settings, args.batch_size)
-        pooled_features(classifier, val, settings, args.batch_size)
+        pooled_features(
+            classifier,
+            train,
+            image_size=settings.image_size,
+            policy=settings.policy,
+            batch_size=args.batch_size,
+        )
+        pooled_features(
+            classifier,
+            val,
+            image_size=settings.image_size,
+            policy=settings.policy,
+            batch_size=args.batch_size,
+        )
         one_pass = time.perf_counter() - started
 
     cached_steady = one_pass + steady(results[True]["epochs"], args.epochs)

@@ -10,8 +10,10 @@ from PIL import Image
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import (
     PixelRangeError,
+    batch_sizes,
     check_pixel_range,
     class_names,
+    feature_dataset,
     image_dataset,
 )
 
@@ -154,3 +156,55 @@ def test_generated_flags_must_match_the_paths(coloured_files):
             policy=OpenPolicy(),
             generated=[1] * 5,
         )
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_replica", [1, 2, 4, 32])
+def test_every_batch_gives_every_replica_an_image(replicas, per_replica):
+    # tf.distribute splits each batch evenly over the replicas: a batch of fewer
+    # images than replicas leaves one empty, and an unevenly split first batch stops
+    # Keras from building the model.
+    batch = per_replica * replicas
+    for count in range(2 * replicas, 3 * batch + 2 * replicas):
+        sizes = batch_sizes(count, batch, replicas)
+        assert sum(sizes) == count
+        assert min(sizes) >= replicas, (count, sizes)
+        assert sizes[0] % replicas == 0, (count, sizes)
+        assert max(sizes) < batch + replicas, (count, sizes)
+        # Only the end of a pass is cut differently from plain batches.
+        assert sizes[: len(sizes) - 2] == [batch] * max(0, len(sizes) - 2)
+
+
+def test_one_replica_and_even_passes_batch_plainly():
+    assert batch_sizes(10, 4) == [4, 4, 2]
+    assert batch_sizes(0, 4) == []
+    assert batch_sizes(12, 8, replicas=2) == [8, 4]
+    assert batch_sizes(9, 8, replicas=2) == [4, 5]
+    assert batch_sizes(17, 8, replicas=2) == [8, 9]
+
+
+def test_too_few_images_for_the_replicas_is_a_clear_error():
+    with pytest.raises(ValueError, match="3 images cannot be spread over 2 replicas"):
+        batch_sizes(3, 4, replicas=2)
+    assert batch_sizes(2, 4, replicas=2) == [2]
+
+
+def test_datasets_cut_their_batches_for_the_replicas(coloured_files):
+    paths, _ = coloured_files
+    paths = [*paths, *paths[:3]]
+    images = image_dataset(
+        paths,
+        list(range(9)),
+        image_size=8,
+        batch_size=8,
+        policy=OpenPolicy(),
+        shuffle_seed=3,
+        replicas=2,
+    )
+    batches = list(images.as_numpy_iterator())
+    assert [len(labels) for _, labels in batches] == [4, 5]
+    assert sorted(np.concatenate([labels for _, labels in batches])) == list(range(9))
+    features = feature_dataset(
+        np.arange(9.0)[:, None], list(range(9)), batch_size=8, replicas=2
+    )
+    assert [len(y) for _, y in features.as_numpy_iterator()] == [4, 5]

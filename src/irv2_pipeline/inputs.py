@@ -24,6 +24,54 @@ class PixelRangeError(ValueError):
     """A batch whose pixel values are not plain ``[0, 255]`` RGB."""
 
 
+def batch_sizes(count: int, batch_size: int, replicas: int = 1) -> list[int]:
+    """The sizes of the batches one pass over ``count`` examples is cut into.
+
+    On one replica: full batches, the last one holding the rest. On several,
+    ``tf.distribute`` splits every batch evenly across the replicas, and two batch
+    shapes break training: a batch of fewer examples than replicas gives a replica an
+    empty batch (TensorFlow's CPU convolution then returns a wrongly shaped tensor), and
+    a first batch that does not split evenly stops Keras from building the model (it
+    averages the first batch's replica shares). So the rest of a pass too small to give
+    every replica an example joins the batch before it, and when that would make the
+    first batch uneven, the pass is cut into two batches of at least one example per
+    replica, the first a multiple of ``replicas``. Every example is used: validation
+    and prediction see every image, training every image of every epoch.
+
+    Args:
+        count: Examples in one pass.
+        batch_size: The global batch size (a multiple of ``replicas``).
+        replicas: Replicas in sync.
+
+    Returns:
+        Batch sizes summing to ``count`` (none for no examples).
+
+    Raises:
+        ValueError: Fewer examples than it takes to give every replica one in each
+            batch (fewer than ``2 * replicas`` and not a multiple of ``replicas``).
+    """
+    if count < 0 or batch_size < 1:
+        raise ValueError(f"No batches of {batch_size} from {count} examples")
+    full, rest = divmod(count, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if (
+        replicas == 1
+        or rest == 0
+        or (rest >= replicas and (full or rest % replicas == 0))
+    ):
+        return sizes
+    if full >= 2:
+        return [*sizes[:-2], batch_size + rest]
+    if count < 2 * replicas:
+        raise ValueError(
+            f"{count} images cannot be spread over {replicas} replicas with an image "
+            f"for each replica in every batch: use at least {2 * replicas} images, "
+            f"a multiple of {replicas}, or fewer replicas."
+        )
+    first = replicas * (count // (2 * replicas))
+    return [first, count - first]
+
+
 def class_names(manifest: pd.DataFrame) -> list[str]:
     """The class names in index order (sorted labels): one order for every pipeline."""
     return sorted(manifest["label"].unique())
@@ -38,6 +86,7 @@ def image_dataset(
     policy: OpenPolicy,
     shuffle_seed: int | None = None,
     generated: Sequence[bool] | None = None,
+    replicas: int = 1,
 ) -> tf.data.Dataset:
     """A batched, prefetched dataset of ``(images, labels)`` (or images alone).
 
@@ -51,6 +100,7 @@ def image_dataset(
             the manifest order (validation, test, feature extraction).
         generated: For each path, whether this project wrote the file (an augmented
             copy), so TensorFlow may decode it; ``None``: none of them.
+        replicas: Replicas the batches are split across (see :func:`batch_sizes`).
 
     Returns:
         A ``tf.data.Dataset`` of ``float32`` images of shape
@@ -113,7 +163,7 @@ def image_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    return examples.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return _batched(examples, len(paths), batch_size, replicas)
 
 
 def feature_dataset(
@@ -122,6 +172,7 @@ def feature_dataset(
     *,
     batch_size: int,
     shuffle_seed: int | None = None,
+    replicas: int = 1,
 ) -> tf.data.Dataset:
     """A batched dataset of ``(features, labels)`` from arrays in memory.
 
@@ -134,6 +185,7 @@ def feature_dataset(
         labels: Class indices, one per row.
         batch_size: Examples per batch.
         shuffle_seed: As in :func:`image_dataset`.
+        replicas: As in :func:`image_dataset`.
     """
     features = np.asarray(features)
     label_array = np.asarray(labels, dtype=np.int32)
@@ -142,7 +194,20 @@ def feature_dataset(
     pairs = _example_order(
         tf.data.Dataset.from_tensor_slices((features, label_array)), shuffle_seed
     )
-    return pairs.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return _batched(pairs, len(features), batch_size, replicas)
+
+
+def _batched(
+    examples: tf.data.Dataset, count: int, batch_size: int, replicas: int
+) -> tf.data.Dataset:
+    """Batches as :func:`batch_sizes` cuts them, prefetched."""
+    batches = examples.batch(batch_size)
+    sizes = batch_sizes(count, batch_size, replicas)
+    if sizes != batch_sizes(count, batch_size):
+        # `rebatch` re-cuts the stream of examples, cycling through `sizes`: one
+        # cycle is exactly one pass.
+        batches = batches.rebatch(sizes)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def _example_order(

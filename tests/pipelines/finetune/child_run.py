@@ -106,8 +106,8 @@ def run(
         checkpoint_dir=str(workdir / "checkpoints"),
         tensorboard_dir=None,
     )
-    # Three per class in val: with two replicas of 4, a full first batch (Keras
-    # cannot build a distributed model from an unevenly split first batch).
+    # Nine images per split: with two replicas of 4 a plain last batch of one image
+    # would leave a replica with an empty batch, in training and validation.
     manifest = conftest.demo_manifest(train_per_class=3, val_per_class=3)
     run_stages, load_irv2 = nodes.run_stages, nodes.load_irv2
     nodes.run_stages = functools.partial(run_stages, callbacks=[EpochLog()])

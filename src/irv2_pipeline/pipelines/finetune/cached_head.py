@@ -11,19 +11,17 @@ backbone pass instead of E. The head is ``classifier.head``, the very layers of
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import keras
 import numpy as np
 
 from irv2_pipeline.classifier import Classifier
-from irv2_pipeline.inputs import image_dataset
+from irv2_pipeline.images import OpenPolicy
+from irv2_pipeline.inputs import batch_sizes, image_dataset
 from irv2_pipeline.progress import ProgressLog
 
 from .examples import Examples
-
-if TYPE_CHECKING:
-    from .training import TrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +29,21 @@ logger = logging.getLogger(__name__)
 def pooled_features(
     classifier: Classifier,
     examples: Examples,
-    settings: TrainingSettings,
+    *,
+    image_size: int,
+    policy: OpenPolicy,
     batch_size: int,
+    replicas: int = 1,
 ) -> np.ndarray:
     """Runs the frozen backbone once over the images, in their order.
 
     Args:
         classifier: Its ``features`` view (pixels to pooled features) is used.
         examples: The images.
-        settings: Image size and how images are opened.
-        batch_size: Images per forward pass.
+        image_size: Input side in pixels.
+        policy: How images are opened.
+        batch_size: Images per forward pass (all replicas together).
+        replicas: Replicas the passes are split across.
 
     Returns:
         One row of pooled features per image.
@@ -48,12 +51,13 @@ def pooled_features(
     images = image_dataset(
         examples.paths,
         None,
-        image_size=settings.image_size,
+        image_size=image_size,
         batch_size=batch_size,
-        policy=settings.policy,
+        policy=policy,
         generated=examples.generated,
+        replicas=replicas,
     )
-    progress = _PredictProgress(len(examples), batch_size)
+    progress = _PredictProgress(batch_sizes(len(examples), batch_size, replicas))
     features = classifier.features.predict(images, verbose=0, callbacks=[progress])
     logger.info(
         "Cached %d pooled features of %d values (one backbone pass)",
@@ -64,14 +68,12 @@ def pooled_features(
 
 
 class _PredictProgress(keras.callbacks.Callback):
-    def __init__(self, total: int, batch_size: int):
+    def __init__(self, batches: Sequence[int]):
         super().__init__()
-        self._log = ProgressLog("images through the frozen backbone", total, logger)
-        self._total = total
-        self._batch_size = batch_size
-        self._done = 0
+        self._log = ProgressLog(
+            "images through the frozen backbone", sum(batches), logger
+        )
+        self._batches = batches
 
     def on_predict_batch_end(self, batch, logs=None):
-        count = min(self._batch_size, self._total - self._done)
-        self._done += count
-        self._log.advance(count)
+        self._log.advance(self._batches[batch])

@@ -10,7 +10,6 @@ in the same place, at the same scaled rate, to kernels only (biases, BatchNorm
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import keras
@@ -158,8 +157,3 @@ def warmup_cosine(
         warmup_target=learning_rate,
         warmup_steps=warmup_steps,
     )
-
-
-def steps_per_epoch(examples: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch over ``examples`` in batches of ``batch_size``."""
-    return max(1, math.ceil(examples / batch_size))

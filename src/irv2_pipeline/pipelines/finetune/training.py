@@ -27,7 +27,12 @@ import tensorflow as tf
 from irv2_pipeline.backbone import adapt_batchnorm, set_trainable_from
 from irv2_pipeline.classifier import Classifier, training_model
 from irv2_pipeline.images import OpenPolicy
-from irv2_pipeline.inputs import check_pixel_range, feature_dataset, image_dataset
+from irv2_pipeline.inputs import (
+    batch_sizes,
+    check_pixel_range,
+    feature_dataset,
+    image_dataset,
+)
 from irv2_pipeline.progress import ProgressLog
 
 from .cached_head import pooled_features
@@ -41,7 +46,6 @@ from .examples import Examples
 from .optimizer import (
     layerwise_multipliers,
     make_optimizer,
-    steps_per_epoch,
     warmup_cosine,
 )
 from .stages import Stage
@@ -213,7 +217,10 @@ class _Run:
         self.settings = settings
         self.store = store
         self.batch = settings.batch_size * replicas
-        _check_replica_batches(train, val, self.batch, replicas)
+        self.replicas = replicas
+        # Raises here, before any work, when a split cannot feed every replica.
+        self.train_batches = batch_sizes(len(train), self.batch, replicas)
+        batch_sizes(len(val), self.batch, replicas)
         self.callbacks = list(callbacks)
         self.classes = int(classifier.head.output_shape[-1])
         self.class_weight = (
@@ -339,6 +346,7 @@ class _Run:
                 policy=self.settings.policy,
                 shuffle_seed=seed,
                 generated=examples.generated,
+                replicas=self.replicas,
             ).map(self._one_hot)
 
         return _StageGraph(
@@ -351,9 +359,16 @@ class _Run:
 
     def _cached_graph(self) -> _StageGraph:
         if self.features is None:
-            self.features = (
-                pooled_features(self.classifier, self.train, self.settings, self.batch),
-                pooled_features(self.classifier, self.val, self.settings, self.batch),
+            self.features = tuple(
+                pooled_features(
+                    self.classifier,
+                    examples,
+                    image_size=self.settings.image_size,
+                    policy=self.settings.policy,
+                    batch_size=self.batch,
+                    replicas=self.replicas,
+                )
+                for examples in (self.train, self.val)
             )
         train_features, val_features = self.features
         head = self.classifier.head
@@ -366,9 +381,13 @@ class _Run:
                 self.train.labels,
                 batch_size=self.batch,
                 shuffle_seed=seed,
+                replicas=self.replicas,
             ).map(self._one_hot),
             val=feature_dataset(
-                val_features, self.val.labels, batch_size=self.batch
+                val_features,
+                self.val.labels,
+                batch_size=self.batch,
+                replicas=self.replicas,
             ).map(self._one_hot),
             cached=True,
         )
@@ -378,7 +397,7 @@ class _Run:
             stage.learning_rate,
             stage.epochs,
             stage.warmup_epochs,
-            steps_per_epoch(len(self.train), self.batch),
+            len(self.train_batches),
             self.settings.final_lr_fraction,
         )
         graph.optimizer = make_optimizer(
@@ -441,35 +460,18 @@ class _Run:
             initial_epoch=first,
             epochs=stage.epochs,
             # Keras keeps one iterator across epochs when this is given.
-            steps_per_epoch=steps_per_epoch(len(self.train), self.batch),
+            steps_per_epoch=len(self.train_batches),
             shuffle=False,
             class_weight=self.class_weight,
             callbacks=[
                 _StopOnNonFiniteLoss(stage.name),
-                _EpochProgress(stage, len(self.train), self.batch),
+                _EpochProgress(stage, self.train_batches),
                 record,
                 *callbacks,
             ],
             verbose=0,
         )
         return record.best
-
-
-def _check_replica_batches(
-    train: Examples, val: Examples, batch: int, replicas: int
-) -> None:
-    """Keras builds a distributed model from the mean of the first batch's replica
-    shares, which fails with an unhelpful shape error when that batch is too small
-    to give every replica the same share."""
-    if replicas == 1:
-        return
-    for split, examples in (("training", train), ("validation", val)):
-        if len(examples) < batch:
-            raise ValueError(
-                f"With {replicas} replicas the {split} images ({len(examples)}) must "
-                f"fill at least one global batch of {batch} (finetune.batch_size "
-                f"{batch // replicas} per replica): lower finetune.batch_size."
-            )
 
 
 def _class_weight(train: Examples, classes: int) -> dict[int, float]:
@@ -638,25 +640,19 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
 class _EpochProgress(keras.callbacks.Callback):
     """Logs images trained in the epoch, their rate and the time left."""
 
-    def __init__(self, stage: Stage, examples: int, batch_size: int):
+    def __init__(self, stage: Stage, batches: Sequence[int]):
         super().__init__()
         self._stage = stage
-        self._examples = examples
-        self._batch_size = batch_size
+        self._batches = batches
         self._log: ProgressLog | None = None
-        self._done = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._log = ProgressLog(
             f"images trained (stage {self._stage.name}, epoch {epoch + 1}/"
             f"{self._stage.epochs})",
-            self._examples,
+            sum(self._batches),
             logger,
         )
-        self._done = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        # Batches are full except the last, which holds the rest.
-        count = min(self._batch_size, self._examples - self._done)
-        self._done += count
-        self._log.advance(count)
+        self._log.advance(self._batches[batch % len(self._batches)])
