@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import keras
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +119,12 @@ def preprocessing_layer() -> keras.layers.Layer:
     """IRv2's own preprocessing, ``[0, 255]`` RGB to ``[-1, 1]``, as a layer.
 
     It sits inside every model this project saves, so nobody can feed it ``1/255``
-    images again.
+    images again. It computes in float32 whatever the dtype policy: under
+    ``mixed_bfloat16`` the pixels would be rounded to 8 significant bits first, and
+    neighbouring values (254 and 255) would come out equal.
     """
     return keras.layers.Rescaling(
-        scale=1.0 / 127.5, offset=-1.0, name="irv2_preprocess"
+        scale=1.0 / 127.5, offset=-1.0, name="irv2_preprocess", dtype="float32"
     )
 
 
@@ -252,15 +255,18 @@ def batchnorm_layers(backbone: keras.Model) -> list[keras.layers.BatchNormalizat
 def adapt_batchnorm(backbone: keras.Model, batches: Iterable) -> int:
     """AdaBN: re-estimates every BatchNorm layer's moving statistics on images.
 
-    The backbone runs in training mode over the batches, and each BN layer's moving
-    mean and variance become the image-weighted average of its batch statistics
-    (momentum is set per batch so the running update *is* that average). Trainable
+    The backbone runs in training mode over the batches; each BN layer's moving mean
+    and variance become the mean and variance of its input over *all* the images,
+    merged batch by batch (Chan et al.'s parallel update): the variance includes the
+    spread of the batch means, which an average of per-batch variances leaves out
+    (by a lot when batches are not shuffled and hold one class each). Trainable
     flags and momenta are restored afterwards; only the moving statistics change.
 
     Args:
         backbone: IRv2 from :func:`load_irv2`.
         batches: Batches of ``[0, 255]`` RGB images (arrays or tensors), or
-            ``(images, labels)`` pairs.
+            ``(images, labels)`` pairs; shuffled, so that each batch is a sample of
+            all of them.
 
     Returns:
         The number of images seen.
@@ -271,24 +277,56 @@ def adapt_batchnorm(backbone: keras.Model, batches: Iterable) -> int:
     layers = batchnorm_layers(backbone)
     saved = [(layer.trainable, layer.momentum) for layer in layers]
     preprocess = preprocessing_layer()
-    seen = 0
+    moments = [_Moments() for _ in layers]
     try:
         for layer in layers:
-            # A BN layer that is not trainable ignores training=True.
+            # A BN layer that is not trainable ignores training=True; momentum 0
+            # makes its moving statistics this batch's own.
             layer.trainable = True
+            layer.momentum = 0.0
         for batch in batches:
             images = batch[0] if isinstance(batch, tuple | list) else batch
             count = int(keras.ops.shape(images)[0])
-            # moving = moving * m + batch * (1 - m) with m = seen / (seen + count)
-            # keeps the running value equal to the average over all images so far.
-            for layer in layers:
-                layer.momentum = seen / (seen + count)
             backbone(preprocess(images), training=True)
-            seen += count
+            for layer, merged in zip(layers, moments, strict=True):
+                merged.add(
+                    count,
+                    keras.ops.convert_to_numpy(layer.moving_mean),
+                    keras.ops.convert_to_numpy(layer.moving_variance),
+                )
     finally:
         for layer, (trainable, momentum) in zip(layers, saved, strict=True):
             layer.trainable = trainable
             layer.momentum = momentum
-    if seen == 0:
+    if not moments or moments[0].count == 0:
         raise ValueError("adapt_batchnorm got no images to estimate statistics on")
-    return seen
+    for layer, merged in zip(layers, moments, strict=True):
+        layer.moving_mean.assign(merged.mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(
+            merged.variance().astype(layer.moving_variance.dtype)
+        )
+    return moments[0].count
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations, merged batch by batch (Chan)."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean: np.ndarray = np.zeros(0)
+        self.squares: np.ndarray = np.zeros(0)
+
+    def add(self, count: int, mean: np.ndarray, variance: np.ndarray) -> None:
+        mean = mean.astype(np.float64)
+        squares = variance.astype(np.float64) * count
+        if self.count == 0:
+            self.count, self.mean, self.squares = count, mean, squares
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * count / total
+        self.squares = self.squares + squares + delta**2 * self.count * count / total
+        self.count = total
+
+    def variance(self) -> np.ndarray:
+        return self.squares / self.count

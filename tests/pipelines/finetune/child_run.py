@@ -5,6 +5,7 @@ Usage::
 
     python tests/pipelines/finetune/child_run.py WORKDIR [--kill-at STAGE:EPOCH]
         [--logical-cpus N] [--distribution mirrored] [--top-epochs N]
+        [--head-solver lbfgs|minibatch]
 
 ``--kill-at 1:1`` sends SIGKILL to this process during the first batch of the second
 epoch of the second stage (both counted from 0): after the first epoch's checkpoint,
@@ -65,6 +66,7 @@ def main() -> None:
         kill_at=args.kill_at,
         distribution=args.distribution,
         top_epochs=args.top_epochs,
+        head_solver=args.head_solver,
     )
 
 
@@ -73,6 +75,7 @@ def run(
     kill_at: str | None = None,
     distribution: str = "none",
     top_epochs: int = 3,
+    head_solver: str = "minibatch",
 ) -> dict:
     """Runs the node on the demo images with ``mini_irv2``; returns what it wrote."""
     import keras  # noqa: PLC0415 - after the device set-up
@@ -105,6 +108,8 @@ def run(
         distribution=distribution,
         checkpoint_dir=str(workdir / "checkpoints"),
         tensorboard_dir=None,
+        # minibatch: the head stage has epochs, for the kill tests to stop in.
+        linear_head={**finetune["linear_head"], "solver": head_solver},
     )
     # Nine images per split: with two replicas of 4 a plain last batch of one image
     # would leave a replica with an empty batch, in training and validation.
@@ -145,6 +150,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--logical-cpus", type=int, default=1)
     parser.add_argument("--distribution", default="none")
     parser.add_argument("--top-epochs", type=int, default=3)
+    parser.add_argument("--head-solver", default="minibatch")
     return parser.parse_args()
 
 

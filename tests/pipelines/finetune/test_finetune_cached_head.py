@@ -93,6 +93,8 @@ def test_cached_and_uncached_head_stages_reach_the_same_weights(tmp_path):
             examples,
             tmp_path / str(cached),
             cache_head_features=cached,
+            # Epoch by epoch in both, to compare the two ways of running the backbone.
+            head_solver="minibatch",
         )
         assert state.stage_records[0]["cached_features"] == cached
         results[cached] = (classifier.head.get_weights(), state.history)

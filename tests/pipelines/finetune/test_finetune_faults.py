@@ -88,7 +88,13 @@ def test_a_nan_loss_stops_training_and_checkpoints_nothing_of_it(tmp_path):
     with pytest.raises(
         TrainingDivergedError, match=r"stage 'head', epoch 1.*loss is nan"
     ):
-        train(classifier, [stage("head", None)], demo_examples(2, 1), tmp_path)
+        train(
+            classifier,
+            [stage("head", None)],
+            demo_examples(2, 1),
+            tmp_path,
+            head_solver="minibatch",
+        )
     state = CheckpointStore(tmp_path, "run").load()
     assert (state.stage_index, state.epochs_done, state.history) == (0, 0, [])
 
@@ -142,6 +148,7 @@ def test_early_stopping_ends_the_stage_and_restores_its_best_epoch(tmp_path):
         tmp_path,
         callbacks=(ScrambleAfterSecondEpoch(),),
         patience=1,
+        head_solver="minibatch",
     )
     record = state.stage_records[0]
     assert (record["epochs_trained"], record["best_epoch"]) == (2, 1)
@@ -167,11 +174,14 @@ class _StopAfterEpoch(keras.callbacks.Callback):
 
 
 @pytest.mark.parametrize(
-    ("stage_model", "epoch"),
-    [("head_on_features", 0), ("irv2_classifier_bn_frozen", 0)],
+    ("stage_model", "epoch", "head_solver"),
+    [
+        ("head_on_features", 0, "minibatch"),
+        ("irv2_classifier_bn_frozen", 0, "lbfgs"),
+    ],
 )
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(
-    tmp_path, stage_model, epoch
+    tmp_path, stage_model, epoch, head_solver
 ):
     """Every epoch sees its own seeded order, so resuming changes no weight."""
     examples = demo_examples(2, 1)
@@ -180,7 +190,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(
         stage("top", "block8_1", epochs=2, learning_rate=1e-3),
     ]
     uninterrupted = mini_classifier()
-    train(uninterrupted, stages, examples, tmp_path / "whole")
+    train(uninterrupted, stages, examples, tmp_path / "whole", head_solver=head_solver)
 
     with pytest.raises(_Interrupted):
         train(
@@ -189,9 +199,10 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(
             examples,
             tmp_path / "cut",
             callbacks=(_StopAfterEpoch(stage_model, epoch),),
+            head_solver=head_solver,
         )
     resumed = mini_classifier()
-    train(resumed, stages, examples, tmp_path / "cut")
+    train(resumed, stages, examples, tmp_path / "cut", head_solver=head_solver)
 
     for whole, cut in zip(
         uninterrupted.model.get_weights(), resumed.model.get_weights(), strict=True

@@ -109,14 +109,21 @@ def test_pipeline_follows_the_plan_on_originals_and_copies_and_writes_it_all(
         "val_accuracy",
         "learning_rate",
     ]
+    # The head is fitted by L-BFGS (one row, no learning rate), whatever the plan's
+    # head epochs; the top stage trains its epoch.
     assert list(zip(history["stage"], history["epoch"], strict=True)) == [
         ("head", 1),
-        ("head", 2),
         ("top", 1),
     ]
-    assert np.isfinite(history[["loss", "val_loss", "learning_rate"]]).all().all()
+    assert np.isfinite(history[["loss", "val_loss"]]).all().all()
+    assert history["learning_rate"].isna().tolist() == [True, False]
     stages = catalog.load("finetune_stages")
     assert list(stages["stage"]) == ["head", "top"]
+    assert list(stages["solver"]) == ["lbfgs", "adamw"]
+    assert stages["selected"].sum() == 1
+    kept = stages[stages["selected"]].iloc[0]
+    assert kept["best_val_loss"] == stages["best_val_loss"].min()
+    assert "lowest validation loss" in kept["selection"]
     assert list(stages["train_images"]) == [9, 9]  # 6 originals + 3 copies
     assert list(stages["augmented_images"]) == [3, 3]
     assert list(stages["cached_features"]) == [True, False]

@@ -54,6 +54,8 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path):
         "mirrored",
         "--top-epochs",
         "1",
+        "--head-solver",
+        "lbfgs",
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "MirroredStrategy on 2 replicas" in finished.stderr

@@ -11,14 +11,13 @@ import keras
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from irv2_pipeline import backbone as irv2
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import class_names, image_dataset
+from irv2_pipeline.probe import fit_probe
 
 from . import moments, shift, twosample
 from .logme import logme
@@ -43,6 +42,12 @@ RANDOM_WEIGHTS_WARNING = (
     "model.weights is null: the backbone has random weights, so its BN statistics are "
     "not ImageNet's and the shift figures are meaningless; the plan is "
     "feature_shift.default_stages."
+)
+ADAPT_WITH_RANDOM_WEIGHTS = (
+    "Stages with bn_policy adapt re-estimate BatchNorm statistics on the training "
+    "images first: random weights store the initializer's statistics (mean 0, "
+    "variance 1), with which frozen BatchNorm normalizes nothing and the pooled "
+    "features shrink towards a constant."
 )
 
 
@@ -473,6 +478,8 @@ def plan_finetuning(
         source = "feature_shift.plan"
     else:
         stages, rationale = defaults, [RANDOM_WEIGHTS_WARNING]
+        if any(stage.get("bn_policy") == "adapt" for stage in stages):
+            rationale.append(ADAPT_WITH_RANDOM_WEIGHTS)
         source = "feature_shift.default_stages"
     problems = learning_rate_problems(stages, feature_shift["plan_rules"])
     if problems:
@@ -506,14 +513,15 @@ def _probe_accuracy(
     """
     if val_labels is None or not len(val_labels) or len(np.unique(train_labels)) < 2:
         return math.nan, math.nan, math.nan
-    scaler = StandardScaler().fit(train_features)
-    probe = LogisticRegression(
-        C=float(settings["probe_c"]),
+    probe = fit_probe(
+        train_features,
+        train_labels,
+        int(max(train_labels.max(), val_labels.max())) + 1,
+        c=float(settings["probe_c"]),
         max_iter=int(settings["probe_max_iter"]),
-        random_state=seed,
-    ).fit(scaler.transform(train_features), train_labels)
-    predicted = probe.predict(scaler.transform(val_features))
-    accuracy = float(np.mean(predicted == val_labels))
+        seed=seed,
+    )
+    accuracy = probe.accuracy(val_features, val_labels)
     chance = float(np.bincount(val_labels).max() / len(val_labels))
     skill = (accuracy - chance) / (1.0 - chance) if chance < 1 else math.nan
     return accuracy, chance, skill

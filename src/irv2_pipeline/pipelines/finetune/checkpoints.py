@@ -44,11 +44,16 @@ class TrainingState:
         epochs_done: Epochs of that stage done.
         adapted: Whether the stage's BatchNorm adaptation (``adapt``) is done.
         best_val_loss: The stage's best validation loss so far.
+        best_val_accuracy: The validation accuracy of that epoch.
         best_epoch: The epoch (1-based) that reached it; 0 for none yet.
         epochs_without_improvement: For early stopping.
         history: One dict per epoch trained, all stages.
         stage_records: One dict per finished stage.
-        files: Role (``base``, ``progress``, ``best``, ``optimizer``) to file name.
+        selected_stage: The finished stage with the lowest validation loss so far,
+            whose weights (``selected``) the run ends with; ``None`` before any.
+        selected_val_loss: That stage's validation loss.
+        files: Role (``base``, ``progress``, ``best``, ``optimizer``, ``selected``)
+            to file name.
         saves: How many times the state was saved (names new files uniquely).
         finished: Every stage is done; ``base`` holds the final weights. Kept until
             the model file is saved (``hooks.FinishedCheckpointsHook``), so a run
@@ -59,10 +64,13 @@ class TrainingState:
     epochs_done: int = 0
     adapted: bool = False
     best_val_loss: float | None = None
+    best_val_accuracy: float | None = None
     best_epoch: int = 0
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stage_records: list[dict[str, Any]] = field(default_factory=list)
+    selected_stage: int | None = None
+    selected_val_loss: float | None = None
     files: dict[str, str] = field(default_factory=dict)
     saves: int = 0
     finished: bool = False
@@ -74,6 +82,7 @@ class TrainingState:
         self.epochs_done = 0
         self.adapted = False
         self.best_val_loss = None
+        self.best_val_accuracy = None
         self.best_epoch = 0
         self.epochs_without_improvement = 0
 
@@ -146,7 +155,8 @@ class CheckpointStore:
             state: The state to save; its ``files`` are updated.
             arrays: Role to arrays for the roles that changed (``base``: the whole
                 model; ``progress``: the weights being trained; ``best``: their best
-                so far; ``optimizer``: the optimizer's variables). Roles not given keep
+                so far; ``optimizer``: the optimizer's variables; ``selected``: the
+                whole model as the best stage so far left it). Roles not given keep
                 their earlier file; a role given as an empty list is dropped.
         """
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,20 @@ class Examples:
         """Images per class index."""
         return np.bincount(self.labels, minlength=classes)
 
+    def originals(self) -> Examples:
+        """The images that are not augmented copies."""
+        kept = len(self) - self.augmented
+        return Examples(paths=self.paths[:kept], labels=self.labels[:kept])
+
+    def __add__(self, other: Examples) -> Examples:
+        """Both sets of original images, one after the other."""
+        if self.augmented or other.augmented:
+            raise ValueError("Only original images are added up")
+        return Examples(
+            paths=self.paths + other.paths,
+            labels=np.concatenate([self.labels, other.labels]),
+        )
+
 
 def split_examples(
     image_manifest: pd.DataFrame,

@@ -83,6 +83,17 @@ def train_classifier(
         image_manifest, augmented_manifest, raw_images, augmented_images, classes
     )
     val = split_examples(image_manifest, raw_images, classes, "val")
+    adapt_on = train.originals()
+    if finetune.get("adapt_bn_transductive", False):
+        # Unlabelled use of the held-out images: their statistics, not their labels.
+        adapt_on = (
+            adapt_on + val + split_examples(image_manifest, raw_images, classes, "test")
+        )
+        logger.info(
+            "BatchNorm adaptation is transductive: it also sees the %d validation "
+            "and test images (their pixels, not their labels)",
+            len(adapt_on) - len(train.originals()),
+        )
     logger.info(
         "Training on %d images (%d augmented copies), validating on %d, %d classes",
         len(train),
@@ -130,6 +141,7 @@ def train_classifier(
             settings=settings,
             store=store,
             replicas=strategy.num_replicas_in_sync,
+            adapt_on=adapt_on,
         )
     # The checkpoint stays until the model file is saved (hooks.FinishedCheckpointsHook).
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)

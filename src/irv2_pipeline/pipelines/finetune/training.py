@@ -33,6 +33,7 @@ from irv2_pipeline.inputs import (
     feature_dataset,
     image_dataset,
 )
+from irv2_pipeline.probe import select_probe
 from irv2_pipeline.progress import ProgressLog
 
 from .cached_head import pooled_features
@@ -51,6 +52,9 @@ from .optimizer import (
 from .stages import Stage
 
 logger = logging.getLogger(__name__)
+
+
+HEAD_SOLVERS = ("lbfgs", "minibatch")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -74,6 +78,12 @@ class TrainingSettings:
             ``None`` never stops early.
         min_delta: The least decrease of ``val_loss`` that counts as improvement.
         cache_head_features: Train head-only stages on cached pooled features.
+        head_solver: ``lbfgs``: a linear head on cached features is fitted to
+            convergence as ``probe.select_probe`` does, its L2 strength chosen on
+            validation; ``minibatch``: trained by the optimizer for the stage's
+            epochs, like every other stage.
+        head_c_grid: Inverse L2 strengths ``lbfgs`` chooses from.
+        head_max_iter: L-BFGS iteration cap.
         jit_compile: XLA compilation (``True``, ``False`` or ``"auto"``).
         policy: How images are opened.
         tensorboard_dir: Where TensorBoard logs go (``None``: no logs).
@@ -90,6 +100,9 @@ class TrainingSettings:
     patience: int | None = None
     min_delta: float = 0.0
     cache_head_features: bool = True
+    head_solver: str = "lbfgs"
+    head_c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    head_max_iter: int = 1000
     jit_compile: bool | str = False
     policy: OpenPolicy = OpenPolicy()
     tensorboard_dir: Path | None = None
@@ -108,6 +121,13 @@ class TrainingSettings:
         if batch_size < 1:
             raise ValueError(f"finetune.batch_size = {batch_size} must be at least 1")
         patience = stopping.get("patience")
+        linear_head = finetune.get("linear_head") or {}
+        solver = str(linear_head.get("solver", cls.head_solver))
+        if solver not in HEAD_SOLVERS:
+            raise ValueError(
+                f"finetune.linear_head.solver = {solver!r}; use one of "
+                f"{', '.join(HEAD_SOLVERS)}"
+            )
         return cls(
             image_size=int(model["image_size"]),
             seed=int(model["seed"]),
@@ -120,6 +140,11 @@ class TrainingSettings:
             patience=None if patience is None else int(patience),
             min_delta=float(stopping.get("min_delta", 0.0)),
             cache_head_features=bool(finetune.get("cache_head_features", True)),
+            head_solver=solver,
+            head_c_grid=tuple(
+                float(c) for c in linear_head.get("c_grid", cls.head_c_grid)
+            ),
+            head_max_iter=int(linear_head.get("max_iter", cls.head_max_iter)),
             jit_compile=finetune.get("jit_compile", False),
             policy=OpenPolicy.from_params(images),
             tensorboard_dir=tensorboard_dir,
@@ -153,6 +178,7 @@ def run_stages(
     store: CheckpointStore,
     replicas: int = 1,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    adapt_on: Examples | None = None,
 ) -> TrainingState:
     """Trains the stages in order, resuming from ``store`` when it holds a checkpoint.
 
@@ -165,6 +191,9 @@ def run_stages(
         store: This run's checkpoints.
         replicas: Replicas in sync (the global batch is ``batch_size`` times this).
         callbacks: Extra Keras callbacks for every epoch.
+        adapt_on: The images ``adapt`` stages estimate BatchNorm statistics on;
+            ``None``: the original training images (not their augmented copies,
+            whose statistics the augmentation shifted).
 
     Returns:
         The final state: history rows and one record per stage.
@@ -180,14 +209,14 @@ def run_stages(
         store=store,
         replicas=replicas,
         callbacks=callbacks,
+        adapt_on=train.originals() if adapt_on is None else adapt_on,
     )
     state = run.start(stages)
     for index, stage in enumerate(stages):
         if index >= state.stage_index:
             run.train_stage(index, stage, state)
     if not state.finished:
-        state.finished = True
-        store.save(state, {})
+        run.finish(state)
     return state
 
 
@@ -210,8 +239,10 @@ class _Run:
         store: CheckpointStore,
         replicas: int,
         callbacks: Sequence[keras.callbacks.Callback],
+        adapt_on: Examples,
     ):
         self.classifier = classifier
+        self.adapt_on = adapt_on
         self.train = train
         self.val = val
         self.settings = settings
@@ -263,11 +294,81 @@ class _Run:
         started = time.monotonic()
         set_trainable_from(self.classifier.backbone, stage.unfreeze_from)
         if stage.bn_policy == "adapt" and not state.adapted:
-            self._adapt()
+            if not _statistics_current(state.stage_records):
+                self._adapt()
             state.adapted = True
             self.store.save(state, {"base": self.classifier.model.get_weights()})
         graph = self._graph(stage)
         self._compile(graph, stage)
+        solved = graph.cached and self._solves_head()
+        if solved:
+            head_c = self._solve_head(index, stage, graph, state)
+        else:
+            head_c = None
+            self._train(index, stage, graph, state)
+        selected = self._select(index, state)
+        trainable = sum(int(np.prod(w.shape)) for w in graph.trainee.trainable_weights)
+        state.next_stage(
+            {
+                "stage_index": index,
+                "stage": stage.name,
+                **{k: v for k, v in stage.as_dict().items() if k != "name"},
+                "epochs_trained": state.epochs_done,
+                "best_epoch": state.best_epoch,
+                "best_val_loss": state.best_val_loss,
+                "best_val_accuracy": state.best_val_accuracy,
+                "stopped_early": not solved and state.epochs_done < stage.epochs,
+                "solver": "lbfgs" if solved else self.settings.optimizer,
+                "head_c": head_c,
+                "trainable_params": trainable,
+                "train_images": len(self.train),
+                "global_batch_size": self.batch,
+                "augmented_images": self.train.augmented,
+                "cached_features": graph.cached,
+                "selected": False,
+                "selection": "",
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        )
+        self.store.save(
+            state,
+            {
+                "base": self.classifier.model.get_weights(),
+                "progress": [],
+                "best": [],
+                "optimizer": [],
+                **(
+                    {"selected": self.classifier.model.get_weights()}
+                    if selected
+                    else {}
+                ),
+            },
+        )
+
+    def finish(self, state: TrainingState) -> None:
+        """Ends the run with the weights of the stage of lowest validation loss."""
+        chosen = state.selected_stage
+        if chosen is not None and chosen != len(state.stage_records) - 1:
+            self.classifier.model.set_weights(self.store.arrays(state, "selected"))
+        for record in state.stage_records:
+            record["selected"] = record["stage_index"] == chosen
+            record["selection"] = _selection_reason(record, state)
+        kept = state.stage_records[chosen] if chosen is not None else None
+        if kept is not None:
+            logger.info(
+                "The model keeps the weights of stage %r: %s",
+                kept["stage"],
+                kept["selection"],
+            )
+        state.finished = True
+        self.store.save(
+            state, {"base": self.classifier.model.get_weights(), "selected": []}
+        )
+
+    def _train(
+        self, index: int, stage: Stage, graph: _StageGraph, state: TrainingState
+    ) -> None:
+        """The stage's remaining epochs, then its best epoch's weights restored."""
         best = self._resume(state, graph)
         tensorboard = _tensorboard(self.settings, stage)
         if state.epochs_done < stage.epochs and not _stopped_early(
@@ -283,50 +384,123 @@ class _Run:
             )
         if best is not None:
             graph.holder.set_weights(best)
-        trainable = sum(int(np.prod(w.shape)) for w in graph.trainee.trainable_weights)
-        state.next_stage(
-            {
-                "stage_index": index,
-                "stage": stage.name,
-                **{k: v for k, v in stage.as_dict().items() if k != "name"},
-                "epochs_trained": state.epochs_done,
-                "best_epoch": state.best_epoch,
-                "best_val_loss": state.best_val_loss,
-                "stopped_early": state.epochs_done < stage.epochs,
-                "trainable_params": trainable,
-                "train_images": len(self.train),
-                "global_batch_size": self.batch,
-                "augmented_images": self.train.augmented,
-                "cached_features": graph.cached,
-                "seconds": round(time.monotonic() - started, 1),
-            }
+
+    def _solves_head(self) -> bool:
+        """Whether the head is one dense layer that L-BFGS fits (``lbfgs``)."""
+        dense = [
+            layer
+            for layer in self.classifier.head.layers
+            if isinstance(layer, keras.layers.Dense)
+        ]
+        return self.settings.head_solver == "lbfgs" and len(dense) == 1
+
+    def _solve_head(
+        self, index: int, stage: Stage, graph: _StageGraph, state: TrainingState
+    ) -> float:
+        """Fits the linear head to convergence on the cached features.
+
+        The head is the linear probe ``feature_shift`` scores the features with, its
+        L2 strength chosen on validation. Its history row is measured with the
+        stage's compiled loss, like every epoch of the other stages, so that stages
+        compare by validation loss. Returns the inverse L2 strength chosen.
+        """
+        started = time.monotonic()
+        train_features, val_features = self.features
+        broken = int((~np.isfinite(train_features).all(axis=1)).sum()) + int(
+            (~np.isfinite(val_features).all(axis=1)).sum()
         )
-        self.store.save(
-            state,
-            {
-                "base": self.classifier.model.get_weights(),
-                "progress": [],
-                "best": [],
-                "optimizer": [],
-            },
+        if broken:
+            raise TrainingDivergedError(
+                f"Stage {stage.name!r}: the frozen backbone gives NaN or infinite "
+                f"pooled features for {broken} images, so no head can be fitted. No "
+                "model was saved. Check model.weights (a damaged weights file) and the "
+                "images for extreme values."
+            )
+        weights = None
+        if self.class_weight is not None:
+            weights = np.array([self.class_weight[int(y)] for y in self.train.labels])
+        probe, grid = select_probe(
+            (train_features, np.asarray(self.train.labels)),
+            (val_features, np.asarray(self.val.labels)),
+            self.classes,
+            c_grid=self.settings.head_c_grid,
+            max_iter=self.settings.head_max_iter,
+            seed=self.settings.seed,
+            sample_weight=weights,
         )
+        logger.info(
+            "Linear head by L-BFGS, C (inverse L2) chosen on validation: %s",
+            ", ".join(
+                f"C={row.c:g}: val accuracy {row.val_accuracy:.3f}, val loss "
+                f"{row.val_loss:.4f}{' (chosen)' if row.selected else ''}"
+                for row in grid.itertuples()
+            ),
+        )
+        logits = self.classifier.head.get_layer("logits")
+        logits.set_weights(
+            [
+                probe.kernel.astype(logits.kernel.dtype),
+                probe.bias.astype(logits.bias.dtype),
+            ]
+        )
+        fitted = graph.trainee.evaluate(graph.train(None), verbose=0, return_dict=True)
+        checked = graph.trainee.evaluate(graph.val, verbose=0, return_dict=True)
+        row = {
+            "stage": stage.name,
+            "epoch": 1,
+            "loss": float(fitted["loss"]),
+            "accuracy": float(fitted["accuracy"]),
+            "val_loss": float(checked["loss"]),
+            "val_accuracy": float(checked["accuracy"]),
+            "learning_rate": math.nan,
+            "stage_index": index,
+            "cached_features": True,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        _log_epoch(row, 1)
+        state.history.append(row)
+        state.epochs_done = 1
+        state.best_epoch = 1
+        state.best_val_loss = row["val_loss"]
+        state.best_val_accuracy = row["val_accuracy"]
+        return probe.c
+
+    def _select(self, index: int, state: TrainingState) -> bool:
+        """Whether the stage just ended is the best so far (lowest val loss)."""
+        loss = state.best_val_loss
+        if loss is None or not (
+            state.selected_val_loss is None or loss < state.selected_val_loss
+        ):
+            return False
+        state.selected_stage = index
+        state.selected_val_loss = loss
+        return True
 
     def _check_first_batch(self) -> None:
         for images in self._images(self.train).take(1):
             check_pixel_range(keras.ops.convert_to_numpy(images))
 
-    def _images(self, examples: Examples) -> tf.data.Dataset:
+    def _images(
+        self, examples: Examples, shuffle_seed: int | None = None
+    ) -> tf.data.Dataset:
         return image_dataset(
             examples.paths,
             None,
             image_size=self.settings.image_size,
             batch_size=self.batch,
             policy=self.settings.policy,
+            shuffle_seed=shuffle_seed,
             generated=examples.generated,
         )
 
     def _adapt(self) -> None:
-        seen = adapt_batchnorm(self.classifier.backbone, self._images(self.train))
+        # Shuffled: a batch of one class would leave the spread between classes
+        # to the merge alone, and BN's batch statistics would differ from the
+        # model's use.
+        seen = adapt_batchnorm(
+            self.classifier.backbone,
+            self._images(self.adapt_on, shuffle_seed=self.settings.seed),
+        )
         self.features = None
         logger.info("BatchNorm statistics re-estimated (adapt) on %d images", seen)
 
@@ -474,6 +648,29 @@ class _Run:
         return record.best
 
 
+def _statistics_current(records: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether an earlier stage adapted BatchNorm and no stage since trained the
+    backbone: then the statistics are those of the backbone as it is."""
+    for record in reversed(records):
+        if record["unfreeze_from"] is not None:
+            return False
+        if record["bn_policy"] == "adapt":
+            return True
+    return False
+
+
+def _selection_reason(record: Mapping[str, Any], state: TrainingState) -> str:
+    """Why a stage's weights were kept or not, with the validation losses."""
+    loss = record["best_val_loss"]
+    if record["selected"]:
+        return f"lowest validation loss of all stages ({loss:.4f})"
+    kept = state.stage_records[state.selected_stage]
+    return (
+        f"validation loss {loss:.4f}, not below stage {kept['stage']!r}'s "
+        f"{kept['best_val_loss']:.4f}: not kept"
+    )
+
+
 def _class_weight(train: Examples, classes: int) -> dict[int, float]:
     counts = train.class_counts(classes)
     if (counts == 0).any():
@@ -592,6 +789,7 @@ class _EpochRecord(keras.callbacks.Callback):
             state.best_val_loss - settings.min_delta
         ):
             state.best_val_loss = logs["val_loss"]
+            state.best_val_accuracy = logs["val_accuracy"]
             state.best_epoch = epoch + 1
             state.epochs_without_improvement = 0
             self.best = saved["best"] = saved["progress"]
