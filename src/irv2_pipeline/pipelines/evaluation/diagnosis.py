@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from irv2_pipeline.backbone import GROUPS, group_of
-from irv2_pipeline.pipelines.feature_shift.plan import FIRST_UNIT
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
+from irv2_pipeline.plan_rules import FIRST_UNIT
 
 SEVERITIES = ("high", "medium", "low")
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy")
@@ -91,7 +91,7 @@ def stage_records(finetune_stages: pd.DataFrame) -> list[dict[str, Any]]:
     """The stages ``finetune`` trained, as the plan's stage dicts.
 
     ``finetune_stages`` names a stage in its ``stage`` column; the plan (and
-    ``feature_shift.plan.learning_rate_problems``) calls it ``name``. Read from CSV,
+    ``plan_rules.learning_rate_problems``) calls it ``name``. Read from CSV,
     the head stage's ``unfreeze_from`` comes back as NaN; it is ``None`` again here.
     """
     require_columns(finetune_stages, STAGE_COLUMNS, "finetune_stages")
@@ -547,7 +547,7 @@ def unstable_training(
     Args:
         history: One row per epoch of every stage.
         learning_rate_problems: What the plan rules
-            (``feature_shift.plan.learning_rate_problems``) say of the stages trained.
+            (``plan_rules.learning_rate_problems``) say of the stages trained.
         settings: ``max_loss_jump``.
     """
     jump = float(settings["max_loss_jump"])

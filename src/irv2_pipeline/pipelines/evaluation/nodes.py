@@ -14,8 +14,8 @@ from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.inputs import class_names as manifest_classes
-from irv2_pipeline.pipelines.feature_shift.plan import learning_rate_problems
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
+from irv2_pipeline.plan_rules import learning_rate_problems
 from irv2_pipeline.progress import ProgressLog
 
 from . import diagnosis, plots
