@@ -152,6 +152,24 @@ def learning_rate_problems(
     return problems
 
 
+def blocks_reaching(block_shift: Mapping[str, float], threshold: float) -> list[str]:
+    """The blocks whose mean BN shift reaches ``threshold``, in the given order.
+
+    One comparison (``>=``) for every shift threshold: the plan's ``shift_threshold``
+    and ``adapt_bn_threshold`` and the evaluation's ``domain_gap.max_block_shift``.
+    The diagnosis suggests a ``shift_threshold`` equal to its own threshold, and that
+    plan must then reach the very blocks the diagnosis named.
+
+    Args:
+        block_shift: Mean BN shift per block group, in network order.
+        threshold: The shift from which a block counts as far from ImageNet.
+
+    Returns:
+        The blocks at or above ``threshold``, shallowest first.
+    """
+    return [block for block, shift in block_shift.items() if shift >= threshold]
+
+
 def _number(value: Any, name: str, kind: type) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PlanError(f"{name} = {value!r} is not a number")

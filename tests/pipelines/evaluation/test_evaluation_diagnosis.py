@@ -119,12 +119,27 @@ def test_domain_gap_fires_when_shifted_blocks_stay_frozen(thresholds):
     )
     assert finding is not None
     assert finding.severity == "high"
-    assert finding.evidence[1] == "above 1.0: block17 (2.5)"
+    assert finding.evidence[1] == "at or above 1.0: block17 (2.5)"
     assert finding.evidence[2] == (
         "stages trained: head: head only, 2 epochs, learning rate 0.001, BatchNorm "
         "frozen; block8_1: unfreeze from block8_1, 2 epochs, learning rate 0.0001, "
         "BatchNorm frozen"
     )
+    assert "unfreeze_from: block17_1" in finding.suggestion
+
+
+def test_domain_gap_fires_on_a_block_exactly_at_the_threshold_as_the_plan_does(
+    thresholds,
+):
+    # The plan unfreezes a block whose shift reaches shift_threshold (>=); the finding
+    # suggests shift_threshold = max_block_shift, so it must flag that block too.
+    settings = thresholds["domain_gap"]
+    at_threshold = settings["max_block_shift"]
+    profile = shift_profile({"stem": 0.2, "block17_5": at_threshold})
+    finding = diagnosis.domain_gap(
+        profile, trained(None, "block8_1"), "imagenet", settings
+    )
+    assert finding is not None
     assert "unfreeze_from: block17_1" in finding.suggestion
 
 

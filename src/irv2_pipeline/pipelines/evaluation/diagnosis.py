@@ -18,7 +18,7 @@ import pandas as pd
 
 from irv2_pipeline.backbone import GROUPS, group_of
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
-from irv2_pipeline.plan_rules import FIRST_UNIT
+from irv2_pipeline.plan_rules import FIRST_UNIT, blocks_reaching
 
 SEVERITIES = ("high", "medium", "low")
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy")
@@ -256,28 +256,30 @@ def domain_gap(
         bn_shift_profile: One row per BN layer (``feature_shift``).
         stages: The stages ``finetune`` trained (:func:`stage_records`).
         weights: ``model.weights``.
-        settings: ``max_block_shift``, the mean shift of a block that is large.
+        settings: ``max_block_shift``: a block whose mean shift reaches it is far
+            from ImageNet (compared as the plan compares ``shift_threshold``).
     """
     if weights is None:
         return None
     require_columns(bn_shift_profile, SHIFT_PROFILE_COLUMNS, "bn_shift_profile")
     threshold = float(settings["max_block_shift"])
     blocks = block_shift(bn_shift_profile)
-    shifted = blocks[blocks["shift"] > threshold]
-    if shifted.empty:
+    shifts = dict(zip(blocks["block"], blocks["shift"], strict=True))
+    shifted = blocks_reaching(shifts, threshold)
+    if not shifted:
         return None
-    shallowest = str(shifted["block"].iloc[0])
+    shallowest = shifted[0]
     starts = [
         GROUPS.index(group_of(stage["unfreeze_from"]))
         for stage in stages
         if stage["unfreeze_from"]
     ]
     covered = bool(starts) and min(starts) <= GROUPS.index(shallowest)
-    per_block = ", ".join(f"{row.block} {row.shift:.3g}" for row in blocks.itertuples())
+    per_block = ", ".join(f"{block} {shift:.3g}" for block, shift in shifts.items())
     evidence = [
         f"mean BN shift per block: {per_block}",
-        f"above {threshold}: "
-        + ", ".join(f"{row.block} ({row.shift:.3g})" for row in shifted.itertuples()),
+        f"at or above {threshold}: "
+        + ", ".join(f"{block} ({shifts[block]:.3g})" for block in shifted),
         "stages trained: " + ("; ".join(describe_stages(stages)) or "none"),
     ]
     target = FIRST_UNIT[shallowest]

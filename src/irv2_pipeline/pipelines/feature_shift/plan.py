@@ -16,6 +16,7 @@ from irv2_pipeline.plan_rules import (
     FIRST_UNIT,
     OPTIONAL_KEYS,
     PlanError,
+    blocks_reaching,
     validate_stages,
 )
 
@@ -145,7 +146,7 @@ def _shift_start(
     threshold = float(settings["shift_threshold"])
     shifts = measured.block_shift
     peak = max(shifts, key=shifts.__getitem__)
-    shifted = [block for block, value in shifts.items() if value >= threshold]
+    shifted = blocks_reaching(shifts, threshold)
     if not shifted:
         rationale.append(
             f"No block's mean BN shift reaches shift_threshold {threshold:g} "
@@ -271,7 +272,7 @@ def _bn_policy(
     threshold = float(settings["adapt_bn_threshold"])
     peak = max(measured.block_shift, key=measured.block_shift.__getitem__)
     value = measured.block_shift[peak]
-    if value >= threshold:
+    if blocks_reaching(measured.block_shift, threshold):
         rationale.append(
             f"The largest block shift, {peak} {value:.3g}, reaches adapt_bn_threshold "
             f"{threshold:g}: BN statistics are re-estimated on your images "
