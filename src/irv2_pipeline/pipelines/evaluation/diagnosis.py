@@ -87,6 +87,53 @@ def stages_of(history: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     ]
 
 
+def stage_history(history: pd.DataFrame, stage: str) -> pd.DataFrame:
+    """The epochs of one stage, sorted.
+
+    Raises:
+        DiagnosisInputError: The history has no epoch of ``stage``.
+    """
+    for name, epochs in stages_of(history):
+        if name == stage:
+            return epochs
+    raise DiagnosisInputError(
+        f"training_history has no epochs of stage {stage!r}, which finetune_stages "
+        "names: both must come from the same `kedro run --pipeline finetune`"
+    )
+
+
+def val_accuracy_at(history: pd.DataFrame, stage: str, epoch: int) -> float:
+    """Validation accuracy of ``stage`` at ``epoch`` (1-based); NaN if not recorded."""
+    epochs = stage_history(history, stage)
+    rows = epochs[epochs["epoch"] == epoch]
+    return float(rows["val_accuracy"].iloc[-1]) if len(rows) else math.nan
+
+
+def restored_epoch(finetune_stages: pd.DataFrame) -> tuple[str, int]:
+    """The stage and epoch whose weights the saved model has.
+
+    ``finetune`` saves the stage with the best validation loss, at its ``best_epoch``,
+    and marks it ``selected``. Outputs written before it did so have no ``selected``
+    column: they saved the last stage, at its ``best_epoch``.
+
+    Raises:
+        DiagnosisInputError: No stage, or ``selected`` marks more than one.
+    """
+    require_columns(finetune_stages, ("stage", "best_epoch"), "finetune_stages")
+    if "selected" in finetune_stages.columns:
+        kept = finetune_stages[finetune_stages["selected"].astype(bool)]
+    else:
+        kept = finetune_stages.tail(1)
+    if len(kept) != 1:
+        raise DiagnosisInputError(
+            f"finetune_stages marks {len(kept)} stages as the one the model was saved "
+            "from (column `selected`); exactly one must be: rerun `kedro run "
+            "--pipeline finetune`"
+        )
+    row = kept.iloc[0]
+    return str(row["stage"]), int(row["best_epoch"])
+
+
 def stage_records(finetune_stages: pd.DataFrame) -> list[dict[str, Any]]:
     """The stages ``finetune`` trained, as the plan's stage dicts.
 
@@ -173,17 +220,21 @@ def overfitting(history: pd.DataFrame, settings: dict[str, Any]) -> Finding | No
 
 
 def underfitting(
-    history: pd.DataFrame, n_classes: int, settings: dict[str, Any]
+    history: pd.DataFrame,
+    finetune_stages: pd.DataFrame,
+    n_classes: int,
+    settings: dict[str, Any],
 ) -> Finding | None:
     """Accuracy low on the training images and on the validation images alike.
 
-    Both the best training and the best validation accuracy of the last stage must
-    stay below ``min_train_accuracy``: training accuracy alone is measured under
-    augmentation and dropout, averaged over an epoch, and can lag a model that
-    already classifies held-out images well.
+    Both the best training and the best validation accuracy of the stage the model
+    was saved from (:func:`restored_epoch`) must stay below ``min_train_accuracy``:
+    training accuracy alone is measured under augmentation and dropout, averaged over
+    an epoch, and can lag a model that already classifies held-out images well.
     """
     minimum = float(settings["min_train_accuracy"])
-    stage, rows = stages_of(history)[-1]
+    stage, _ = restored_epoch(finetune_stages)
+    rows = stage_history(history, stage)
     train = float(rows["accuracy"].max())
     validation = float(rows["val_accuracy"].max())
     if np.isnan(train) or train >= minimum or validation >= minimum:
@@ -204,7 +255,8 @@ def underfitting(
             "feature_shift.plan.backbone.epochs",
         ],
         evidence=[
-            f"the last stage {stage!r} reached at most {train:.3f} training and "
+            f"the stage the model was saved from, {stage!r}, reached at most "
+            f"{train:.3f} training and "
             f"{validation:.3f} validation accuracy in {len(rows)} epochs, below "
             f"{minimum} (chance is {chance:.3f} for {n_classes} classes)"
         ],
@@ -348,16 +400,21 @@ def split_shift(table: pd.DataFrame, settings: dict[str, Any]) -> Finding | None
 
 
 def validation_test_gap(
-    history: pd.DataFrame, metrics: dict[str, Any], settings: dict[str, Any]
+    history: pd.DataFrame,
+    finetune_stages: pd.DataFrame,
+    metrics: dict[str, Any],
+    settings: dict[str, Any],
 ) -> Finding | None:
-    """Test accuracy far below the validation accuracy the run ended on.
+    """Test accuracy far below the validation accuracy of the saved weights.
 
-    Fires when the last stage's best validation accuracy exceeds the test accuracy by
-    more than ``max_gap`` and lies above the test accuracy's 95% interval, so that
-    the gap is not test-set noise.
+    The validation accuracy is the one at the epoch whose weights the model has
+    (:func:`restored_epoch`), not a stage's best: an epoch with a higher validation
+    accuracy but a worse validation loss was not kept, and the test never saw it.
+    Fires when it exceeds the test accuracy by more than ``max_gap`` and lies above
+    the test accuracy's 95% interval, so that the gap is not test-set noise.
     """
-    stage, rows = stages_of(history)[-1]
-    validation = float(rows["val_accuracy"].max())
+    stage, epoch = restored_epoch(finetune_stages)
+    validation = val_accuracy_at(history, stage, epoch)
     test = float(metrics["accuracy"])
     low, high = metrics["accuracy_ci95"]
     limit = float(settings["max_gap"])
@@ -373,8 +430,9 @@ def validation_test_gap(
         "this; otherwise the validation split is too small to select on.",
         parameters=["ingestion.split.val"],
         evidence=[
-            f"best validation accuracy of the last stage {stage!r}: {validation:.3f}; "
-            f"test accuracy {test:.3f} (95% interval [{low:.3f}, {high:.3f}]), "
+            f"validation accuracy of the saved weights (stage {stage!r}, epoch "
+            f"{epoch}): {validation:.3f}; test accuracy {test:.3f} (95% interval "
+            f"[{low:.3f}, {high:.3f}]), "
             f"{validation - test:.3f} lower (> {limit})"
         ],
     )

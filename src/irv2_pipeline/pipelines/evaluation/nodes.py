@@ -232,7 +232,8 @@ def diagnose_run(
         training_history: One row per epoch of every stage.
         bn_shift_profile: BN shift per layer (``feature_shift``).
         split_shift: Shift between the splits (``feature_shift``).
-        finetune_stages: The stages ``finetune`` trained, one row each.
+        finetune_stages: The stages ``finetune`` trained, one row each; ``selected``
+            marks the one the model was saved from.
         image_manifest: The ingestion manifest.
         duplicate_report: Duplicate groups (ingestion).
         dataset_summary: The ingestion summary.
@@ -265,12 +266,16 @@ def diagnose_run(
             ),
             diagnosis.underfitting(
                 training_history,
+                finetune_stages,
                 len(evaluation_metrics["classes"]),
                 thresholds["underfitting"],
             ),
             diagnosis.overfitting(training_history, thresholds["overfitting"]),
             diagnosis.validation_test_gap(
-                training_history, evaluation_metrics, thresholds["validation_test_gap"]
+                training_history,
+                finetune_stages,
+                evaluation_metrics,
+                thresholds["validation_test_gap"],
             ),
             diagnosis.class_imbalance(
                 evaluation_metrics,
