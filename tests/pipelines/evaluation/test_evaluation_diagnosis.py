@@ -104,6 +104,63 @@ def test_underfitting_is_silent_when_validation_accuracy_is_high(thresholds):
     assert underfitting(history, thresholds) is None
 
 
+def distorted_history() -> pd.DataFrame:
+    """block8_1 reaches more validation accuracy (0.91) than the head stage, but a
+    worse best validation loss (0.45 vs 0.40): the model keeps the head's epoch 2
+    (0.84 validation accuracy)."""
+    return history_frame(
+        {
+            "head": [(0.9, 0.70, 0.85, 0.72), (0.5, 0.86, 0.40, 0.84)],
+            "block8_1": [(0.4, 0.92, 0.45, 0.90), (0.3, 0.95, 0.50, 0.91)],
+        }
+    )
+
+
+def feature_distortion(history: pd.DataFrame, thresholds: dict):
+    """The rule on ``history``, its stages as finetune wrote them."""
+    return diagnosis.feature_distortion(
+        history, stages_after(history), thresholds["feature_distortion"]
+    )
+
+
+def test_feature_distortion_fires_when_a_backbone_stage_validates_worse(
+    thresholds,
+):
+    finding = feature_distortion(distorted_history(), thresholds)
+    assert finding is not None
+    # Its validation accuracy did not fall: the loss alone says the features suffered.
+    assert finding.severity == "medium"
+    assert finding.evidence == [
+        "stage 'block8_1': best val_loss 0.450 (val accuracy 0.900), 12% above stage "
+        "'head' before it: 0.400 (val accuracy 0.840)",
+        "the model keeps the weights of stage 'head', epoch 2",
+    ]
+    assert "'block8_1'" in finding.suggestion
+
+
+def test_feature_distortion_holds_a_stage_against_the_best_before_it(thresholds):
+    # block17_1 beats the head stage but not block8_1, and loses 0.08 accuracy to it.
+    history = history_frame(
+        {
+            "head": [(0.9, 0.70, 0.60, 0.75)],
+            "block8_1": [(0.5, 0.85, 0.40, 0.88)],
+            "block17_1": [(0.3, 0.95, 0.50, 0.80)],
+        }
+    )
+    finding = feature_distortion(history, thresholds)
+    assert finding is not None
+    assert finding.severity == "high"
+    assert finding.evidence == [
+        "stage 'block17_1': best val_loss 0.500 (val accuracy 0.800), 25% above "
+        "stage 'block8_1' before it: 0.400 (val accuracy 0.880)",
+        "the model keeps the weights of stage 'block8_1', epoch 1",
+    ]
+
+
+def test_feature_distortion_is_silent_when_every_stage_improves(thresholds):
+    assert feature_distortion(healthy_history(), thresholds) is None
+
+
 def test_miscalibration_fires_on_over_and_under_confidence(thresholds):
     settings = thresholds["miscalibration"]
     over = {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65}
@@ -256,19 +313,7 @@ def test_validation_test_gap_is_silent_within_the_gap_or_the_interval(thresholds
     assert validation_test_gap(history, 0.70, [0.45, 0.92], thresholds) is None
 
 
-def distorted_history() -> pd.DataFrame:
-    """block8_1 reaches more validation accuracy (0.91) than the head stage, but a
-    worse best validation loss (0.45 vs 0.40): the model keeps the head's epoch 2
-    (0.84 validation accuracy)."""
-    return history_frame(
-        {
-            "head": [(0.9, 0.70, 0.85, 0.72), (0.5, 0.86, 0.40, 0.84)],
-            "block8_1": [(0.4, 0.92, 0.45, 0.90), (0.3, 0.95, 0.50, 0.91)],
-        }
-    )
-
-
-def test_diagnose_run_compares_test_with_the_stage_the_model_was_saved_from(
+def test_diagnose_run_on_a_run_that_kept_an_earlier_stage(
     diagnosis_inputs, model_params
 ):
     history = distorted_history()
@@ -287,7 +332,9 @@ def test_diagnose_run_compares_test_with_the_stage_the_model_was_saved_from(
             },
         },
     )
-    assert "validation_test_gap" not in [finding["rule"] for finding in findings]
+    rules = [finding["rule"] for finding in findings]
+    assert "validation_test_gap" not in rules
+    assert "feature_distortion" in rules
 
 
 def test_validation_test_gap_reads_the_restored_epoch_of_older_outputs(thresholds):
@@ -582,6 +629,7 @@ def test_every_parameter_a_finding_names_exists(colour_images, thresholds):
     )
     findings = [
         diagnosis.overfitting(bad_history, thresholds["overfitting"]),
+        feature_distortion(distorted_history(), thresholds),
         underfitting(bad_history, thresholds),
         diagnosis.domain_gap(
             shift_profile({"stem": 5.0}),

@@ -263,6 +263,67 @@ def underfitting(
     )
 
 
+def feature_distortion(
+    history: pd.DataFrame, finetune_stages: pd.DataFrame, settings: dict[str, Any]
+) -> Finding | None:
+    """A backbone stage that validated worse than the stages before it.
+
+    Each stage after the first is held against the lowest best validation loss of
+    the stages before it: a rise (relative) above ``min_val_loss_rise`` means that
+    unfreezing more of the backbone distorted the pretrained features, and
+    ``finetune`` kept an earlier stage's weights. High when that stage's validation
+    accuracy (at its best epoch) is more than ``high_val_accuracy_drop`` below the
+    earlier stage's.
+    """
+    require_columns(
+        finetune_stages, ("stage", "best_epoch", "best_val_loss"), "finetune_stages"
+    )
+    min_rise = float(settings["min_val_loss_rise"])
+    high_drop = float(settings["high_val_accuracy_drop"])
+    stages = finetune_stages.reset_index(drop=True)
+    # A stage without a validation loss (None, or NaN from CSV) has nothing to compare.
+    losses = pd.to_numeric(stages["best_val_loss"], errors="coerce")
+    accuracies = [
+        val_accuracy_at(history, str(row["stage"]), int(row["best_epoch"]))
+        for row in stages.to_dict("records")
+    ]
+    evidence, distorting, worst_drop = [], [], 0.0
+    for index in range(1, len(stages)):
+        before = losses.iloc[:index].dropna()
+        if before.empty:
+            continue
+        best = int(before.idxmin())
+        rise = float((losses[index] - losses[best]) / losses[best])
+        if not rise > min_rise:
+            continue
+        drop = accuracies[best] - accuracies[index]
+        worst_drop = max(worst_drop, drop)
+        name, earlier = str(stages.loc[index, "stage"]), str(stages.loc[best, "stage"])
+        distorting.append(repr(name))
+        evidence.append(
+            f"stage {name!r}: best val_loss {losses[index]:.3f} (val accuracy "
+            f"{accuracies[index]:.3f}), {rise:.0%} above stage {earlier!r} before it: "
+            f"{losses[best]:.3f} (val accuracy {accuracies[best]:.3f})"
+        )
+    if not evidence:
+        return None
+    kept, epoch = restored_epoch(finetune_stages)
+    evidence.append(f"the model keeps the weights of stage {kept!r}, epoch {epoch}")
+    return Finding(
+        rule="feature_distortion",
+        cause="Fine-tuning the backbone made validation worse (it distorted the "
+        "pretrained features).",
+        severity="high" if worst_drop > high_drop else "medium",
+        suggestion=f"Fine-tune stage {', '.join(distorting)} more gently: lower its "
+        "learning rate (in finetune.stages, or feature_shift.plan.backbone."
+        "learning_rate for the plan's stages), unfreeze fewer blocks (a later "
+        "unfreeze_from) or change its bn_policy (adapt re-estimates BatchNorm "
+        "statistics on your images, frozen keeps ImageNet's).",
+        parameters=["finetune.stages", "feature_shift.plan.backbone.learning_rate"],
+        evidence=evidence,
+    )
+
+
 def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Finding | None:
     """Confidence that does not match accuracy: ECE above ``max_ece``."""
     ece = float(metrics["ece"])

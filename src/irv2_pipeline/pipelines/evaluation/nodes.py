@@ -271,6 +271,9 @@ def diagnose_run(
                 thresholds["underfitting"],
             ),
             diagnosis.overfitting(training_history, thresholds["overfitting"]),
+            diagnosis.feature_distortion(
+                training_history, finetune_stages, thresholds["feature_distortion"]
+            ),
             diagnosis.validation_test_gap(
                 training_history,
                 finetune_stages,
