@@ -256,9 +256,9 @@ def underfitting(
         ],
         evidence=[
             f"the stage the model was saved from, {stage!r}, reached at most "
-            f"{train:.3f} training and "
-            f"{validation:.3f} validation accuracy in {len(rows)} epochs, below "
-            f"{minimum} (chance is {chance:.3f} for {n_classes} classes)"
+            f"{train:.3f} training and {validation:.3f} validation accuracy in "
+            f"{len(rows)} epochs, below {minimum} (chance is {chance:.3f} for "
+            f"{n_classes} classes)"
         ],
     )
 
