@@ -145,7 +145,10 @@ def colour_model() -> keras.Model:
 
 
 def history_frame(stages: dict[str, list[tuple[float, float, float, float]]]):
-    """A training history: per stage, (loss, accuracy, val_loss, val_accuracy) rows."""
+    """A training history: per stage, (loss, accuracy, val_loss, val_accuracy) rows.
+
+    Epochs count from 1 within each stage, as finetune writes them.
+    """
     rows = [
         {
             "stage": stage,
@@ -157,7 +160,9 @@ def history_frame(stages: dict[str, list[tuple[float, float, float, float]]]):
             "learning_rate": 1e-3 if stage == "head" else 1e-4,
         }
         for stage, epochs in stages.items()
-        for epoch, (loss, accuracy, val_loss, val_accuracy) in enumerate(epochs)
+        for epoch, (loss, accuracy, val_loss, val_accuracy) in enumerate(
+            epochs, start=1
+        )
     ]
     return pd.DataFrame(rows)
 
@@ -167,7 +172,7 @@ def healthy_history() -> pd.DataFrame:
     return history_frame(
         {
             "head": [(0.9, 0.70, 0.85, 0.72), (0.5, 0.86, 0.52, 0.84)],
-            "block8": [(0.4, 0.90, 0.45, 0.88), (0.3, 0.93, 0.38, 0.90)],
+            "block8_1": [(0.4, 0.90, 0.45, 0.88), (0.3, 0.93, 0.38, 0.90)],
         }
     )
 
@@ -209,7 +214,11 @@ def plan(*unfreeze_from: str | None) -> dict:
 
 
 def stages_frame(*unfreeze_from: str | None) -> pd.DataFrame:
-    """``finetune_stages`` as finetune writes it, for the stages of :func:`plan`."""
+    """``finetune_stages`` as finetune writes it, for the stages of :func:`plan`.
+
+    Every stage's best epoch is its last; the model is saved from the last stage.
+    """
+    stages = plan(*unfreeze_from)["stages"]
     rows = [
         {
             "stage_index": index,
@@ -220,14 +229,32 @@ def stages_frame(*unfreeze_from: str | None) -> pd.DataFrame:
             "epochs_trained": stage["epochs"],
             "best_epoch": stage["epochs"],
             "best_val_loss": 0.4,
+            "selected": index == len(stages) - 1,
             "stopped_early": False,
             "trainable_params": 1000 * (index + 1),
             "cached_features": stage["unfreeze_from"] is None,
             "seconds": 1.0,
         }
-        for index, stage in enumerate(plan(*unfreeze_from)["stages"])
+        for index, stage in enumerate(stages)
     ]
     return pd.DataFrame(rows)
+
+
+def stages_after(history: pd.DataFrame) -> pd.DataFrame:
+    """``finetune_stages`` as finetune writes it after training ``history``.
+
+    A stage is named after its ``unfreeze_from`` (``head``: head only). Each stage
+    restores its epoch of lowest validation loss; the model is saved from the stage
+    whose restored validation loss is lowest, the earlier one on a tie.
+    """
+    names = list(dict.fromkeys(history["stage"]))
+    frame = stages_frame(*(None if name == "head" else name for name in names))
+    lowest = history.groupby("stage", sort=False)["val_loss"].idxmin()
+    best = history.loc[lowest].set_index("stage").loc[names]
+    frame["best_epoch"] = best["epoch"].to_numpy()
+    frame["best_val_loss"] = best["val_loss"].to_numpy()
+    frame["selected"] = np.arange(len(names)) == best["val_loss"].to_numpy().argmin()
+    return frame
 
 
 @pytest.fixture
@@ -256,7 +283,7 @@ def upstream_outputs(manifest: pd.DataFrame) -> dict:
             {"layer": ["mixed_5b", "conv_7b"], "logme": [-0.5, 0.3]}
         ),
         "finetune_plan": plan(None, "block8_1"),
-        "finetune_stages": stages_frame(None, "block8_1"),
+        "finetune_stages": stages_after(healthy_history()),
         "class_names": list(CLASSES),
         "duplicate_report": pd.DataFrame(
             columns=["group", "kind", "size", "labels", "label_conflict", "paths"]

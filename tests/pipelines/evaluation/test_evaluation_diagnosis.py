@@ -16,6 +16,7 @@ from .conftest import (
     healthy_history,
     history_frame,
     shift_profile,
+    stages_after,
     stages_frame,
 )
 
@@ -38,7 +39,7 @@ def test_overfitting_fires_on_a_large_accuracy_gap(thresholds):
     assert finding is not None
     assert finding.severity == "high"  # gap 0.39 > 2 x 0.15
     assert finding.evidence == [
-        "stage 'head', epoch 1: training accuracy 0.990 vs validation 0.600 "
+        "stage 'head', epoch 2: training accuracy 0.990 vs validation 0.600 "
         "(gap 0.390 > 0.15)"
     ]
     assert "dropout" in finding.suggestion
@@ -58,31 +59,106 @@ def test_overfitting_fires_on_validation_loss_rising_while_training_loss_falls(
     )
     finding = diagnosis.overfitting(history, thresholds["overfitting"])
     assert finding is not None
-    assert "rose from 0.400 (epoch 0) to 0.600" in finding.evidence[0]
+    assert "rose from 0.400 (epoch 1) to 0.600" in finding.evidence[0]
 
 
 def test_overfitting_is_silent_on_a_healthy_run(thresholds):
     assert diagnosis.overfitting(healthy_history(), thresholds["overfitting"]) is None
 
 
+def underfitting(history: pd.DataFrame, thresholds: dict) -> diagnosis.Finding | None:
+    """The underfitting rule on a three-class run, its stages as finetune wrote them."""
+    return diagnosis.underfitting(
+        history, stages_after(history), 3, thresholds["underfitting"]
+    )
+
+
 def test_underfitting_fires_when_training_accuracy_stays_low(thresholds):
     history = history_frame(
-        {"head": [(1.1, 0.34, 1.1, 0.33)], "block8": [(1.0, 0.40, 1.0, 0.41)]}
+        {"head": [(1.1, 0.34, 1.1, 0.33)], "block8_1": [(1.0, 0.40, 1.0, 0.41)]}
     )
-    finding = diagnosis.underfitting(history, 3, thresholds["underfitting"])
+    finding = underfitting(history, thresholds)
     assert finding is not None
     assert finding.severity == "high"
     assert (
-        "'block8' reached at most 0.400 training and 0.410 validation"
+        "'block8_1', reached at most 0.400 training and 0.410 validation"
         in (finding.evidence[0])
     )
     assert "chance is 0.333" in finding.evidence[0]
 
 
+def test_underfitting_judges_the_stage_the_model_was_saved_from(thresholds):
+    # The backbone stage fits its training images but validates worse than the head
+    # stage, so the model keeps the head stage's weights, which underfit.
+    history = history_frame(
+        {"head": [(0.9, 0.50, 0.9, 0.48)], "block8_1": [(0.2, 0.95, 1.2, 0.45)]}
+    )
+    finding = underfitting(history, thresholds)
+    assert finding is not None
+    assert "'head', reached at most 0.500 training" in finding.evidence[0]
+
+
 def test_underfitting_is_silent_when_validation_accuracy_is_high(thresholds):
     # One epoch under augmentation: the epoch's running training accuracy lags.
-    history = history_frame({"block8": [(1.08, 0.51, 1.07, 0.89)]})
-    assert diagnosis.underfitting(history, 3, thresholds["underfitting"]) is None
+    history = history_frame({"block8_1": [(1.08, 0.51, 1.07, 0.89)]})
+    assert underfitting(history, thresholds) is None
+
+
+def distorted_history() -> pd.DataFrame:
+    """block8_1 reaches more validation accuracy (0.91) than the head stage, but a
+    worse best validation loss (0.45 vs 0.40): the model keeps the head's epoch 2
+    (0.84 validation accuracy)."""
+    return history_frame(
+        {
+            "head": [(0.9, 0.70, 0.85, 0.72), (0.5, 0.86, 0.40, 0.84)],
+            "block8_1": [(0.4, 0.92, 0.45, 0.90), (0.3, 0.95, 0.50, 0.91)],
+        }
+    )
+
+
+def feature_distortion(history: pd.DataFrame, thresholds: dict):
+    """The rule on ``history``, its stages as finetune wrote them."""
+    return diagnosis.feature_distortion(
+        history, stages_after(history), thresholds["feature_distortion"]
+    )
+
+
+def test_feature_distortion_fires_when_a_backbone_stage_validates_worse(
+    thresholds,
+):
+    finding = feature_distortion(distorted_history(), thresholds)
+    assert finding is not None
+    # Its validation accuracy did not fall: the loss alone says the features suffered.
+    assert finding.severity == "medium"
+    assert finding.evidence == [
+        "stage 'block8_1': best val_loss 0.450 (val accuracy 0.900), 12% above stage "
+        "'head' before it: 0.400 (val accuracy 0.840)",
+        "the model keeps the weights of stage 'head', epoch 2",
+    ]
+    assert "'block8_1'" in finding.suggestion
+
+
+def test_feature_distortion_holds_a_stage_against_the_best_before_it(thresholds):
+    # block17_1 beats the head stage but not block8_1, and loses 0.08 accuracy to it.
+    history = history_frame(
+        {
+            "head": [(0.9, 0.70, 0.60, 0.75)],
+            "block8_1": [(0.5, 0.85, 0.40, 0.88)],
+            "block17_1": [(0.3, 0.95, 0.50, 0.80)],
+        }
+    )
+    finding = feature_distortion(history, thresholds)
+    assert finding is not None
+    assert finding.severity == "high"
+    assert finding.evidence == [
+        "stage 'block17_1': best val_loss 0.500 (val accuracy 0.800), 25% above "
+        "stage 'block8_1' before it: 0.400 (val accuracy 0.880)",
+        "the model keeps the weights of stage 'block8_1', epoch 1",
+    ]
+
+
+def test_feature_distortion_is_silent_when_every_stage_improves(thresholds):
+    assert feature_distortion(healthy_history(), thresholds) is None
 
 
 def test_miscalibration_fires_on_over_and_under_confidence(thresholds):
@@ -107,9 +183,7 @@ def test_miscalibration_is_silent_when_calibrated(thresholds):
 
 
 def test_underfitting_is_silent_when_the_model_fits(thresholds):
-    assert (
-        diagnosis.underfitting(healthy_history(), 3, thresholds["underfitting"]) is None
-    )
+    assert underfitting(healthy_history(), thresholds) is None
 
 
 def test_domain_gap_fires_when_shifted_blocks_stay_frozen(thresholds):
@@ -119,12 +193,27 @@ def test_domain_gap_fires_when_shifted_blocks_stay_frozen(thresholds):
     )
     assert finding is not None
     assert finding.severity == "high"
-    assert finding.evidence[1] == "above 1.0: block17 (2.5)"
+    assert finding.evidence[1] == "at or above 1.0: block17 (2.5)"
     assert finding.evidence[2] == (
         "stages trained: head: head only, 2 epochs, learning rate 0.001, BatchNorm "
         "frozen; block8_1: unfreeze from block8_1, 2 epochs, learning rate 0.0001, "
         "BatchNorm frozen"
     )
+    assert "unfreeze_from: block17_1" in finding.suggestion
+
+
+def test_domain_gap_fires_on_a_block_exactly_at_the_threshold_as_the_plan_does(
+    thresholds,
+):
+    # The plan unfreezes a block whose shift reaches shift_threshold (>=); the finding
+    # suggests shift_threshold = max_block_shift, so it must flag that block too.
+    settings = thresholds["domain_gap"]
+    at_threshold = settings["max_block_shift"]
+    profile = shift_profile({"stem": 0.2, "block17_5": at_threshold})
+    finding = diagnosis.domain_gap(
+        profile, trained(None, "block8_1"), "imagenet", settings
+    )
+    assert finding is not None
     assert "unfreeze_from: block17_1" in finding.suggestion
 
 
@@ -195,26 +284,75 @@ def test_split_shift_names_the_columns_it_needs(thresholds):
         )
 
 
+def validation_test_gap(
+    history: pd.DataFrame, test: float, interval: list[float], thresholds: dict
+) -> diagnosis.Finding | None:
+    """The rule on ``history``, its stages as finetune wrote them, and a test score."""
+    return diagnosis.validation_test_gap(
+        history,
+        stages_after(history),
+        {"accuracy": test, "accuracy_ci95": interval},
+        thresholds["validation_test_gap"],
+    )
+
+
 def test_validation_test_gap_fires_when_test_falls_clearly_below_validation(
     thresholds,
 ):
-    metrics = {"accuracy": 0.62, "accuracy_ci95": [0.55, 0.69]}
-    finding = diagnosis.validation_test_gap(
-        healthy_history(), metrics, thresholds["validation_test_gap"]
-    )
+    finding = validation_test_gap(healthy_history(), 0.62, [0.55, 0.69], thresholds)
     assert finding is not None
     assert finding.evidence == [
-        "best validation accuracy of the last stage 'block8': 0.900; test accuracy "
-        "0.620 (95% interval [0.550, 0.690]), 0.280 lower (> 0.1)"
+        "validation accuracy of the saved weights (stage 'block8_1', epoch 2): 0.900; "
+        "test accuracy 0.620 (95% interval [0.550, 0.690]), 0.280 lower (> 0.1)"
     ]
 
 
 def test_validation_test_gap_is_silent_within_the_gap_or_the_interval(thresholds):
+    history = healthy_history()
+    assert validation_test_gap(history, 0.86, [0.80, 0.92], thresholds) is None
+    assert validation_test_gap(history, 0.70, [0.45, 0.92], thresholds) is None
+
+
+def test_diagnose_run_on_a_run_that_kept_an_earlier_stage(
+    diagnosis_inputs, model_params
+):
+    history = distorted_history()
+    metrics = diagnosis_inputs["evaluation_metrics"]
+    findings = diagnose_run(
+        model=model_params,
+        **{
+            **diagnosis_inputs,
+            "training_history": history,
+            "finetune_stages": stages_after(history),
+            # 0.84 - 0.78 is within the gap; block8_1's 0.91 - 0.78 is not.
+            "evaluation_metrics": {
+                **metrics,
+                "accuracy": 0.78,
+                "accuracy_ci95": [0.72, 0.84],
+            },
+        },
+    )
+    rules = [finding["rule"] for finding in findings]
+    assert "validation_test_gap" not in rules
+    assert "feature_distortion" in rules
+
+
+def test_validation_test_gap_reads_the_restored_epoch_of_older_outputs(thresholds):
+    # finetune_stages written before `selected`: the model has the last stage's best
+    # epoch (0.80), not the later epoch with more validation accuracy (0.93).
+    history = history_frame(
+        {"block8_1": [(0.5, 0.85, 0.40, 0.80), (0.3, 0.95, 0.50, 0.93)]}
+    )
+    older = stages_after(history).drop(columns="selected")
+    metrics = {"accuracy": 0.76, "accuracy_ci95": [0.70, 0.82]}
     settings = thresholds["validation_test_gap"]
-    close = {"accuracy": 0.86, "accuracy_ci95": [0.80, 0.92]}
-    noisy = {"accuracy": 0.70, "accuracy_ci95": [0.45, 0.92]}
-    assert diagnosis.validation_test_gap(healthy_history(), close, settings) is None
-    assert diagnosis.validation_test_gap(healthy_history(), noisy, settings) is None
+    assert diagnosis.validation_test_gap(history, older, metrics, settings) is None
+
+
+def test_restored_epoch_needs_exactly_one_selected_stage():
+    stages = stages_after(healthy_history()).assign(selected=True)
+    with pytest.raises(diagnosis.DiagnosisInputError, match="2 stages"):
+        diagnosis.restored_epoch(stages)
 
 
 def test_leakage_fires_on_exact_and_near_copies_across_splits(
@@ -348,7 +486,7 @@ def test_unstable_training_fires_on_nan_and_on_loss_spikes(thresholds):
     assert finding is not None
     assert finding.severity == "medium"
     assert finding.evidence == [
-        "stage 'head': loss jumped from 0.8 to 2.4 at epoch 1 (3.0x > 2.0x)"
+        "stage 'head': loss jumped from 0.8 to 2.4 at epoch 2 (3.0x > 2.0x)"
     ]
     diverged = history_frame(
         {"head": [(0.8, 0.7, 0.8, 0.7), (math.nan, 0.3, math.nan, 0.3)]}
@@ -356,11 +494,11 @@ def test_unstable_training_fires_on_nan_and_on_loss_spikes(thresholds):
     finding = diagnosis.unstable_training(diverged, [], settings)
     assert finding is not None
     assert finding.severity == "high"
-    assert "loss is NaN or infinite at epoch 1" in finding.evidence[0]
+    assert "loss is NaN or infinite at epoch 2" in finding.evidence[0]
 
 
 def test_unstable_training_reports_learning_rates_the_plan_rules_flag(thresholds):
-    problem = "stage 'block8': learning rate 0.01 is above 0.001 for backbone layers"
+    problem = "stage 'block8_1': learning rate 0.01 is above 0.001 for backbone layers"
     finding = diagnosis.unstable_training(
         healthy_history(), [problem], thresholds["unstable_training"]
     )
@@ -491,7 +629,8 @@ def test_every_parameter_a_finding_names_exists(colour_images, thresholds):
     )
     findings = [
         diagnosis.overfitting(bad_history, thresholds["overfitting"]),
-        diagnosis.underfitting(bad_history, 3, thresholds["underfitting"]),
+        feature_distortion(distorted_history(), thresholds),
+        underfitting(bad_history, thresholds),
         diagnosis.domain_gap(
             shift_profile({"stem": 5.0}),
             trained(None),
@@ -505,11 +644,7 @@ def test_every_parameter_a_finding_names_exists(colour_images, thresholds):
             thresholds["domain_gap"],
         ),
         diagnosis.split_shift(split_table(0.5, 0.001), thresholds["split_shift"]),
-        diagnosis.validation_test_gap(
-            healthy_history(),
-            {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6]},
-            thresholds["validation_test_gap"],
-        ),
+        validation_test_gap(healthy_history(), 0.5, [0.4, 0.6], thresholds),
         diagnosis.leakage(leaky, thresholds["leakage"]),
         diagnosis.label_conflicts(
             {"label_conflict_groups": 1, "label_conflict_images_kept": 2},

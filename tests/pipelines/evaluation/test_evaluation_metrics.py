@@ -126,6 +126,24 @@ def test_bootstrap_is_reproducible_with_its_seed():
     assert first != other
 
 
+def test_a_class_missing_from_a_resample_is_not_scored_as_f1_zero():
+    # Every prediction is right, and class c has one test image: about a third of
+    # the resamples miss it. Scored as F1 = 0 there, c put the interval at
+    # [0.667, 1] for a classifier that makes no mistake.
+    y_true = np.array([0] * 20 + [1] * 20 + [2])
+    probabilities = np.eye(3)[y_true] * 0.9 + 0.1 / 3
+    result = classification_metrics(
+        y_true,
+        probabilities,
+        top_k=2,
+        calibration_bins_count=10,
+        resamples=200,
+        seed=0,
+    )
+    assert result["macro_f1"] == 1.0
+    assert result["macro_f1_ci95"] == [1.0, 1.0]
+
+
 def test_ece_is_near_zero_for_calibrated_and_large_for_overconfident_predictions():
     rng = np.random.default_rng(11)
     n = 20000

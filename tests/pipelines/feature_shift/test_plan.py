@@ -6,13 +6,8 @@ import copy
 
 import pytest
 
-from irv2_pipeline.pipelines.feature_shift.plan import (
-    Measurements,
-    PlanError,
-    learning_rate_problems,
-    plan_stages,
-    validate_stages,
-)
+from irv2_pipeline.pipelines.feature_shift.plan import Measurements, plan_stages
+from irv2_pipeline.plan_rules import PlanError, learning_rate_problems, validate_stages
 
 from .conftest import DEPTHS, GROUPS, UNITS, feature_shift_params
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from irv2_pipeline.backbone import GROUPS, group_of
-from irv2_pipeline.pipelines.feature_shift.plan import FIRST_UNIT
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
+from irv2_pipeline.plan_rules import FIRST_UNIT, blocks_reaching
 
 SEVERITIES = ("high", "medium", "low")
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy")
@@ -87,11 +87,58 @@ def stages_of(history: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     ]
 
 
+def stage_history(history: pd.DataFrame, stage: str) -> pd.DataFrame:
+    """The epochs of one stage, sorted.
+
+    Raises:
+        DiagnosisInputError: The history has no epoch of ``stage``.
+    """
+    for name, epochs in stages_of(history):
+        if name == stage:
+            return epochs
+    raise DiagnosisInputError(
+        f"training_history has no epochs of stage {stage!r}, which finetune_stages "
+        "names: both must come from the same `kedro run --pipeline finetune`"
+    )
+
+
+def val_accuracy_at(history: pd.DataFrame, stage: str, epoch: int) -> float:
+    """Validation accuracy of ``stage`` at ``epoch`` (1-based); NaN if not recorded."""
+    epochs = stage_history(history, stage)
+    rows = epochs[epochs["epoch"] == epoch]
+    return float(rows["val_accuracy"].iloc[-1]) if len(rows) else math.nan
+
+
+def restored_epoch(finetune_stages: pd.DataFrame) -> tuple[str, int]:
+    """The stage and epoch whose weights the saved model has.
+
+    ``finetune`` saves the stage with the best validation loss, at its ``best_epoch``,
+    and marks it ``selected``. Outputs written before it did so have no ``selected``
+    column: they saved the last stage, at its ``best_epoch``.
+
+    Raises:
+        DiagnosisInputError: No stage, or ``selected`` marks more than one.
+    """
+    require_columns(finetune_stages, ("stage", "best_epoch"), "finetune_stages")
+    if "selected" in finetune_stages.columns:
+        kept = finetune_stages[finetune_stages["selected"].astype(bool)]
+    else:
+        kept = finetune_stages.tail(1)
+    if len(kept) != 1:
+        raise DiagnosisInputError(
+            f"finetune_stages marks {len(kept)} stages as the one the model was saved "
+            "from (column `selected`); exactly one must be: rerun `kedro run "
+            "--pipeline finetune`"
+        )
+    row = kept.iloc[0]
+    return str(row["stage"]), int(row["best_epoch"])
+
+
 def stage_records(finetune_stages: pd.DataFrame) -> list[dict[str, Any]]:
     """The stages ``finetune`` trained, as the plan's stage dicts.
 
     ``finetune_stages`` names a stage in its ``stage`` column; the plan (and
-    ``feature_shift.plan.learning_rate_problems``) calls it ``name``. Read from CSV,
+    ``plan_rules.learning_rate_problems``) calls it ``name``. Read from CSV,
     the head stage's ``unfreeze_from`` comes back as NaN; it is ``None`` again here.
     """
     require_columns(finetune_stages, STAGE_COLUMNS, "finetune_stages")
@@ -173,17 +220,21 @@ def overfitting(history: pd.DataFrame, settings: dict[str, Any]) -> Finding | No
 
 
 def underfitting(
-    history: pd.DataFrame, n_classes: int, settings: dict[str, Any]
+    history: pd.DataFrame,
+    finetune_stages: pd.DataFrame,
+    n_classes: int,
+    settings: dict[str, Any],
 ) -> Finding | None:
     """Accuracy low on the training images and on the validation images alike.
 
-    Both the best training and the best validation accuracy of the last stage must
-    stay below ``min_train_accuracy``: training accuracy alone is measured under
-    augmentation and dropout, averaged over an epoch, and can lag a model that
-    already classifies held-out images well.
+    Both the best training and the best validation accuracy of the stage the model
+    was saved from (:func:`restored_epoch`) must stay below ``min_train_accuracy``:
+    training accuracy alone is measured under augmentation and dropout, averaged over
+    an epoch, and can lag a model that already classifies held-out images well.
     """
     minimum = float(settings["min_train_accuracy"])
-    stage, rows = stages_of(history)[-1]
+    stage, _ = restored_epoch(finetune_stages)
+    rows = stage_history(history, stage)
     train = float(rows["accuracy"].max())
     validation = float(rows["val_accuracy"].max())
     if np.isnan(train) or train >= minimum or validation >= minimum:
@@ -204,10 +255,72 @@ def underfitting(
             "feature_shift.plan.backbone.epochs",
         ],
         evidence=[
-            f"the last stage {stage!r} reached at most {train:.3f} training and "
-            f"{validation:.3f} validation accuracy in {len(rows)} epochs, below "
-            f"{minimum} (chance is {chance:.3f} for {n_classes} classes)"
+            f"the stage the model was saved from, {stage!r}, reached at most "
+            f"{train:.3f} training and {validation:.3f} validation accuracy in "
+            f"{len(rows)} epochs, below {minimum} (chance is {chance:.3f} for "
+            f"{n_classes} classes)"
         ],
+    )
+
+
+def feature_distortion(
+    history: pd.DataFrame, finetune_stages: pd.DataFrame, settings: dict[str, Any]
+) -> Finding | None:
+    """A backbone stage that validated worse than the stages before it.
+
+    Each stage after the first is held against the lowest best validation loss of
+    the stages before it: a rise (relative) above ``min_val_loss_rise`` means that
+    unfreezing more of the backbone distorted the pretrained features, and
+    ``finetune`` kept an earlier stage's weights. High when that stage's validation
+    accuracy (at its best epoch) is more than ``high_val_accuracy_drop`` below the
+    earlier stage's.
+    """
+    require_columns(
+        finetune_stages, ("stage", "best_epoch", "best_val_loss"), "finetune_stages"
+    )
+    min_rise = float(settings["min_val_loss_rise"])
+    high_drop = float(settings["high_val_accuracy_drop"])
+    stages = finetune_stages.reset_index(drop=True)
+    # A stage without a validation loss (None, or NaN from CSV) has nothing to compare.
+    losses = pd.to_numeric(stages["best_val_loss"], errors="coerce")
+    accuracies = [
+        val_accuracy_at(history, str(row["stage"]), int(row["best_epoch"]))
+        for row in stages.to_dict("records")
+    ]
+    evidence, distorting, worst_drop = [], [], 0.0
+    for index in range(1, len(stages)):
+        before = losses.iloc[:index].dropna()
+        if before.empty:
+            continue
+        best = int(before.idxmin())
+        rise = float((losses[index] - losses[best]) / losses[best])
+        if not rise > min_rise:
+            continue
+        drop = accuracies[best] - accuracies[index]
+        worst_drop = max(worst_drop, drop)
+        name, earlier = str(stages.loc[index, "stage"]), str(stages.loc[best, "stage"])
+        distorting.append(repr(name))
+        evidence.append(
+            f"stage {name!r}: best val_loss {losses[index]:.3f} (val accuracy "
+            f"{accuracies[index]:.3f}), {rise:.0%} above stage {earlier!r} before it: "
+            f"{losses[best]:.3f} (val accuracy {accuracies[best]:.3f})"
+        )
+    if not evidence:
+        return None
+    kept, epoch = restored_epoch(finetune_stages)
+    evidence.append(f"the model keeps the weights of stage {kept!r}, epoch {epoch}")
+    return Finding(
+        rule="feature_distortion",
+        cause="Fine-tuning the backbone made validation worse (it distorted the "
+        "pretrained features).",
+        severity="high" if worst_drop > high_drop else "medium",
+        suggestion=f"Fine-tune stage {', '.join(distorting)} more gently: lower its "
+        "learning rate (in finetune.stages, or feature_shift.plan.backbone."
+        "learning_rate for the plan's stages), unfreeze fewer blocks (a later "
+        "unfreeze_from) or change its bn_policy (adapt re-estimates BatchNorm "
+        "statistics on your images, frozen keeps ImageNet's).",
+        parameters=["finetune.stages", "feature_shift.plan.backbone.learning_rate"],
+        evidence=evidence,
     )
 
 
@@ -256,28 +369,30 @@ def domain_gap(
         bn_shift_profile: One row per BN layer (``feature_shift``).
         stages: The stages ``finetune`` trained (:func:`stage_records`).
         weights: ``model.weights``.
-        settings: ``max_block_shift``, the mean shift of a block that is large.
+        settings: ``max_block_shift``: a block whose mean shift reaches it is far
+            from ImageNet (compared as the plan compares ``shift_threshold``).
     """
     if weights is None:
         return None
     require_columns(bn_shift_profile, SHIFT_PROFILE_COLUMNS, "bn_shift_profile")
     threshold = float(settings["max_block_shift"])
     blocks = block_shift(bn_shift_profile)
-    shifted = blocks[blocks["shift"] > threshold]
-    if shifted.empty:
+    shifts = dict(zip(blocks["block"], blocks["shift"], strict=True))
+    shifted = blocks_reaching(shifts, threshold)
+    if not shifted:
         return None
-    shallowest = str(shifted["block"].iloc[0])
+    shallowest = shifted[0]
     starts = [
         GROUPS.index(group_of(stage["unfreeze_from"]))
         for stage in stages
         if stage["unfreeze_from"]
     ]
     covered = bool(starts) and min(starts) <= GROUPS.index(shallowest)
-    per_block = ", ".join(f"{row.block} {row.shift:.3g}" for row in blocks.itertuples())
+    per_block = ", ".join(f"{block} {shift:.3g}" for block, shift in shifts.items())
     evidence = [
         f"mean BN shift per block: {per_block}",
-        f"above {threshold}: "
-        + ", ".join(f"{row.block} ({row.shift:.3g})" for row in shifted.itertuples()),
+        f"at or above {threshold}: "
+        + ", ".join(f"{block} ({shifts[block]:.3g})" for block in shifted),
         "stages trained: " + ("; ".join(describe_stages(stages)) or "none"),
     ]
     target = FIRST_UNIT[shallowest]
@@ -346,16 +461,21 @@ def split_shift(table: pd.DataFrame, settings: dict[str, Any]) -> Finding | None
 
 
 def validation_test_gap(
-    history: pd.DataFrame, metrics: dict[str, Any], settings: dict[str, Any]
+    history: pd.DataFrame,
+    finetune_stages: pd.DataFrame,
+    metrics: dict[str, Any],
+    settings: dict[str, Any],
 ) -> Finding | None:
-    """Test accuracy far below the validation accuracy the run ended on.
+    """Test accuracy far below the validation accuracy of the saved weights.
 
-    Fires when the last stage's best validation accuracy exceeds the test accuracy by
-    more than ``max_gap`` and lies above the test accuracy's 95% interval, so that
-    the gap is not test-set noise.
+    The validation accuracy is the one at the epoch whose weights the model has
+    (:func:`restored_epoch`), not a stage's best: an epoch with a higher validation
+    accuracy but a worse validation loss was not kept, and the test never saw it.
+    Fires when it exceeds the test accuracy by more than ``max_gap`` and lies above
+    the test accuracy's 95% interval, so that the gap is not test-set noise.
     """
-    stage, rows = stages_of(history)[-1]
-    validation = float(rows["val_accuracy"].max())
+    stage, epoch = restored_epoch(finetune_stages)
+    validation = val_accuracy_at(history, stage, epoch)
     test = float(metrics["accuracy"])
     low, high = metrics["accuracy_ci95"]
     limit = float(settings["max_gap"])
@@ -371,8 +491,9 @@ def validation_test_gap(
         "this; otherwise the validation split is too small to select on.",
         parameters=["ingestion.split.val"],
         evidence=[
-            f"best validation accuracy of the last stage {stage!r}: {validation:.3f}; "
-            f"test accuracy {test:.3f} (95% interval [{low:.3f}, {high:.3f}]), "
+            f"validation accuracy of the saved weights (stage {stage!r}, epoch "
+            f"{epoch}): {validation:.3f}; test accuracy {test:.3f} (95% interval "
+            f"[{low:.3f}, {high:.3f}]), "
             f"{validation - test:.3f} lower (> {limit})"
         ],
     )
@@ -547,7 +668,7 @@ def unstable_training(
     Args:
         history: One row per epoch of every stage.
         learning_rate_problems: What the plan rules
-            (``feature_shift.plan.learning_rate_problems``) say of the stages trained.
+            (``plan_rules.learning_rate_problems``) say of the stages trained.
         settings: ``max_loss_jump``.
     """
     jump = float(settings["max_loss_jump"])

@@ -176,6 +176,19 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean F1 over the classes that are true or predicted for at least one image.
+
+    A class that is neither, e.g. a rare class a bootstrap resample happened to miss,
+    has no F1 (no true positive, false positive or false negative); counting it as 0
+    would drag every resample that misses a class down, and the interval with it.
+    """
+    present = np.union1d(y_true, y_pred)
+    return float(
+        skm.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    )
+
+
 def classification_metrics(
     y_true: np.ndarray,
     probabilities: np.ndarray,
@@ -207,11 +220,6 @@ def classification_metrics(
 
     def accuracy(true: np.ndarray, pred: np.ndarray) -> float:
         return float(skm.accuracy_score(true, pred))
-
-    def macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
-        return float(
-            skm.f1_score(true, pred, labels=labels, average="macro", zero_division=0)
-        )
 
     result: dict[str, Any] = {
         "accuracy": accuracy(y_true, y_pred),

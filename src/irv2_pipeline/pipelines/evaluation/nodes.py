@@ -14,8 +14,8 @@ from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.inputs import class_names as manifest_classes
-from irv2_pipeline.pipelines.feature_shift.plan import learning_rate_problems
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
+from irv2_pipeline.plan_rules import learning_rate_problems
 from irv2_pipeline.progress import ProgressLog
 
 from . import diagnosis, plots
@@ -232,7 +232,8 @@ def diagnose_run(
         training_history: One row per epoch of every stage.
         bn_shift_profile: BN shift per layer (``feature_shift``).
         split_shift: Shift between the splits (``feature_shift``).
-        finetune_stages: The stages ``finetune`` trained, one row each.
+        finetune_stages: The stages ``finetune`` trained, one row each; ``selected``
+            marks the one the model was saved from.
         image_manifest: The ingestion manifest.
         duplicate_report: Duplicate groups (ingestion).
         dataset_summary: The ingestion summary.
@@ -265,12 +266,19 @@ def diagnose_run(
             ),
             diagnosis.underfitting(
                 training_history,
+                finetune_stages,
                 len(evaluation_metrics["classes"]),
                 thresholds["underfitting"],
             ),
             diagnosis.overfitting(training_history, thresholds["overfitting"]),
+            diagnosis.feature_distortion(
+                training_history, finetune_stages, thresholds["feature_distortion"]
+            ),
             diagnosis.validation_test_gap(
-                training_history, evaluation_metrics, thresholds["validation_test_gap"]
+                training_history,
+                finetune_stages,
+                evaluation_metrics,
+                thresholds["validation_test_gap"],
             ),
             diagnosis.class_imbalance(
                 evaluation_metrics,

@@ -17,17 +17,12 @@ from irv2_pipeline import backbone as irv2
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import class_names, image_dataset
+from irv2_pipeline.plan_rules import PlanError, learning_rate_problems, validate_stages
 from irv2_pipeline.probe import fit_probe
 
 from . import moments, shift, twosample
 from .logme import logme
-from .plan import (
-    Measurements,
-    PlanError,
-    learning_rate_problems,
-    plan_stages,
-    validate_stages,
-)
+from .plan import Measurements, plan_stages
 from .plots import shift_by_depth_plot
 
 logger = logging.getLogger(__name__)

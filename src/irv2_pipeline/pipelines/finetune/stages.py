@@ -12,10 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from irv2_pipeline.pipelines.feature_shift.plan import (
-    learning_rate_problems,
-    validate_stages,
-)
+from irv2_pipeline.plan_rules import learning_rate_problems, validate_stages
 
 
 class StageConfigError(ValueError):
