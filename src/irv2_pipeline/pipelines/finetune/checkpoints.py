@@ -52,6 +52,8 @@ class TrainingState:
         selected_stage: The finished stage with the lowest validation loss so far,
             whose weights (``selected``) the run ends with; ``None`` before any.
         selected_val_loss: That stage's validation loss.
+        found_rates: Stage index (as text) to its learning-rate range test: the
+            summary, the rate used and the curve, so a resumed stage keeps its rate.
         files: Role (``base``, ``progress``, ``best``, ``optimizer``, ``selected``)
             to file name.
         saves: How many times the state was saved (names new files uniquely).
@@ -71,6 +73,7 @@ class TrainingState:
     stage_records: list[dict[str, Any]] = field(default_factory=list)
     selected_stage: int | None = None
     selected_val_loss: float | None = None
+    found_rates: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     saves: int = 0
     finished: bool = False

@@ -155,8 +155,8 @@ def valley(
         return None, (
             f"flat curve: the smoothed loss falls by {drop:.1%} at most "
             f"(needs {MIN_RELATIVE_DROP:.0%}) between rates {rates[0]:.3g} and "
-            f"{rates[-1]:.3g}; nothing trains in this range (frozen weights, zero "
-            "gradients?)"
+            f"{rates[-1]:.3g}: no rate in this range lowers the training loss (the "
+            "model may already sit in a minimum, or nothing trains)"
         )
     stretch = losses[first : last + 1]
     upper = top - FALL_SPAN * (top - bottom)
@@ -464,3 +464,83 @@ def _draw_curve(axis, curve: RangeTest) -> None:
     axis.set_ylabel("training loss")
     axis.grid(alpha=0.3)
     axis.legend(loc="best", fontsize=8)
+
+
+@dataclass(frozen=True)
+class RangeTestSettings:
+    """How stages find their learning rate, from ``finetune.lr_find``.
+
+    Attributes:
+        seeds: One sweep per seed; the suggestion is their geometric median.
+        steps: Training steps (batches) of one sweep.
+        min_lr: The first step's rate.
+        max_lr: The last step's rate.
+    """
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 100
+    min_lr: float = 1e-7
+    max_lr: float = 1.0
+
+    @classmethod
+    def from_params(cls, params: Mapping | None) -> RangeTestSettings | None:
+        """The settings, or ``None`` when ``enabled`` is false (or no block)."""
+        if not params or not params.get("enabled", False):
+            return None
+        settings = cls(
+            seeds=tuple(int(s) for s in params.get("seeds", cls.seeds)),
+            steps=int(params.get("steps", cls.steps)),
+            min_lr=float(params.get("min_lr", cls.min_lr)),
+            max_lr=float(params.get("max_lr", cls.max_lr)),
+        )
+        if not settings.seeds or settings.steps < 2:
+            raise ValueError(
+                "finetune.lr_find needs at least one seed and two steps, got "
+                f"seeds={list(settings.seeds)}, steps={settings.steps}"
+            )
+        if not 0 < settings.min_lr < settings.max_lr:
+            raise ValueError(
+                f"finetune.lr_find: min_lr {settings.min_lr:g} must be positive and "
+                f"below max_lr {settings.max_lr:g}"
+            )
+        return settings
+
+
+CURVE_COLUMNS = ["stage", "step", "learning_rate", "loss", "smoothed", "suggestion"]
+
+
+def curves_table(curves: Mapping[str, RangeTest]) -> pd.DataFrame:
+    """The sweeps as one long table (``lr_finder_curves``), one row per step."""
+    frames = [
+        pd.DataFrame(
+            {
+                "stage": stage,
+                "step": np.arange(1, len(curve.losses) + 1),
+                "learning_rate": curve.learning_rates,
+                "loss": curve.losses,
+                "smoothed": curve.smoothed,
+                "suggestion": math.nan
+                if curve.suggestion is None
+                else curve.suggestion,
+            }
+        )
+        for stage, curve in curves.items()
+    ]
+    if not frames:
+        return pd.DataFrame(columns=CURVE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[CURVE_COLUMNS]
+
+
+def curves_from_table(table: pd.DataFrame) -> dict[str, RangeTest]:
+    """:func:`curves_table` read back: stage name to its sweep."""
+    curves = {}
+    for stage, rows in table.groupby("stage", sort=False):
+        suggestion = rows["suggestion"].iloc[0]
+        curves[str(stage)] = RangeTest(
+            learning_rates=rows["learning_rate"].to_numpy(float),
+            losses=rows["loss"].to_numpy(float),
+            smoothed=rows["smoothed"].to_numpy(float),
+            suggestion=None if pd.isna(suggestion) else float(suggestion),
+            reason="",
+        )
+    return curves

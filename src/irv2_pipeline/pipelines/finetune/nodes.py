@@ -18,6 +18,7 @@ from irv2_pipeline.inputs import class_names
 
 from .checkpoints import CheckpointStore, checkpoint_key
 from .examples import split_examples, training_examples
+from .lr_find import curves_from_table, curves_table, lr_finder_figure
 from .report import training_curves_figure
 from .runtime import (
     distribution_strategy,
@@ -26,7 +27,7 @@ from .runtime import (
     precision_policy,
 )
 from .stages import resolve_stages
-from .training import TrainingSettings, run_stages
+from .training import TrainingSettings, found_curves, run_stages
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def train_classifier(
     images: dict[str, Any],
     finetune: dict[str, Any],
     plan_rules: dict[str, Any],
-) -> tuple[keras.Model, pd.DataFrame, pd.DataFrame, list[str]]:
+) -> tuple[keras.Model, pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]:
     """Fine-tunes IRv2 in stages, resuming from a checkpoint when one matches.
 
     Args:
@@ -70,13 +71,15 @@ def train_classifier(
         model: ``model`` parameters (weights, image size, seed).
         images: ``images`` parameters (how images are opened).
         finetune: ``finetune`` parameters.
-        plan_rules: ``feature_shift.plan_rules`` (learning-rate limits).
+        plan_rules: ``feature_shift.plan_rules`` (learning-rate limits, which the
+            learning-rate range test's suggestions keep too).
 
     Returns:
         The model (``[0, 255]`` RGB in, class probabilities out, in
-        ``inputs.class_names`` order), the history (one row per epoch), one record
-        per stage (trainable parameters, BN policy, epochs, best epoch) and the class
-        names.
+        ``inputs.class_names`` order; the weights of the stage of lowest validation
+        loss), the history (one row per epoch), one record per stage (trainable
+        parameters, BN policy, epochs, best epoch, whether it was kept and why, its
+        range test), the class names, and the range tests' curves.
     """
     classes = class_names(image_manifest)
     train = training_examples(
@@ -142,10 +145,17 @@ def train_classifier(
             store=store,
             replicas=strategy.num_replicas_in_sync,
             adapt_on=adapt_on,
+            plan_rules=plan_rules,
         )
     # The checkpoint stays until the model file is saved (hooks.FinishedCheckpointsHook).
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
-    return classifier.model, history, pd.DataFrame(state.stage_records), classes
+    return (
+        classifier.model,
+        history,
+        pd.DataFrame(state.stage_records),
+        classes,
+        curves_table(found_curves(state)),
+    )
 
 
 def plot_training_curves(training_history: pd.DataFrame) -> Figure:
@@ -158,3 +168,16 @@ def plot_training_curves(training_history: pd.DataFrame) -> Figure:
         The figure.
     """
     return training_curves_figure(training_history)
+
+
+def plot_lr_finder(lr_finder_curves: pd.DataFrame) -> Figure:
+    """Loss against learning rate of each stage's range test, suggestion marked.
+
+    Args:
+        lr_finder_curves: One row per sweep step (empty when ``finetune.lr_find`` is
+            off: the figure then says so).
+
+    Returns:
+        The figure.
+    """
+    return lr_finder_figure(curves_from_table(lr_finder_curves))

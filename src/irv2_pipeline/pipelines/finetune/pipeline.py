@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import plot_training_curves, train_classifier
+from .nodes import plot_lr_finder, plot_training_curves, train_classifier
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -27,8 +27,15 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "training_history",
                     "finetune_stages",
                     "class_names",
+                    "lr_finder_curves",
                 ],
                 name="train_classifier",
+            ),
+            Node(
+                plot_lr_finder,
+                inputs="lr_finder_curves",
+                outputs="lr_finder_plot",
+                name="plot_lr_finder",
             ),
             Node(
                 plot_training_curves,

@@ -9,6 +9,7 @@ frozen backbone every epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import logging
@@ -44,6 +45,13 @@ from .checkpoints import (
     restore_optimizer,
 )
 from .examples import Examples
+from .lr_find import (
+    RangeTest,
+    RangeTestSettings,
+    clip_to_rules,
+    range_test,
+    suggest_over_seeds,
+)
 from .optimizer import (
     layerwise_multipliers,
     make_optimizer,
@@ -84,6 +92,9 @@ class TrainingSettings:
             epochs, like every other stage.
         head_c_grid: Inverse L2 strengths ``lbfgs`` chooses from.
         head_max_iter: L-BFGS iteration cap.
+        lr_find: The learning-rate range test run before each trained stage, whose
+            suggestion (within ``feature_shift.plan_rules``) replaces the stage's
+            rate; ``None``: off.
         jit_compile: XLA compilation (``True``, ``False`` or ``"auto"``).
         policy: How images are opened.
         tensorboard_dir: Where TensorBoard logs go (``None``: no logs).
@@ -103,6 +114,7 @@ class TrainingSettings:
     head_solver: str = "lbfgs"
     head_c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     head_max_iter: int = 1000
+    lr_find: RangeTestSettings | None = None
     jit_compile: bool | str = False
     policy: OpenPolicy = OpenPolicy()
     tensorboard_dir: Path | None = None
@@ -145,6 +157,7 @@ class TrainingSettings:
                 float(c) for c in linear_head.get("c_grid", cls.head_c_grid)
             ),
             head_max_iter=int(linear_head.get("max_iter", cls.head_max_iter)),
+            lr_find=RangeTestSettings.from_params(finetune.get("lr_find")),
             jit_compile=finetune.get("jit_compile", False),
             policy=OpenPolicy.from_params(images),
             tensorboard_dir=tensorboard_dir,
@@ -179,6 +192,7 @@ def run_stages(
     replicas: int = 1,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     adapt_on: Examples | None = None,
+    plan_rules: Mapping[str, Any] | None = None,
 ) -> TrainingState:
     """Trains the stages in order, resuming from ``store`` when it holds a checkpoint.
 
@@ -194,6 +208,8 @@ def run_stages(
         adapt_on: The images ``adapt`` stages estimate BatchNorm statistics on;
             ``None``: the original training images (not their augmented copies,
             whose statistics the augmentation shifted).
+        plan_rules: ``feature_shift.plan_rules``, the limits the range test's
+            suggestions are kept within (needed when ``settings.lr_find`` is set).
 
     Returns:
         The final state: history rows and one record per stage.
@@ -210,6 +226,7 @@ def run_stages(
         replicas=replicas,
         callbacks=callbacks,
         adapt_on=train.originals() if adapt_on is None else adapt_on,
+        plan_rules=plan_rules,
     )
     state = run.start(stages)
     for index, stage in enumerate(stages):
@@ -240,9 +257,13 @@ class _Run:
         replicas: int,
         callbacks: Sequence[keras.callbacks.Callback],
         adapt_on: Examples,
+        plan_rules: Mapping[str, Any] | None,
     ):
+        if settings.lr_find is not None and plan_rules is None:
+            raise ValueError("The learning-rate range test needs the plan_rules")
         self.classifier = classifier
         self.adapt_on = adapt_on
+        self.plan_rules = plan_rules
         self.train = train
         self.val = val
         self.settings = settings
@@ -299,8 +320,11 @@ class _Run:
             state.adapted = True
             self.store.save(state, {"base": self.classifier.model.get_weights()})
         graph = self._graph(stage)
-        self._compile(graph, stage)
         solved = graph.cached and self._solves_head()
+        if self.settings.lr_find is not None and not solved:
+            self._compile(graph, stage)
+            stage = self._find_rate(index, stage, graph, state)
+        self._compile(graph, stage)
         if solved:
             head_c = self._solve_head(index, stage, graph, state)
         else:
@@ -320,6 +344,7 @@ class _Run:
                 "stopped_early": not solved and state.epochs_done < stage.epochs,
                 "solver": "lbfgs" if solved else self.settings.optimizer,
                 "head_c": head_c,
+                **_found_rate_columns(state.found_rates.get(str(index))),
                 "trainable_params": trainable,
                 "train_images": len(self.train),
                 "global_batch_size": self.batch,
@@ -384,6 +409,64 @@ class _Run:
             )
         if best is not None:
             graph.holder.set_weights(best)
+
+    def _find_rate(
+        self, index: int, stage: Stage, graph: _StageGraph, state: TrainingState
+    ) -> Stage:
+        """The stage at the rate its range test suggests, within the plan's limits.
+
+        The sweep runs once per stage; its result is checkpointed, so a resumed
+        stage trains at the same rate without sweeping again.
+        """
+        found = state.found_rates.get(str(index))
+        if found is None:
+            finder = self.settings.lr_find
+            summary = suggest_over_seeds(
+                lambda seed: range_test(
+                    graph.trainee,
+                    # Shuffled with seeds no epoch uses (epochs count from 0).
+                    graph.train(epoch_seed(self.settings.seed, index, -1 - seed)),
+                    min_lr=finder.min_lr,
+                    max_lr=finder.max_lr,
+                    steps=finder.steps,
+                    seed=seed,
+                    class_weight=self.class_weight,
+                ),
+                finder.seeds,
+            )
+            curve: RangeTest = summary.pop("curve")
+            if summary["suggestion"] is None:
+                rate = stage.learning_rate
+                note = f"no suggestion: the planned {rate:g} is kept"
+            else:
+                rate, note = clip_to_rules(
+                    summary["suggestion"],
+                    head_only=stage.head_only,
+                    plan_rules=self.plan_rules,
+                )
+            found = {
+                **summary,
+                "planned_rate": stage.learning_rate,
+                "clipped_rate": rate,
+                "clip_note": note,
+                "curve": {
+                    "learning_rates": curve.learning_rates.tolist(),
+                    "losses": curve.losses.tolist(),
+                    "smoothed": curve.smoothed.tolist(),
+                    "suggestion": curve.suggestion,
+                },
+            }
+            state.found_rates[str(index)] = found
+            self.store.save(state, {})
+            logger.info(
+                "Learning-rate range test of stage %r (%d seeds of %d steps): %s; %s",
+                stage.name,
+                len(finder.seeds),
+                finder.steps,
+                found["reason"],
+                note,
+            )
+        return dataclasses.replace(stage, learning_rate=found["clipped_rate"])
 
     def _solves_head(self) -> bool:
         """Whether the head is one dense layer that L-BFGS fits (``lbfgs``)."""
@@ -646,6 +729,38 @@ class _Run:
             verbose=0,
         )
         return record.best
+
+
+def _found_rate_columns(found: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The stage record's columns of its range test (empty values without one)."""
+    if found is None:
+        return {
+            "planned_learning_rate": None,
+            "lr_suggestion": None,
+            "lr_spread": None,
+            "lr_note": "",
+        }
+    return {
+        "planned_learning_rate": found["planned_rate"],
+        "lr_suggestion": found["suggestion"],
+        "lr_spread": found["geometric_std"],
+        "lr_note": f"{found['reason']}; {found['clip_note']}",
+    }
+
+
+def found_curves(state: TrainingState) -> dict[str, RangeTest]:
+    """Stage name to the sweep its rate came from, in stage order."""
+    names = {str(r["stage_index"]): r["stage"] for r in state.stage_records}
+    return {
+        names.get(index, index): RangeTest(
+            learning_rates=np.asarray(found["curve"]["learning_rates"]),
+            losses=np.asarray(found["curve"]["losses"]),
+            smoothed=np.asarray(found["curve"]["smoothed"]),
+            suggestion=found["curve"]["suggestion"],
+            reason=found["reason"],
+        )
+        for index, found in sorted(state.found_rates.items(), key=lambda i: int(i[0]))
+    }
 
 
 def _statistics_current(records: Sequence[Mapping[str, Any]]) -> bool:
