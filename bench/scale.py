@@ -109,8 +109,16 @@ class TreeSampler(threading.Thread):
         return self.peak_bytes
 
 
-def run_pipeline(project: Path, pipeline: str, log: Path) -> dict:
+def run_pipeline(
+    project: Path,
+    pipeline: str | None,
+    log: Path,
+    extra_env: dict[str, str] | None = None,
+) -> dict:
     """Runs ``kedro run --env smoke --pipeline <pipeline>``; wall time and peak RSS.
+
+    ``pipeline`` ``None`` runs the whole DAG (no ``--pipeline``); ``extra_env`` adds
+    to or overrides the environment (``bench/recipe.py`` sets ``PYTHONPATH``).
 
     Raises:
         RuntimeError: The run failed; the message holds the end of its log.
@@ -120,12 +128,15 @@ def run_pipeline(project: Path, pipeline: str, log: Path) -> dict:
         "KEDRO_DISABLE_TELEMETRY": "1",
         "MPLBACKEND": "Agg",
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        **(extra_env or {}),
     }
     command = [sys.executable, "-m", "kedro", "run", "--env", "smoke"]
+    if pipeline is not None:
+        command += ["--pipeline", pipeline]
     with log.open("w") as output:
         start = time.perf_counter()
         process = subprocess.Popen(
-            [*command, "--pipeline", pipeline],
+            command,
             cwd=project,
             env=env,
             stdout=output,
@@ -141,7 +152,7 @@ def run_pipeline(project: Path, pipeline: str, log: Path) -> dict:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise RuntimeError(f"kedro run --pipeline {pipeline} failed:\n{tail}")
+        raise RuntimeError(f"{' '.join(command[2:])} failed in {project}:\n{tail}")
     return {
         "seconds": round(seconds, 1),
         # ru_maxrss is in KiB on Linux.
