@@ -58,6 +58,7 @@ def test_smoke_run_after_ingestion_writes_every_output(project_copy, run_kedro):
     assert plan["shift_meaningful"] is False
     assert plan["stages"] == feature_shift_params("smoke")["default_stages"]
     assert any("meaningless" in line for line in plan["rationale"])
+    assert any("initializer's statistics" in line for line in plan["rationale"])
 
     summary = json.loads(
         (data / "08_reporting" / "feature_shift_summary.json").read_text()

@@ -127,6 +127,11 @@ def test_default_stages_are_valid_and_keep_the_rules(env):
     stages = validate_stages(params["default_stages"], "default_stages", UNITS)
     assert starts(stages) == [None, "block8_1"]
     assert learning_rate_problems(stages, params["plan_rules"]) == []
+    # Random weights store the initializer's BN statistics: frozen BN would
+    # normalize nothing, so the stages used without ImageNet weights adapt it.
+    assert {stage["bn_policy"] for stage in stages} == {"adapt"}
+    # Decoupled weight decay: learning_rate * weight_decay a step; 1e-5 would be off.
+    assert all(stage["weight_decay"] >= 0.01 for stage in stages[1:])
     if env == "smoke":
         assert all(stage["epochs"] == 1 for stage in stages)
 

@@ -118,7 +118,7 @@ def run(
     nodes.run_stages = functools.partial(run_stages, callbacks=[EpochLog()])
     nodes.load_irv2 = lambda weights, image_size: conftest.mini_irv2(image_size)
     try:
-        model, history, records, classes = nodes.train_classifier(
+        model, history, records, classes, _ = nodes.train_classifier(
             image_manifest=manifest,
             augmented_manifest=manifest.iloc[0:0],
             finetune_plan={"stages": []},

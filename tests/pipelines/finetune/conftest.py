@@ -176,6 +176,8 @@ def train(
     examples: tuple[Examples, Examples],
     checkpoints: Path,
     callbacks: tuple = (),
+    *,
+    plan_rules: dict | None = None,
     **settings,
 ):
     """Runs ``training.run_stages`` with small settings; returns the final state."""
@@ -188,4 +190,5 @@ def train(
         settings=TrainingSettings(**values),
         store=CheckpointStore(checkpoints, "run"),
         callbacks=callbacks,
+        plan_rules=plan_rules,
     )

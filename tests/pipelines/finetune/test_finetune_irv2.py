@@ -35,7 +35,7 @@ def test_irv2_head_on_cached_features_is_the_saved_models_head(
     tmp_path, finetune_params, plan_rules
 ):
     manifest = demo_manifest(train_per_class=2, val_per_class=1)
-    model, history, records, classes = nodes.train_classifier(
+    model, history, records, classes, _ = nodes.train_classifier(
         image_manifest=manifest,
         augmented_manifest=manifest.iloc[0:0],
         finetune_plan={"stages": [HEAD_STAGE], "rationale": []},
