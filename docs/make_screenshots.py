@@ -41,6 +41,8 @@ PLOTS = (
     "bn_shift_by_depth.png",
     "training_curves.png",
     "confusion_matrix.png",
+    "lr_finder.png",
+    "validation_curves.png",
 )
 CHROMIUM_FLAGS = (
     "--headless",
