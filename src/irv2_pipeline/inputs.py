@@ -205,8 +205,11 @@ def _batched(
     sizes = batch_sizes(count, batch_size, replicas)
     if sizes != batch_sizes(count, batch_size):
         # `rebatch` re-cuts the stream of examples, cycling through `sizes`: one
-        # cycle is exactly one pass.
-        batches = batches.rebatch(sizes)
+        # cycle is exactly one pass. It loses the count of batches, which Keras
+        # needs to tell the end of a pass from input that ran out.
+        batches = batches.rebatch(sizes).apply(
+            tf.data.experimental.assert_cardinality(len(sizes))
+        )
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
