@@ -28,15 +28,14 @@ from .conftest import (
 PLAN_RULES = {"max_backbone_learning_rate": 1e-4, "max_head_learning_rate": 1e-2}
 
 
-def pooled(classifier, examples) -> np.ndarray:
-    images = image_dataset(
-        examples.paths,
-        None,
-        image_size=IMAGE_SIZE,
-        batch_size=8,
-        policy=OpenPolicy(),
+def images(examples):
+    return image_dataset(
+        examples.paths, None, image_size=IMAGE_SIZE, batch_size=8, policy=OpenPolicy()
     )
-    return classifier.features.predict(images, verbose=0)
+
+
+def pooled(classifier, examples) -> np.ndarray:
+    return classifier.features.predict(images(examples), verbose=0)
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +66,8 @@ def test_the_head_stage_reaches_the_probe_of_its_own_features(tmp_path, examples
     record = state.stage_records[0]
     assert record["solver"] == "lbfgs" and record["head_c"] in (0.01, 0.1, 1.0, 10.0)
     # The model's own predictions are the probe's: the head is in the saved graph.
-    model_accuracy = np.mean(
-        np.argmax(
-            classifier.model.predict(
-                image_dataset(
-                    val_examples.paths,
-                    None,
-                    image_size=IMAGE_SIZE,
-                    batch_size=8,
-                    policy=OpenPolicy(),
-                ),
-                verbose=0,
-            ),
-            axis=1,
-        )
-        == val_examples.labels
-    )
+    predicted = classifier.model.predict(images(val_examples), verbose=0)
+    model_accuracy = np.mean(np.argmax(predicted, axis=1) == val_examples.labels)
     assert model_accuracy == pytest.approx(row["val_accuracy"])
 
 
