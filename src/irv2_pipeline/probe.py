@@ -9,7 +9,10 @@ convergence by L-BFGS with the L2 strength chosen on validation (LP-FT, Kumar et
 Features are standardized with the training features' mean and spread before the
 fit, and the standardization is then folded into the weights, so the probe is a plain
 ``logits = features @ kernel + bias`` on the raw features: it drops into a Keras
-``Dense`` layer as it is and needs no extra layer in the saved model.
+``Dense`` layer as it is. Not a ``keras.layers.Normalization`` in the head: that layer
+normalizes with a copy of its statistics taken when it is adapted or loaded, not with
+its variables, so restoring weights (a resumed checkpoint, the best stage kept) would
+leave it normalizing with stale values.
 """
 
 from __future__ import annotations
