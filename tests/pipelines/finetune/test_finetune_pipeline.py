@@ -196,3 +196,44 @@ def test_the_catalog_declares_every_output_and_the_inputs_come_from_upstream():
         "params:finetune",
         "params:feature_shift.plan_rules",
     }
+
+
+class _Stop(Exception):
+    """Ends train_classifier where it hands its inputs to training."""
+
+
+@pytest.mark.parametrize("transductive", [False, True])
+def test_bn_adaptation_sees_held_out_pixels_only_when_asked(
+    tmp_path, finetune_params, plan_rules, monkeypatch, transductive
+):
+    manifest = demo_manifest(train_per_class=2, val_per_class=2)
+    # The second validation image of each class is a test image.
+    held_out = manifest.index[manifest["split"] == "val"][1::2]
+    manifest.loc[held_out, "split"] = "test"
+    seen = {}
+
+    def hand_over(*args, adapt_on, **kwargs):
+        seen["paths"] = [Path(path).relative_to(DEMO_IMAGES) for path in adapt_on.paths]
+        raise _Stop
+
+    monkeypatch.setattr(nodes, "run_stages", hand_over)
+    monkeypatch.setattr(nodes, "load_irv2", lambda weights, size: mini_irv2(size))
+    with pytest.raises(_Stop):
+        nodes.train_classifier(
+            image_manifest=manifest,
+            augmented_manifest=manifest.iloc[0:0],
+            finetune_plan={"stages": STAGES, "rationale": []},
+            raw_images=ImageFolder(DEMO_IMAGES),
+            augmented_images=ImageFolder(tmp_path / "none"),
+            model={"weights": None, "image_size": IMAGE_SIZE, "seed": 7},
+            images={},
+            finetune={**finetune_params, "adapt_bn_transductive": transductive},
+            plan_rules=plan_rules,
+        )
+    splits = ("train", "val", "test") if transductive else ("train",)
+    expected = [
+        Path(path)
+        for split in splits
+        for path in manifest.loc[manifest["split"] == split, "path"]
+    ]
+    assert seen["paths"] == expected
