@@ -55,7 +55,12 @@ def measure(root: Path, workers: int) -> dict:
     ingestion = {
         "workers": workers,
         "split": {"train": 0.7, "val": 0.15, "test": 0.15, "seed": 1},
-        "duplicates": {"max_hamming": 4, "exclude_label_conflicts": True},
+        "duplicates": {
+            "max_hamming": 4,
+            "max_colour_distance": 40,
+            "exclude_label_conflicts": True,
+        },
+        "blank": {"min_pixel_std": 2.0, "reject": False},
     }
     wall, cpu = [time.perf_counter()], [cpu_seconds()]
     scanned, scan_rejections = scan_images(ImageFolder(root), images, ingestion)

@@ -345,6 +345,9 @@ def test_fingerprint_describes_the_upright_image(tmp_path):
         "height": 64,
         "format": "PNG",
         "mode": "RGB",
+        # Half of every channel's pixels at 255, half at 0.
+        "mean_colour": "#808080",
+        "pixel_std": 127.5,
     }
     assert len(record["phash"]) == 16
     assert same_pixels["sha256"] != record["sha256"]

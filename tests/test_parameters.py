@@ -94,6 +94,22 @@ def test_the_shipped_parameters_keep_every_rule(env):
             65,
             "ingestion.duplicates.max_hamming = 65: must be less than or equal to 64",
         ),
+        (
+            "ingestion.duplicates.max_colour_distance",
+            -1,
+            "ingestion.duplicates.max_colour_distance = -1: must be greater than or "
+            "equal to 0",
+        ),
+        (
+            "ingestion.blank.min_pixel_std",
+            -0.5,
+            "ingestion.blank.min_pixel_std = -0.5: must be greater than or equal to 0",
+        ),
+        (
+            "ingestion.blank.reject",
+            "yes",
+            "ingestion.blank.reject = 'yes': must be a valid boolean",
+        ),
     ],
 )
 def test_an_impossible_value_is_named_with_its_key_and_rule(path, value, expected):
@@ -113,6 +129,8 @@ def test_an_impossible_value_is_named_with_its_key_and_rule(path, value, expecte
         ("ingestion.split.train", 0),
         ("ingestion.duplicates.max_hamming", None),
         ("ingestion.duplicates.group_key_pattern", "patient_(\\d+)"),
+        ("ingestion.duplicates.max_colour_distance", None),
+        ("ingestion.blank.min_pixel_std", 0),
     ],
 )
 def test_a_possible_value_passes(path, value):

@@ -20,7 +20,7 @@ from typing import Any
 
 import imagehash
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, ImageStat, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 
@@ -128,8 +128,9 @@ def fingerprint(path: str | os.PathLike, policy: OpenPolicy) -> dict[str, Any] |
 
     Returns:
         ``sha256`` (of the file's bytes), ``phash`` (64-bit perceptual hash of the
-        upright pixels, in hex), ``width``, ``height``, ``format`` and ``mode``; or
-        the rejection reason.
+        upright pixels, in hex), ``width``, ``height``, ``format``, ``mode``,
+        ``mean_colour`` (the mean RGB as ``#rrggbb``) and ``pixel_std`` (the largest
+        of the R, G and B standard deviations, 0-255); or the rejection reason.
     """
     try:
         data = _read_bytes(Path(path))
@@ -143,6 +144,7 @@ def fingerprint(path: str | os.PathLike, policy: OpenPolicy) -> dict[str, Any] |
         "height": rgb.height,
         "format": fmt,
         "mode": mode,
+        **_pixel_statistics(rgb),
     }
 
 
@@ -285,6 +287,20 @@ def _phash(image: Image.Image) -> str:
     grey = image.convert("L")
     small = grey.resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0)
     return str(imagehash.phash(small))
+
+
+def _pixel_statistics(image: Image.Image) -> dict[str, Any]:
+    """The mean colour and the pixel variation of an RGB image.
+
+    From Pillow's histograms, exact over every pixel and without a float copy of them:
+    pHash ignores colour and the mean, so these tell a flat red image from a black one.
+    """
+    stat = ImageStat.Stat(image)
+    red, green, blue = (min(255, round(value)) for value in stat.mean)
+    return {
+        "mean_colour": f"#{red:02x}{green:02x}{blue:02x}",
+        "pixel_std": round(max(stat.stddev), 3),
+    }
 
 
 def _check_pixel_count(size: tuple[int, int], policy: OpenPolicy) -> None:

@@ -142,6 +142,14 @@ class DuplicatesParams(_Block):
         str | None, Field(strict=True), AfterValidator(_group_key_pattern)
     ]
     exclude_label_conflicts: Annotated[bool, Field(strict=True)]
+    max_colour_distance: Annotated[float, Field(strict=True, ge=0)] | None
+
+
+class BlankParams(_Block):
+    """``ingestion.blank``: which images are blank or near-constant."""
+
+    min_pixel_std: Annotated[float, Field(strict=True, ge=0)]
+    reject: Annotated[bool, Field(strict=True)]
 
 
 class IngestionParams(_Block):
@@ -150,6 +158,7 @@ class IngestionParams(_Block):
     workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)]
     split: SplitParams
     duplicates: DuplicatesParams
+    blank: BlankParams
     # Largest over smallest class is never below 1.
     imbalance_warning_ratio: Annotated[float, Field(strict=True, ge=1)]
 

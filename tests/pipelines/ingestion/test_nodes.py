@@ -26,6 +26,8 @@ from irv2_pipeline.pipelines.ingestion.nodes import (
     SCANNED_COLUMNS,
     IngestionError,
     _near_pairs,
+    _position,
+    _split_at,
     group_duplicates,
     scan_images,
     split_images,
@@ -81,13 +83,15 @@ def write(path: Path, data: bytes) -> str:
     return path.relative_to(path.parents[1]).as_posix()
 
 
-def make_tree(root: Path, counts: dict[str, int], first_seed: int = 0) -> list[str]:
-    """Writes ``counts[label]`` distinct BMPs per label; returns their paths."""
+def make_tree(
+    root: Path, counts: dict[str, int], first_seed: int = 0, size: int = 64
+) -> list[str]:
+    """Writes ``counts[label]`` distinct ``size`` px BMPs per label; returns paths."""
     paths, seed = [], first_seed
     for label, count in counts.items():
         for _ in range(count):
             name = f"img_{seed:04d}.bmp"
-            paths.append(write(root / label / name, encode(pink(seed), "BMP")))
+            paths.append(write(root / label / name, encode(pink(seed, size), "BMP")))
             seed += 1
     return paths
 
@@ -238,13 +242,14 @@ def test_near_pairs_are_all_found_whatever_the_block_size(budget):
 
 def scanned_rows(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
     """A ``scan_images`` table from (path, sha256, phash) rows; label from the path."""
-    return pd.DataFrame(
+    scanned = pd.DataFrame(
         [
-            (path, path.split("/")[0], sha, phash, 64, 64, "BMP", "RGB")
+            (path, path.split("/")[0], sha, phash, 64, 64, "BMP", "RGB", "#808080", 40)
             for path, sha, phash in rows
         ],
         columns=SCANNED_COLUMNS,
     )
+    return scanned.assign(blank=False)
 
 
 def test_exact_near_and_key_links_chain_into_one_group_named_by_its_smallest_token():
@@ -329,6 +334,77 @@ def test_label_conflicts_can_be_kept_and_flagged(root):
     assert rejected.empty
     assert report.loc[0, "split"] == flagged["split"].iloc[0]
     assert_consistent(manifest)
+
+
+def near(phash: str, other: str) -> bool:
+    """Whether two perceptual hashes are near duplicates' under the base parameters."""
+    bits = (int(phash, 16) ^ int(other, 16)).bit_count()
+    return bits <= INGESTION["duplicates"]["max_hamming"]
+
+
+def add_blank_pair(root: Path) -> list[str]:
+    """A flat red CMYK JPEG in cat and an all-black PNG in dog: equal pHashes."""
+    red = Image.new("CMYK", (64, 64), (0, 255, 255, 0))
+    return [
+        write(root / "cat" / "red_cmyk.jpg", encode(red, "JPEG")),
+        write(root / "dog" / "black.png", encode(Image.new("RGB", (48, 48)), "PNG")),
+    ]
+
+
+def test_blank_images_are_flagged_and_never_a_label_conflict(root):
+    make_tree(root, {"cat": 12, "dog": 12})
+    blank = add_blank_pair(root)
+    ingestion = params()
+
+    manifest, rejected, report = ingest(root, ingestion)
+
+    by_path = manifest.set_index("path")
+    assert near(*by_path.loc[blank, "phash"])  # what grouped them before
+    red, green, blue = bytes.fromhex(by_path.loc[blank[0], "mean_colour"][1:])
+    assert red > 240 and max(green, blue) < 15  # JPEG decoders differ by a level
+    assert by_path.loc[blank[1], "mean_colour"] == "#000000"
+    assert sorted(manifest.loc[manifest["blank"], "path"]) == sorted(blank)
+    assert not manifest["label_conflict"].any()
+    assert rejected.empty and report.empty
+    assert by_path.loc[blank, "group"].nunique() == 2
+    summary, figure = summarize_dataset(manifest, rejected, report, ingestion)
+    plt.close(figure)
+    assert summary["blank_images"] == sorted(blank)
+    assert summary["label_conflict_groups"] == 0
+    assert "2 blank or near-constant images are kept" in summary["warnings"][0]
+
+
+def test_blank_images_can_be_rejected(root):
+    good = make_tree(root, {"cat": 12, "dog": 12})
+    blank = add_blank_pair(root)
+
+    manifest, rejected, _ = ingest(root, params(blank={"reject": True}))
+
+    assert sorted(manifest["path"]) == sorted(good)
+    assert not manifest["blank"].any()
+    assert sorted(rejected["path"]) == sorted(blank)
+    assert rejected["reason"].str.startswith("blank or near-constant image (").all()
+
+
+def test_one_pattern_in_clearly_different_colours_is_not_a_near_duplicate(root):
+    make_tree(root, {"cat": 12, "dog": 12})
+    shade = np.asarray(pink(77).convert("L"), dtype=np.float64)[..., None] / 255
+    red = Image.fromarray((shade * (255, 40, 40)).astype(np.uint8))
+    blue = Image.fromarray((shade * (40, 40, 255)).astype(np.uint8))
+    prints = {
+        "red.bmp": encode(red, "BMP"),
+        "red_copy.jpg": encode(red, "JPEG", quality=90),
+        "blue.bmp": encode(blue, "BMP"),
+    }
+    paths = [write(root / "cat" / name, data) for name, data in prints.items()]
+
+    manifest, _, report = ingest(root)
+
+    by_path = manifest.set_index("path")
+    assert near(*by_path.loc[[paths[0], paths[2]], "phash"])
+    groups = by_path.loc[paths, "group"].tolist()
+    assert groups[0] == groups[1] != groups[2]
+    assert report["paths"].tolist() == ["; ".join(sorted(paths[:2]))]
 
 
 # ---------------------------------------------------------------- splits
@@ -418,6 +494,48 @@ def test_group_key_pattern_needs_a_capturing_group(root):
         ingest(root, params(duplicates={"group_key_pattern": r"patient_\d+"}))
 
 
+SMALL_CLASSES = ("one", "two", "zero")
+
+
+def test_small_classes_get_every_split_deterministically_and_stably(root):
+    # 16 px noise: 336 images scan in about a second.
+    sizes = {"big_a": 150, "big_b": 150} | dict.fromkeys(SMALL_CLASSES, 12)
+    make_tree(root, sizes, size=16)
+    # With seed 50 the hash alone leaves every small class without val (checked last).
+    usual = params(split={"train": 0.7, "val": 0.15, "test": 0.15, "seed": 50})
+
+    first = ingest(root, usual)
+    manifest = first[0]
+
+    counts = pd.crosstab(manifest["label"], manifest["split"])
+    assert counts.shape == (5, 3)
+    assert (counts > 0).all(axis=None), counts
+    assert counts.sum(axis=1).to_dict() == sizes
+    for one, two in zip(first, ingest(root, usual), strict=True):
+        pd.testing.assert_frame_equal(one, two)
+
+    # More "zero" images move no existing image of another class.
+    make_tree(root, {"zero": 6}, first_seed=5000, size=16)
+    after = ingest(root, usual)[0]
+    kept = manifest.merge(after, on=["path", "label"], suffixes=("", "_after"))
+    others = kept[kept["label"] != "zero"]
+    assert len(others) == len(manifest) - 12
+    assert (others["split"] == others["split_after"]).all()
+    assert (others["group"] == others["group_after"]).all()
+    assert (pd.crosstab(after["label"], after["split"]) > 0).all(axis=None)
+
+    # What this exercised: by hash alone each small class had no val group; one
+    # group of each small class, and nothing else, moved.
+    hashed = manifest["group"].map(
+        lambda group: _split_at(_position(group, 50), (0.7, 0.15, 0.15))
+    )
+    hashed_val = manifest[hashed == "val"]["label"]
+    assert not set(hashed_val) & set(SMALL_CLASSES)
+    moved = manifest[manifest["split"] != hashed]
+    assert moved["label"].value_counts().to_dict() == dict.fromkeys(SMALL_CLASSES, 1)
+    assert set(moved["split"]) == {"val"}
+
+
 # ---------------------------------------------------------------- whole-folder errors
 
 
@@ -448,13 +566,31 @@ def test_class_with_too_few_images_stops_the_run(root):
         ingest(root)
 
 
-def test_class_with_an_empty_split_stops_the_run(root):
+def test_class_with_fewer_groups_than_splits_stops_the_run(root):
+    make_tree(root, {"cat": 12})
+    # Four dog images, but two pairs of exact copies: two groups for three splits.
+    for seed in (40, 41):
+        for twin in range(2):
+            write(root / "dog" / f"{seed}_{twin}.bmp", encode(pink(seed), "BMP"))
+    with pytest.raises(
+        IngestionError,
+        match=r"class 'dog' has 4 usable images in 2 groups and none in \w+\. "
+        r"Each class needs at least 3 images \(min_images_per_class\) in at least "
+        r"3 groups, one for each split",
+    ):
+        ingest(root)
+
+
+def test_hash_leaving_every_class_without_val_and_test_moves_one_group_into_each(
+    root,
+):
     make_tree(root, {"cat": 12, "dog": 12})
     tiny_val = params(split={"train": 0.98, "val": 0.01, "test": 0.01})
-    with pytest.raises(
-        IngestionError, match=r"class 'cat' has 12 usable images and none in val/test"
-    ):
-        ingest(root, tiny_val)
+    manifest = ingest(root, tiny_val)[0]
+    counts = pd.crosstab(manifest["label"], manifest["split"])
+    assert counts.to_dict("index") == {
+        label: {"test": 1, "train": 10, "val": 1} for label in ("cat", "dog")
+    }
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections import Counter
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -35,6 +37,8 @@ SCANNED_COLUMNS = [
     "height",
     "format",
     "mode",
+    "mean_colour",
+    "pixel_std",
 ]
 # The manifest adds where each image went and why it may be doubtful.
 MANIFEST_COLUMNS = [
@@ -43,6 +47,7 @@ MANIFEST_COLUMNS = [
     "split",
     "group",
     *SCANNED_COLUMNS[2:],
+    "blank",
     "label_conflict",
 ]
 REJECTED_COLUMNS = ["path", "reason"]
@@ -58,17 +63,18 @@ def scan_images(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validates every file under the image root, on all cores.
 
-    Each file is fully decoded through ``images.load_image``; hashes and sizes come
-    from the decoded, upright image.
+    Each file is fully decoded through ``images.load_image``; hashes, sizes and pixel
+    statistics come from the decoded, upright image. Images whose pixels hardly vary
+    are flagged ``blank``, or rejected with ``ingestion.blank.reject``.
 
     Args:
         raw_images: The image root.
         images: The ``images`` parameters (pixel limit, minimum size, background).
-        ingestion: The ``ingestion`` parameters (``workers``).
+        ingestion: The ``ingestion`` parameters (``workers``, ``blank``).
 
     Returns:
-        The accepted images (``path``, ``label``, ``sha256``, ``phash``, ``width``,
-        ``height``, ``format``, ``mode``) and the rejected files (``path``, ``reason``).
+        The accepted images (``SCANNED_COLUMNS`` and ``blank``) and the rejected files
+        (``path``, ``reason``).
     """
     policy = OpenPolicy.from_params(images)
     candidates, rejected = [], []
@@ -103,8 +109,13 @@ def scan_images(
                 label = path.split("/", 1)[0]
                 yield (path, label, *(result[c] for c in SCANNED_COLUMNS[2:]))
 
-    accepted_df = frame_from_rows(accepted_rows(), SCANNED_COLUMNS)
-    rejected_df = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+    accepted_df, blank_rejections = _flag_blank(
+        frame_from_rows(accepted_rows(), SCANNED_COLUMNS), ingestion["blank"]
+    )
+    rejected_df = pd.concat(
+        [pd.DataFrame(rejected, columns=REJECTED_COLUMNS), blank_rejections],
+        ignore_index=True,
+    )
     logger.info(
         "%d images accepted, %d files rejected", len(accepted_df), len(rejected_df)
     )
@@ -119,8 +130,10 @@ def group_duplicates(
     Exact duplicates share a SHA-256; near duplicates have perceptual hashes within
     ``duplicates.max_hamming`` bits; ``duplicates.group_key_pattern`` (a regular
     expression on the path, its first group is the key) joins images of one subject.
-    Duplicates (exact or near) that carry different labels are a label conflict; a
-    user key alone never makes one, since one subject may rightly carry several labels.
+    Near duplicates also need mean colours within ``duplicates.max_colour_distance``.
+    Blank images are nobody's duplicates. Duplicates (exact or near) that carry
+    different labels are a label conflict; a user key alone never makes one, since one
+    subject may rightly carry several labels.
 
     Args:
         scanned_images: The accepted images from ``scan_images``.
@@ -136,13 +149,20 @@ def group_duplicates(
     # A union-find forest in one integer array: each image points at a member of its
     # group. Array operations, not Python objects per image: those would cost several
     # times the manifest's own memory (bench/scale.py).
-    parents = _first_of_each(images["sha256"])
+    blank = images["blank"].to_numpy(dtype=bool)
+    # Equal hashes of blank frames say nothing about what they show.
+    parents = _first_of_each(images["sha256"].mask(blank))
     max_hamming = settings.get("max_hamming")
     if max_hamming is not None and len(images) > 1:
-        for i, j in _near_pairs(images["phash"], int(max_hamming)):
+        for i, j in _near_duplicates(
+            images, int(max_hamming), settings.get("max_colour_distance")
+        ):
             _union(parents, i, j)
     duplicate_of = _roots(parents)
     tokens = "h:" + images["sha256"]
+    # Byte-identical blank images are separate groups: the path keeps their ids apart.
+    copied_blank = blank & images["sha256"].duplicated(keep=False).to_numpy()
+    tokens = tokens.mask(copied_blank, tokens + " " + images["path"])
     if keys is not None:
         with_key = np.flatnonzero(keys.notna().to_numpy())
         for i, first in zip(
@@ -171,9 +191,10 @@ def split_images(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Assigns every group to train, val or test by a seeded hash of its id.
 
-    A group never straddles splits, rerunning gives the same split, and adding images
-    never moves an existing group. Each label's groups fall into the splits at the
-    configured fractions.
+    A group never straddles splits and rerunning gives the same split. Each label's
+    groups fall into the splits at the configured fractions; a class the hash leaves
+    without a split gets the group(s) nearest to it moved in (``_assign_splits``), so
+    adding images moves no existing image of another class.
 
     Args:
         grouped_images: Images with ``group`` and ``label_conflict``.
@@ -208,9 +229,7 @@ def split_images(
         images = images[~images["label_conflict"]]
 
     _check_classes(images)
-    images["split"] = images["group"].map(
-        lambda group: _split_of(group, split["seed"], fractions)
-    )
+    images["split"] = _assign_splits(images, int(split["seed"]), fractions)
     _check_split_counts(images, fractions, int(split.get("min_images_per_class", 3)))
 
     manifest = images[MANIFEST_COLUMNS].sort_values("path", ignore_index=True)
@@ -254,6 +273,13 @@ def summarize_dataset(
             f"smallest ({per_class.idxmax()}: {per_class.max()}, {per_class.idxmin()}: "
             f"{per_class.min()}), above ingestion.imbalance_warning_ratio = {limit}"
         )
+    blank = sorted(image_manifest.loc[image_manifest["blank"], "path"])
+    if blank:
+        warnings.append(
+            f"{len(blank)} blank or near-constant images are kept (the manifest's "
+            "blank column, summary blank_images); ingestion.blank.reject leaves "
+            "them out"
+        )
     for warning in warnings:
         logger.warning(warning)
     conflicts = duplicate_report[duplicate_report["label_conflict"]]
@@ -268,6 +294,7 @@ def summarize_dataset(
         "images_in_duplicate_groups": int(duplicate_report["size"].sum()),
         "label_conflict_groups": len(conflicts),
         "label_conflict_images_kept": int(image_manifest["label_conflict"].sum()),
+        "blank_images": blank,
         "image_size": {
             column: {
                 "min": int(image_manifest[column].min()),
@@ -280,6 +307,32 @@ def summarize_dataset(
         "warnings": warnings,
     }
     return _json_ready(summary), _class_distribution_plot(counts)
+
+
+def _flag_blank(
+    images: pd.DataFrame, settings: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Flags images whose pixel variation is below ``blank.min_pixel_std``.
+
+    Args:
+        images: Scanned images with ``pixel_std``.
+        settings: The ``ingestion.blank`` parameters.
+
+    Returns:
+        The images with a ``blank`` column (without the blank ones when
+        ``blank.reject``) and the rejected blank images.
+    """
+    threshold = float(settings["min_pixel_std"])
+    flagged = images.assign(blank=images["pixel_std"] < threshold)
+    rejected = flagged["blank"] & bool(settings["reject"])
+    reasons = pd.DataFrame(
+        {
+            "path": flagged.loc[rejected, "path"],
+            "reason": "blank or near-constant image (pixel standard deviation below "
+            f"ingestion.blank.min_pixel_std = {threshold:g})",
+        }
+    )
+    return flagged[~rejected], reasons
 
 
 def _group_keys(paths: pd.Series, pattern: str | None) -> pd.Series | None:
@@ -335,6 +388,30 @@ def _near_pairs(phashes: pd.Series, max_hamming: int, budget: int = 1 << 20):
                 (cols[keep] + start).tolist(),
                 strict=True,
             )
+
+
+def _near_duplicates(
+    images: pd.DataFrame, max_hamming: int, max_colour_distance: float | None
+) -> Iterator[tuple[int, int]]:
+    """Index pairs of non-blank images with close perceptual hashes and mean colours.
+
+    pHash sees only the structure of the grey image, not its colour or mean: a red
+    and a blue print of one pattern hash alike. ``max_colour_distance`` (Euclidean,
+    0-255 RGB; None: no limit) keeps them apart.
+    """
+    candidates = np.flatnonzero(~images["blank"].to_numpy(dtype=bool)).tolist()
+    colours = (
+        np.frombuffer(bytes.fromhex("".join(images["mean_colour"].str[1:])), np.uint8)
+        .reshape(-1, 3)
+        .tolist()
+    )
+    for i, j in _near_pairs(images["phash"].iloc[candidates], max_hamming):
+        first, second = candidates[i], candidates[j]
+        if (
+            max_colour_distance is None
+            or math.dist(colours[first], colours[second]) <= max_colour_distance
+        ):
+            yield first, second
 
 
 def _first_of_each(values: pd.Series) -> np.ndarray:
@@ -429,13 +506,68 @@ def _fractions(split: dict[str, Any]) -> tuple[float, float, float]:
     return fractions
 
 
-def _split_of(group: str, seed: int, fractions: tuple[float, float, float]) -> str:
+def _assign_splits(
+    images: pd.DataFrame, seed: int, fractions: tuple[float, float, float]
+) -> pd.Series:
+    """Each image's split: its group's hash position, then each class's gaps filled.
+
+    A class with at least as many groups as there are splits, which the hash leaves
+    without one, gets the group whose position lies nearest that split's range moved
+    into it, from the split holding most of the class's groups. Only groups of that
+    class alone move, so no other class's images change split.
+
+    Args:
+        images: Images with ``group`` and ``label``.
+        seed: ``ingestion.split.seed``.
+        fractions: The train, val and test fractions.
+
+    Returns:
+        The split of each image, on ``images``' index.
+    """
+    positions = {group: _position(group, seed) for group in images["group"].unique()}
+    splits = {group: _split_at(p, fractions) for group, p in positions.items()}
+    ranges = _ranges(fractions)
+    one_label = images.groupby("group")["label"].nunique() == 1
+    for _, groups in images.groupby("label")["group"]:
+        own = sorted(set(groups))
+        for missing, (low, high) in ranges.items():
+            held = Counter(splits[group] for group in own)
+            if held[missing] or len(own) < len(ranges):
+                continue
+            donor = max(SPLITS, key=held.__getitem__)
+            movable = [g for g in own if splits[g] == donor and one_label[g]]
+            if movable:
+                # Positions outside [low, high): the distance to its nearer end.
+                nearest = min(
+                    movable,
+                    key=lambda g: (max(low - positions[g], positions[g] - high), g),
+                )
+                splits[nearest] = missing
+    return images["group"].map(splits)
+
+
+def _position(group: str, seed: int) -> float:
+    """Where a group falls in [0, 1): a seeded hash of its id."""
     digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
-    position = int.from_bytes(digest[:8], "big") / 2**64
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _split_at(position: float, fractions: tuple[float, float, float]) -> str:
     train, val, _ = fractions
     if position < train:
         return "train"
     return "val" if position < train + val else "test"
+
+
+def _ranges(fractions: tuple[float, float, float]) -> dict[str, tuple[float, float]]:
+    """The position range of each split with a share, as ``_split_at`` cuts them."""
+    train, val, _ = fractions
+    edges = (0.0, train, train + val, 1.0)
+    return {
+        split: (low, high)
+        for split, low, high in zip(SPLITS, edges[:-1], edges[1:], strict=True)
+        if high > low
+    }
 
 
 def _check_classes(images: pd.DataFrame) -> None:
@@ -453,6 +585,8 @@ def _check_split_counts(
     counts = pd.crosstab(images["label"], images["split"]).reindex(
         columns=list(SPLITS), fill_value=0
     )
+    groups = images.groupby("label")["group"].nunique()
+    needed = sum(f > 0 for f in fractions)
     problems = []
     for label, row in counts.iterrows():
         total = int(row.sum())
@@ -461,15 +595,17 @@ def _check_split_counts(
         ]
         if total < minimum or empty:
             problems.append(
-                f"class {label!r} has {total} usable images"
+                f"class {label!r} has {total} usable images in {groups[label]} groups"
                 + (f" and none in {'/'.join(empty)}" if empty else "")
             )
     if problems:
         raise IngestionError(
             "Too few images to split: "
             + "; ".join(problems)
-            + f". Add images, or change ingestion.split (fractions {fractions}, "
-            f"min_images_per_class {minimum})."
+            + f". Each class needs at least {minimum} images "
+            f"(min_images_per_class) in at least {needed} groups, one for each split "
+            "(duplicates, and images sharing a group key, are one group). Add images, "
+            f"or change ingestion.split (fractions {fractions})."
         )
 
 
