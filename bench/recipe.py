@@ -52,6 +52,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -74,6 +76,27 @@ def git(*args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+@contextmanager
+def checkout(commit: str, path: Path) -> Iterator[Path]:
+    """A ``git worktree add --detach`` of ``commit`` at ``path``, removed afterwards.
+
+    Removed also on error; callers end on SIGTERM through ``sys.exit`` for that.
+    """
+    git("worktree", "add", "--detach", str(path), commit)
+    try:
+        yield path
+    finally:
+        removed = subprocess.run(
+            ["git", "worktree", "remove", "--force", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            check=False,
+        )
+        if removed.returncode != 0:
+            shutil.rmtree(path, ignore_errors=True)
+            subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
 
 
 def load_conftest(root: Path, label: str) -> ModuleType:
@@ -241,22 +264,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_recipe_") as tmp:
         workdir = Path(tmp)
         baseline_root = workdir / "baseline_checkout"
-        git("worktree", "add", "--detach", str(baseline_root), commits["baseline"])
-        try:
+        with checkout(commits["baseline"], baseline_root):
             results = {
                 "baseline": measure(baseline_root, "baseline", workdir),
                 "current": measure(ROOT, "current", workdir),
             }
-        finally:
-            removed = subprocess.run(
-                ["git", "worktree", "remove", "--force", str(baseline_root)],
-                cwd=ROOT,
-                capture_output=True,
-                check=False,
-            )
-            if removed.returncode != 0:
-                shutil.rmtree(baseline_root, ignore_errors=True)
-                subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
     load_after = os.getloadavg()[0]
 
     table(results, commits)

@@ -123,6 +123,25 @@ def run_pipeline(
     Raises:
         RuntimeError: The run failed; the message holds the end of its log.
     """
+    args = ["run", "--env", "smoke"]
+    if pipeline is not None:
+        args += ["--pipeline", pipeline]
+    return run_kedro(args, project, log, extra_env)
+
+
+def run_kedro(
+    args: list[str],
+    project: Path,
+    log: Path,
+    extra_env: dict[str, str] | None = None,
+) -> dict:
+    """Runs ``kedro <args>`` in ``project``; wall time, peak RSS and CPU time.
+
+    ``extra_env`` adds to or overrides the environment.
+
+    Raises:
+        RuntimeError: The command failed; the message holds the end of its log.
+    """
     env = {
         **os.environ,
         "KEDRO_DISABLE_TELEMETRY": "1",
@@ -130,9 +149,7 @@ def run_pipeline(
         "TF_CPP_MIN_LOG_LEVEL": "2",
         **(extra_env or {}),
     }
-    command = [sys.executable, "-m", "kedro", "run", "--env", "smoke"]
-    if pipeline is not None:
-        command += ["--pipeline", pipeline]
+    command = [sys.executable, "-m", "kedro", *args]
     with log.open("w") as output:
         start = time.perf_counter()
         process = subprocess.Popen(

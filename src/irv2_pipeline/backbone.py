@@ -7,6 +7,10 @@ map recovers, for every layer, the *unit* it belongs to (``stem``, ``mixed_5b``,
 ``mixed_7a``, ``block8_1`` ... ``block8_10``, ``conv_7b``) and the unit's *group*
 (``stem``, ``block35``, ``mixed_6a``, ``block17``, ``mixed_7a``, ``block8``,
 ``conv_7b``). Stage boundaries (``unfreeze_from``) are unit names.
+
+Keras is imported by the functions that build or inspect a model, not here: the
+group names and BatchNorm policies are read by modules that every ``kedro`` command
+loads, and importing Keras (with TensorFlow) costs seconds.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ def load_irv2(weights: str | None, image_size: int) -> keras.Model:
             IRv2 weights; the message names the file and the way out.
         ValueError: An image size below 75 px.
     """
+    import keras  # noqa: PLC0415 - see the module docstring
+
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(
             f"model.image_size = {image_size}: InceptionResNetV2 needs at least "
@@ -86,6 +95,8 @@ def load_irv2(weights: str | None, image_size: int) -> keras.Model:
 
 
 def _load_local_weights(path: Path, shape: tuple[int, int, int]) -> keras.Model:
+    import keras  # noqa: PLC0415 - see the module docstring
+
     if not path.is_file():
         raise WeightsError(
             f"model.weights = {str(path)!r} is neither 'imagenet', null, nor an "
@@ -123,6 +134,8 @@ def preprocessing_layer() -> keras.layers.Layer:
     ``mixed_bfloat16`` the pixels would be rounded to 8 significant bits first, and
     neighbouring values (254 and 255) would come out equal.
     """
+    import keras  # noqa: PLC0415 - see the module docstring
+
     return keras.layers.Rescaling(
         scale=1.0 / 127.5, offset=-1.0, name="irv2_preprocess", dtype="float32"
     )
@@ -135,6 +148,8 @@ def unit_map(backbone: keras.Model) -> dict[str, str]:
     the residual scale layer, which closes the unit before it. The stem ends at its
     second max-pooling layer.
     """
+    import keras  # noqa: PLC0415 - see the module docstring
+
     units: dict[str, str] = {}
     pending: list[str] = []
     current = None
@@ -213,27 +228,6 @@ def set_trainable_from(backbone: keras.Model, unfreeze_from: str | None) -> int:
 BN_POLICIES = ("frozen", "adapt", "train")
 
 
-class InferenceMode(keras.layers.Layer):
-    """Calls a model with ``training=False`` whatever the outer call says.
-
-    Keras 3 functional models pass the outer ``training`` flag on to nested models,
-    overriding a ``training=False`` written in the graph: ``backbone(x,
-    training=False)`` inside a functional model is *not* enough to keep BatchNorm in
-    inference mode during ``fit``. This layer is. It only appears in training graphs;
-    saved models call the backbone directly (in inference, training is False anyway).
-    """
-
-    def __init__(self, model: keras.Model, **kwargs):
-        super().__init__(**kwargs)
-        self.model = model
-
-    def call(self, inputs):
-        return self.model(inputs, training=False)
-
-    def compute_output_shape(self, input_shape):
-        return self.model.compute_output_shape(input_shape)
-
-
 def check_bn_policy(bn_policy: str) -> str:
     """Returns ``bn_policy`` if it is one of :data:`BN_POLICIES`, else raises."""
     if bn_policy not in BN_POLICIES:
@@ -245,6 +239,8 @@ def check_bn_policy(bn_policy: str) -> str:
 
 def batchnorm_layers(backbone: keras.Model) -> list[keras.layers.BatchNormalization]:
     """The BatchNorm layers of the backbone, input to output."""
+    import keras  # noqa: PLC0415 - see the module docstring
+
     return [
         layer
         for layer in backbone.layers
@@ -274,6 +270,8 @@ def adapt_batchnorm(backbone: keras.Model, batches: Iterable) -> int:
     Raises:
         ValueError: No images in ``batches``.
     """
+    import keras  # noqa: PLC0415 - see the module docstring
+
     layers = batchnorm_layers(backbone)
     saved = [(layer.trainable, layer.momentum) for layer in layers]
     preprocess = preprocessing_layer()

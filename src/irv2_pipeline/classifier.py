@@ -21,7 +21,7 @@ from typing import Any
 
 import keras
 
-from irv2_pipeline.backbone import InferenceMode, check_bn_policy, preprocessing_layer
+from irv2_pipeline.backbone import check_bn_policy, preprocessing_layer
 
 POOLINGS = ("avg", "avg_max")
 
@@ -122,12 +122,33 @@ def build_classifier(
     )
 
 
+class InferenceMode(keras.layers.Layer):
+    """Calls a model with ``training=False`` whatever the outer call says.
+
+    Keras 3 functional models pass the outer ``training`` flag on to nested models,
+    overriding a ``training=False`` written in the graph: ``backbone(x,
+    training=False)`` inside a functional model is *not* enough to keep BatchNorm in
+    inference mode during ``fit``. This layer is. It only appears in training graphs;
+    saved models call the backbone directly (in inference, training is False anyway).
+    """
+
+    def __init__(self, model: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def call(self, inputs):
+        return self.model(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.model.compute_output_shape(input_shape)
+
+
 def training_model(classifier: Classifier, bn_policy: str) -> keras.Model:
     """The graph a stage trains: ``classifier.model``'s layers, BN as the policy says.
 
     ``train`` trains ``classifier.model``'s own graph (BN layers of unfrozen blocks use
     batch statistics). ``frozen`` and ``adapt`` call the backbone through
-    ``backbone.InferenceMode``, so BN uses its stored statistics even where the
+    :class:`InferenceMode`, so BN uses its stored statistics even where the
     backbone's weights train. Either way it is a new model object on the shared
     layers: compiling it leaves ``classifier.model`` uncompiled, so the saved model
     holds no optimizer (whose custom class safe mode would refuse to load).

@@ -7,17 +7,23 @@ JPEG or PNG, upright, already at the model's size) are decoded by TensorFlow's o
 decoders inside the graph instead, without Python, which reads them about twice as
 fast. Either way images come as ``float32`` RGB in ``[0, 255]``: the model itself maps
 them to IRv2's ``[-1, 1]``.
+
+TensorFlow is imported by the functions that build datasets: ``class_names`` and
+``check_pixel_range`` serve node modules that every ``kedro`` command loads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from irv2_pipeline.images import OpenPolicy, load_image, resize
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 class PixelRangeError(ValueError):
@@ -106,6 +112,8 @@ def image_dataset(
         A ``tf.data.Dataset`` of ``float32`` images of shape
         ``(batch, image_size, image_size, 3)`` in ``[0, 255]``.
     """
+    import tensorflow as tf  # noqa: PLC0415 - see the module docstring
+
     paths = [str(path) for path in paths]
     index = _example_order(tf.data.Dataset.range(len(paths)), shuffle_seed)
     flags = [False] * len(paths) if generated is None else [bool(g) for g in generated]
@@ -187,6 +195,8 @@ def feature_dataset(
         shuffle_seed: As in :func:`image_dataset`.
         replicas: As in :func:`image_dataset`.
     """
+    import tensorflow as tf  # noqa: PLC0415 - see the module docstring
+
     features = np.asarray(features)
     label_array = np.asarray(labels, dtype=np.int32)
     if len(features) != len(label_array):
@@ -201,6 +211,8 @@ def _batched(
     examples: tf.data.Dataset, count: int, batch_size: int, replicas: int
 ) -> tf.data.Dataset:
     """Batches as :func:`batch_sizes` cuts them, prefetched."""
+    import tensorflow as tf  # noqa: PLC0415 - see the module docstring
+
     batches = examples.batch(batch_size)
     sizes = batch_sizes(count, batch_size, replicas)
     if sizes != batch_sizes(count, batch_size):

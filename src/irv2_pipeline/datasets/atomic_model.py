@@ -1,24 +1,31 @@
-"""kedro-datasets' ``TensorFlowModelDataset``, with a save that is atomic on local disk."""
+"""The model file's catalog entry; TensorFlow loads when the model does, not before.
+
+kedro-datasets' ``TensorFlowModelDataset`` imports TensorFlow with its module, and
+Kedro-Viz builds every dataset of the catalog to draw the pipeline. This dataset builds
+the file's dataset (``keras_model_file.AtomicKerasModelFile``) on first use, so
+listing or drawing the pipelines, or running those that do not touch the model, never
+imports TensorFlow.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-import keras
-from kedro.io.core import get_filepath_str
-from kedro_datasets.tensorflow import TensorFlowModelDataset
+from kedro.io import AbstractDataset
 
-from irv2_pipeline.atomic import replaced_atomically
+from irv2_pipeline.hints import KerasModel
+
+if TYPE_CHECKING:
+    from .keras_model_file import AtomicKerasModelFile
 
 
-class AtomicTensorFlowModelDataset(TensorFlowModelDataset):
+class AtomicTensorFlowModelDataset(AbstractDataset):
     """A ``.keras`` model file that is either the old model or the new one, never half.
 
-    ``TensorFlowModelDataset`` writes the model to a temporary folder and then copies
-    it over the target, so a run killed during the copy leaves a truncated file where
-    the model was. This subclass saves straight to a temporary file next to the target
-    and renames it. Loading is the parent's: ``safe_mode`` on, so a model with a
-    ``Lambda`` layer is refused, not executed.
+    Takes the arguments of kedro-datasets' ``TensorFlowModelDataset`` (``load_args``,
+    ``save_args``, ``fs_args``, ``credentials``); loading is in safe mode, saving
+    atomic (see ``AtomicKerasModelFile``).
 
     Example (``catalog.yml``)::
 
@@ -27,11 +34,30 @@ class AtomicTensorFlowModelDataset(TensorFlowModelDataset):
           filepath: data/06_models/finetuned_model.keras
     """
 
-    def save(self, data: keras.Model) -> None:
-        if self._protocol != "file" or self._is_h5 or self._version is not None:
-            super().save(data)
-            return
-        target = Path(get_filepath_str(self._get_save_path(), self._protocol))
-        with replaced_atomically(target) as temporary:
-            keras.saving.save_model(data, temporary, **self._save_args)
-        self._invalidate_cache()
+    def __init__(
+        self, *, filepath: str, metadata: dict[str, Any] | None = None, **options: Any
+    ):
+        self._filepath = filepath
+        self._options = options
+        self.metadata = metadata
+
+    @cached_property
+    def _file(self) -> AtomicKerasModelFile:
+        """The file's dataset, built (and TensorFlow imported) on first use."""
+        from .keras_model_file import AtomicKerasModelFile  # noqa: PLC0415
+
+        return AtomicKerasModelFile(
+            filepath=self._filepath, metadata=self.metadata, **self._options
+        )
+
+    def load(self) -> KerasModel:
+        return self._file.load()
+
+    def save(self, data: KerasModel) -> None:
+        self._file.save(data)
+
+    def _exists(self) -> bool:
+        return self._file.exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, **self._options}

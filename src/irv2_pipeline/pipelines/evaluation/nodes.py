@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import keras
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.inputs import class_names as manifest_classes
@@ -45,7 +45,7 @@ class EvaluationError(ValueError):
 
 def predict_test_split(
     *,
-    finetuned_model: keras.Model,
+    finetuned_model: KerasModel,
     class_names: list[str],
     image_manifest: pd.DataFrame,
     raw_images: ImageFolder,
@@ -358,7 +358,7 @@ def _train_counts(image_manifest: pd.DataFrame, classes: list[str]) -> dict[str,
 
 
 def _check_model_shape(
-    finetuned_model: keras.Model, image_size: int, classes: list[str]
+    finetuned_model: KerasModel, image_size: int, classes: list[str]
 ) -> None:
     height, width = finetuned_model.input_shape[1:3]
     if (height, width) != (image_size, image_size):
@@ -377,7 +377,7 @@ def _check_model_shape(
 
 
 def _probabilities(
-    finetuned_model: keras.Model, batch: np.ndarray, batch_size: int
+    finetuned_model: KerasModel, batch: np.ndarray, batch_size: int
 ) -> np.ndarray:
     """The model's class probabilities for one batch, checked and in float64.
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -20,10 +19,13 @@ from irv2_pipeline.inputs import class_names, image_dataset
 from irv2_pipeline.plan_rules import PlanError, learning_rate_problems, validate_stages
 from irv2_pipeline.probe import fit_probe
 
-from . import moments, shift, twosample
+from . import shift, twosample
 from .logme import logme
 from .plan import Measurements, plan_stages
 from .plots import shift_by_depth_plot
+
+if TYPE_CHECKING:
+    from . import moments
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,11 @@ def measure_backbone(
     Returns:
         The measurements of every split.
     """
+    # Keras (and TensorFlow) load when this node runs, not with the pipeline.
+    import keras  # noqa: PLC0415
+
+    from . import moments  # noqa: PLC0415
+
     weights = model["weights"]
     size = int(model["image_size"])
     depths = [str(depth) for depth in feature_shift["depths"]]

@@ -10,13 +10,16 @@ variance BN divides by, and it keeps near-dead channels from dominating.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from irv2_pipeline.backbone import GROUPS, group_of
 
-from .moments import BatchNormLayer
+if TYPE_CHECKING:
+    # Only a type here; moments imports Keras, which evaluation's nodes need not load.
+    from .moments import BatchNormLayer
 
 PROFILE_COLUMNS = [
     "layer",

@@ -1,4 +1,9 @@
-"""Nodes of the `finetune` pipeline: staged fine-tuning of IRv2, and its curves."""
+"""Nodes of the `finetune` pipeline: staged fine-tuning of IRv2, and its curves.
+
+The modules that import Keras or TensorFlow are imported by the nodes that run them:
+every ``kedro`` command loads this module (through the pipeline registry), and
+TensorFlow costs seconds and most of a gigabyte to import.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import keras
 import pandas as pd
 from matplotlib.figure import Figure
 
 import irv2_pipeline
 from irv2_pipeline.backbone import load_irv2, unit_order
-from irv2_pipeline.classifier import HeadSpec, build_classifier
 from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.inputs import class_names
 
-from .checkpoints import CheckpointStore, checkpoint_key
 from .examples import split_examples, training_examples
-from .lr_find import curves_from_table, curves_table, lr_finder_figure
 from .report import training_curves_figure
-from .runtime import (
-    distribution_strategy,
-    dtype_policy,
-    gpu_capabilities,
-    precision_policy,
-)
 from .stages import resolve_stages
-from .training import TrainingSettings, found_curves, run_stages
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +53,7 @@ def train_classifier(
     images: dict[str, Any],
     finetune: dict[str, Any],
     plan_rules: dict[str, Any],
-) -> tuple[keras.Model, pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]:
+) -> tuple[KerasModel, pd.DataFrame, pd.DataFrame, list[str], pd.DataFrame]:
     """Fine-tunes IRv2 in stages, resuming from a checkpoint when one matches.
 
     Args:
@@ -81,6 +76,21 @@ def train_classifier(
         parameters, BN policy, epochs, best epoch, whether it was kept and why, its
         range test), the class names, and the range tests' curves.
     """
+    # Imported here, not at the top: see the module docstring.
+    import keras  # noqa: PLC0415
+
+    from irv2_pipeline.classifier import HeadSpec, build_classifier  # noqa: PLC0415
+
+    from .checkpoints import CheckpointStore, checkpoint_key  # noqa: PLC0415
+    from .lr_find import curves_table  # noqa: PLC0415
+    from .runtime import (  # noqa: PLC0415
+        distribution_strategy,
+        dtype_policy,
+        gpu_capabilities,
+        precision_policy,
+    )
+    from .training import TrainingSettings, found_curves, run_stages  # noqa: PLC0415
+
     classes = class_names(image_manifest)
     train = training_examples(
         image_manifest, augmented_manifest, raw_images, augmented_images, classes
@@ -180,4 +190,7 @@ def plot_lr_finder(lr_finder_curves: pd.DataFrame) -> Figure:
     Returns:
         The figure.
     """
+    # lr_find imports Keras; see the module docstring.
+    from .lr_find import curves_from_table, lr_finder_figure  # noqa: PLC0415
+
     return lr_finder_figure(curves_from_table(lr_finder_curves))
