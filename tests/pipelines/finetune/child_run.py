@@ -81,7 +81,7 @@ def run(
     import keras  # noqa: PLC0415 - after the device set-up
 
     from irv2_pipeline.datasets import ImageFolder  # noqa: PLC0415
-    from irv2_pipeline.pipelines.finetune import nodes  # noqa: PLC0415
+    from irv2_pipeline.pipelines.finetune import nodes, training  # noqa: PLC0415
     from tests.pipelines.finetune import conftest  # noqa: PLC0415
 
     epochs_log = workdir / "epochs.log"
@@ -114,8 +114,9 @@ def run(
     # Nine images per split: with two replicas of 4 a plain last batch of one image
     # would leave a replica with an empty batch, in training and validation.
     manifest = conftest.demo_manifest(train_per_class=3, val_per_class=3)
-    run_stages, load_irv2 = nodes.run_stages, nodes.load_irv2
-    nodes.run_stages = functools.partial(run_stages, callbacks=[EpochLog()])
+    # The node imports run_stages from `training` when it runs: patch it there.
+    run_stages, load_irv2 = training.run_stages, nodes.load_irv2
+    training.run_stages = functools.partial(run_stages, callbacks=[EpochLog()])
     nodes.load_irv2 = lambda weights, image_size: conftest.mini_irv2(image_size)
     try:
         model, history, records, classes, _ = nodes.train_classifier(
@@ -132,7 +133,7 @@ def run(
             ]["plan_rules"],
         )
     finally:
-        nodes.run_stages, nodes.load_irv2 = run_stages, load_irv2
+        training.run_stages, nodes.load_irv2 = run_stages, load_irv2
     result = {
         "history": history.to_dict(orient="records"),
         "records": records.to_dict(orient="records"),

@@ -18,7 +18,7 @@ from kedro_datasets.pandas import CSVDataset
 
 from irv2_pipeline.datasets import ImageFolder, ImageFolderDataset
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
-from irv2_pipeline.pipelines.finetune import create_pipeline, nodes
+from irv2_pipeline.pipelines.finetune import create_pipeline, nodes, training
 from irv2_pipeline.pipelines.finetune.examples import ExamplesError, training_examples
 from irv2_pipeline.pipelines.finetune.training import TrainingDivergedError
 
@@ -216,7 +216,8 @@ def test_bn_adaptation_sees_held_out_pixels_only_when_asked(
         seen["paths"] = [Path(path).relative_to(DEMO_IMAGES) for path in adapt_on.paths]
         raise _Stop
 
-    monkeypatch.setattr(nodes, "run_stages", hand_over)
+    # The node imports run_stages from `training` when it runs: patch it there.
+    monkeypatch.setattr(training, "run_stages", hand_over)
     monkeypatch.setattr(nodes, "load_irv2", lambda weights, size: mini_irv2(size))
     with pytest.raises(_Stop):
         nodes.train_classifier(
