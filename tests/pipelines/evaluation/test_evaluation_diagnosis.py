@@ -20,6 +20,9 @@ from .conftest import (
     stages_frame,
 )
 
+# The classes of the hand-written metrics below.
+CATS = ["cat", "dog", "eel"]
+
 
 def trained(*unfreeze_from: str | None) -> list[dict]:
     """The stage records of finetune_stages, after its CSV round trip."""
@@ -119,7 +122,7 @@ def distorted_history() -> pd.DataFrame:
 def feature_distortion(history: pd.DataFrame, thresholds: dict):
     """The rule on ``history``, its stages as finetune wrote them."""
     return diagnosis.feature_distortion(
-        history, stages_after(history), thresholds["feature_distortion"]
+        history, stages_after(history), "imagenet", thresholds["feature_distortion"]
     )
 
 
@@ -161,10 +164,21 @@ def test_feature_distortion_is_silent_when_every_stage_improves(thresholds):
     assert feature_distortion(healthy_history(), thresholds) is None
 
 
+def test_feature_distortion_is_silent_with_random_weights(thresholds):
+    # Without pretrained features a worse backbone stage distorts nothing.
+    history = distorted_history()
+    assert (
+        diagnosis.feature_distortion(
+            history, stages_after(history), None, thresholds["feature_distortion"]
+        )
+        is None
+    )
+
+
 def test_miscalibration_fires_on_over_and_under_confidence(thresholds):
     settings = thresholds["miscalibration"]
-    over = {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65}
-    under = {"ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96}
+    over = {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65, "classes": CATS}
+    under = {"ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96, "classes": CATS}
     over_finding = diagnosis.miscalibration(over, settings)
     under_finding = diagnosis.miscalibration(under, settings)
     assert over_finding is not None
@@ -178,8 +192,24 @@ def test_miscalibration_fires_on_over_and_under_confidence(thresholds):
 
 
 def test_miscalibration_is_silent_when_calibrated(thresholds):
-    calibrated = {"ece": 0.03, "mean_confidence": 0.9, "accuracy": 0.88}
+    calibrated = {
+        "ece": 0.03,
+        "mean_confidence": 0.9,
+        "accuracy": 0.88,
+        "classes": CATS,
+    }
     assert diagnosis.miscalibration(calibrated, thresholds["miscalibration"]) is None
+
+
+def test_miscalibration_is_silent_on_a_model_near_chance(thresholds):
+    # Ten classes at 0.18 accuracy: the confidence has no accuracy to match.
+    poor = {
+        "ece": 0.3,
+        "mean_confidence": 0.48,
+        "accuracy": 0.18,
+        "classes": [f"c{index}" for index in range(10)],
+    }
+    assert diagnosis.miscalibration(poor, thresholds["miscalibration"]) is None
 
 
 def test_underfitting_is_silent_when_the_model_fits(thresholds):
@@ -412,14 +442,14 @@ def test_label_conflicts_are_low_when_removed_and_silent_when_absent():
     assert diagnosis.label_conflicts(none, conflicts_report().head(0)) is None
 
 
-def class_report(recalls: dict[str, float]) -> pd.DataFrame:
+def class_report(recalls: dict[str, float], support: int = 10) -> pd.DataFrame:
     rows = [
         {
             "class": name,
             "precision": 0.9,
             "recall": recall,
             "f1_score": 0.9,
-            "support": 10,
+            "support": support,
         }
         for name, recall in recalls.items()
     ]
@@ -446,7 +476,9 @@ def test_class_imbalance_fires_on_low_recall_and_advises_class_weights(threshold
     assert finding is not None
     assert finding.evidence == [
         "accuracy 0.900 vs balanced accuracy 0.700 (gap 0.200 > 0.05)",
-        "class 'dog': recall 0.300 < 0.5 (10 test images, 20 training images)",
+        "class 'dog': recall 0.300 vs 0.925 on average for the other classes (chance "
+        "0.333), 0.89 of the way from chance to perfect below them (> 0.3) and more "
+        "than test noise (0.167 for 10 test images); 20 training images",
         "training images per class: from 20 ('dog') to 300 ('cat'), 15.0x above 1.5x",
     ]
     assert "finetune.class_weights" in finding.parameters
@@ -463,6 +495,71 @@ def test_class_imbalance_with_balanced_training_points_at_the_confusion(threshol
     assert finding is not None
     assert "finetune.class_weights" not in finding.parameters
     assert "'dog'" in finding.suggestion
+
+
+TEN_CLASSES = [f"class_{index}" for index in range(10)]
+
+
+def test_class_imbalance_is_silent_on_a_balanced_run_poor_on_every_class(thresholds):
+    # Every recall in 0.05-0.3 (mean 0.18): the model is poor, not imbalanced.
+    recalls = [0.05, 0.1, 0.1, 0.15, 0.15, 0.2, 0.2, 0.25, 0.3, 0.3]
+    metrics = {"accuracy": 0.18, "balanced_accuracy": 0.18}
+    assert (
+        diagnosis.class_imbalance(
+            metrics,
+            class_report(dict(zip(TEN_CLASSES, recalls, strict=True)), support=50),
+            dict.fromkeys(TEN_CLASSES, 200),
+            thresholds["class_imbalance"],
+        )
+        is None
+    )
+
+
+def test_class_imbalance_names_the_one_class_far_below_the_others(thresholds):
+    recalls = dict.fromkeys(TEN_CLASSES, 0.9) | {"class_3": 0.1}
+    metrics = {"accuracy": 0.82, "balanced_accuracy": 0.82}
+    finding = diagnosis.class_imbalance(
+        metrics,
+        class_report(recalls),
+        dict.fromkeys(TEN_CLASSES, 200),
+        thresholds["class_imbalance"],
+    )
+    assert finding is not None
+    assert "hard to tell apart" in finding.cause
+    assert finding.evidence[0].startswith("class 'class_3': recall 0.100 vs 0.900")
+    assert len(finding.evidence) == 2  # the class, then the training counts
+    assert "'class_3'" in finding.suggestion
+    assert "finetune.class_weights" not in finding.parameters
+
+
+def test_class_imbalance_from_an_imbalanced_training_set_advises_class_weights(
+    thresholds,
+):
+    # The rare classes' recalls are below the common one's, but by less than test
+    # noise on 10 images each: balanced accuracy far below accuracy is the sign.
+    report = pd.concat(
+        [
+            class_report({"cat": 0.95}, support=80),
+            class_report({"dog": 0.5, "eel": 0.5}, support=10),
+        ]
+    )
+    metrics = {"accuracy": 0.86, "balanced_accuracy": 0.65}
+    finding = diagnosis.class_imbalance(
+        metrics,
+        report,
+        {"cat": 400, "dog": 40, "eel": 40},
+        thresholds["class_imbalance"],
+    )
+    assert finding is not None
+    assert "the training set is imbalanced" in finding.cause
+    assert finding.evidence == [
+        "accuracy 0.860 vs balanced accuracy 0.650 (gap 0.210 > 0.05)",
+        "training images per class: from 40 ('dog') to 400 ('cat'), 10.0x above 1.5x",
+    ]
+    assert finding.parameters == [
+        "finetune.class_weights",
+        "augmentation.balance.enabled",
+    ]
 
 
 def test_class_imbalance_is_silent_on_balanced_results(thresholds):
@@ -565,7 +662,7 @@ def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> 
     }
 
 
-def test_diagnose_run_orders_findings_by_severity(diagnosis_inputs, model_params):
+def test_diagnose_run_lists_only_what_fired(diagnosis_inputs, model_params):
     healthy = diagnose_run(model=model_params, **diagnosis_inputs)
     assert [finding["rule"] for finding in healthy] == ["small_test_set"]
 
@@ -584,6 +681,46 @@ def test_diagnose_run_orders_findings_by_severity(diagnosis_inputs, model_params
         "suggestion",
         "parameters",
     }
+
+
+def test_diagnose_run_orders_findings_by_priority_then_severity(
+    diagnosis_inputs, model_params
+):
+    # A random-init run that fits poorly (medium), on a shifted test split (high),
+    # with one weak class (high), over-confident (medium), on a small test set (low).
+    history = history_frame({"head": [(1.0, 0.6, 1.0, 0.6), (0.8, 0.7, 0.8, 0.7)]})
+    findings = diagnose_run(
+        model={**model_params, "weights": None},
+        **{
+            **diagnosis_inputs,
+            "evaluation_metrics": {
+                **diagnosis_inputs["evaluation_metrics"],
+                "accuracy": 0.7,
+                "balanced_accuracy": 0.7,
+                "ece": 0.3,
+                "mean_confidence": 0.95,
+            },
+            "classification_report": class_report(
+                {"blue": 0.95, "green": 0.95, "red": 0.2}
+            ),
+            "training_history": history,
+            "finetune_stages": stages_after(history),
+            "split_shift": split_table(0.5, 0.001),
+        },
+    )
+    rules = [finding["rule"] for finding in findings]
+    assert rules == [
+        "random_weights",
+        "underfitting",
+        "split_shift",
+        "class_imbalance",
+        "miscalibration",
+        "small_test_set",
+    ]
+    ranks = [diagnosis.RANK[rule] for rule in rules]
+    assert ranks == sorted(ranks)
+    # Severity alone would put the high split_shift before the medium underfitting.
+    assert [finding["severity"] for finding in findings[1:3]] == ["medium", "high"]
 
 
 def test_stage_records_read_the_head_stage_back_from_csv_as_head_only(tmp_path):
@@ -664,11 +801,11 @@ def test_every_parameter_a_finding_names_exists(colour_images, thresholds):
         ),
         diagnosis.unstable_training(bad_history, [], thresholds["unstable_training"]),
         diagnosis.miscalibration(
-            {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65},
+            {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65, "classes": CATS},
             thresholds["miscalibration"],
         ),
         diagnosis.miscalibration(
-            {"ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96},
+            {"ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96, "classes": CATS},
             thresholds["miscalibration"],
         ),
         diagnosis.random_weights(None),

@@ -4,6 +4,21 @@ Each rule reads this run's outputs and its thresholds (``evaluation.diagnosis.<r
 and returns a :class:`Finding` quoting the numbers it rests on, or ``None`` when the
 cause is not present. ``parameters`` of a finding names the parameters its suggestion
 changes, as dotted keys of ``conf/base/parameters*.yml``.
+
+A rule fires on a cause, not on a figure that merely follows from another cause: a
+model that is poor everywhere is not an imbalance (``class_imbalance`` compares a class
+with the others and with chance), its confidence is not judged against an accuracy it
+does not have (``miscalibration``), and random weights have no pretrained features to
+distort (``feature_distortion``, ``domain_gap``).
+
+:func:`in_priority` orders the findings by :data:`PRIORITY`, the cause that explains
+the others first, then by severity: ``random_weights`` (no transfer learning: every
+figure after it follows), ``leakage`` and ``label_conflicts`` (the held-out figures
+cannot be trusted), ``unstable_training`` (a diverging loss explains a poor fit),
+``underfitting`` / ``overfitting`` / ``feature_distortion`` (how training fit),
+``domain_gap``, ``split_shift``, ``validation_test_gap`` (which a split shift
+explains), ``class_imbalance``, ``miscalibration``, and last ``small_test_set``, a
+caveat on every test figure rather than a cause.
 """
 
 from __future__ import annotations
@@ -21,6 +36,22 @@ from irv2_pipeline.pipelines.feature_shift.shift import block_shift
 from irv2_pipeline.plan_rules import FIRST_UNIT, blocks_reaching
 
 SEVERITIES = ("high", "medium", "low")
+# Findings in this order, the cause that explains the others first (module docstring);
+# rules in one tuple are peers, ordered by severity.
+PRIORITY = (
+    ("random_weights",),
+    ("leakage",),
+    ("label_conflicts",),
+    ("unstable_training",),
+    ("underfitting", "overfitting", "feature_distortion"),
+    ("domain_gap",),
+    ("split_shift",),
+    ("validation_test_gap",),
+    ("class_imbalance",),
+    ("miscalibration",),
+    ("small_test_set",),
+)
+RANK = {rule: rank for rank, peers in enumerate(PRIORITY) for rule in peers}
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 STAGE_COLUMNS = ("stage", "unfreeze_from", "epochs", "learning_rate", "bn_policy")
 # What feature_shift's block_shift reads from bn_shift_profile.
@@ -165,6 +196,17 @@ def describe_stages(stages: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
+def skill_over_chance(score: np.ndarray | float, n_classes: int) -> np.ndarray:
+    """Where an accuracy or recall lies from chance (0) to perfect (1).
+
+    Chance, ``1 / n_classes``, is what guessing scores. Below chance counts as 0: a
+    class recalled less often than a guess is no better recognised than one at chance,
+    how far below depends only on where a poor model's predictions happen to pile up.
+    """
+    chance = 1.0 / n_classes
+    return np.clip((np.asarray(score, dtype=np.float64) - chance) / (1 - chance), 0, 1)
+
+
 def overfitting(history: pd.DataFrame, settings: dict[str, Any]) -> Finding | None:
     """Training accuracy far above validation, or validation loss rising late.
 
@@ -264,7 +306,10 @@ def underfitting(
 
 
 def feature_distortion(
-    history: pd.DataFrame, finetune_stages: pd.DataFrame, settings: dict[str, Any]
+    history: pd.DataFrame,
+    finetune_stages: pd.DataFrame,
+    weights: str | None,
+    settings: dict[str, Any],
 ) -> Finding | None:
     """A backbone stage that validated worse than the stages before it.
 
@@ -273,8 +318,17 @@ def feature_distortion(
     unfreezing more of the backbone distorted the pretrained features, and
     ``finetune`` kept an earlier stage's weights. High when that stage's validation
     accuracy (at its best epoch) is more than ``high_val_accuracy_drop`` below the
-    earlier stage's.
+    earlier stage's. Silent with random weights: there are no pretrained features to
+    distort (the ``random_weights`` rule says so).
+
+    Args:
+        history: One row per epoch of every stage.
+        finetune_stages: The stages ``finetune`` trained, one row each.
+        weights: ``model.weights``.
+        settings: ``min_val_loss_rise`` and ``high_val_accuracy_drop``.
     """
+    if weights is None:
+        return None
     require_columns(
         finetune_stages, ("stage", "best_epoch", "best_val_loss"), "finetune_stages"
     )
@@ -325,10 +379,17 @@ def feature_distortion(
 
 
 def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Finding | None:
-    """Confidence that does not match accuracy: ECE above ``max_ece``."""
+    """Confidence that does not match accuracy: ECE above ``max_ece``.
+
+    Silent when the test accuracy is less than ``min_skill`` of the way from chance
+    to perfect (:func:`skill_over_chance`): a model that barely beats chance has no
+    accuracy for its confidence to match, and calibrating it would not help;
+    ``underfitting`` or ``random_weights`` says why it is poor.
+    """
     ece = float(metrics["ece"])
     limit = float(settings["max_ece"])
-    if ece <= limit:
+    skill = skill_over_chance(metrics["accuracy"], len(metrics["classes"]))
+    if ece <= limit or skill < float(settings["min_skill"]):
         return None
     confidence = float(metrics["mean_confidence"])
     accuracy = float(metrics["accuracy"])
@@ -584,25 +645,62 @@ def label_conflicts(
     )
 
 
+def weak_classes(
+    classification_report: pd.DataFrame, n_classes: int, settings: dict[str, Any]
+) -> pd.DataFrame:
+    """The classes recognised far worse than the others, beyond test-set noise.
+
+    Each class with test images is held against the mean recall of the other classes
+    with test images, not against a fixed bar, so a model that is poor on every class
+    has no weak class. Both recalls are measured from chance
+    (:func:`skill_over_chance`); the class is weak when its skill lies more than
+    ``min_skill_gap`` below theirs and its recall more than ``noise_z`` binomial
+    standard errors (for its support, at the others' recall) below theirs.
+
+    Returns:
+        The weak classes' rows of ``classification_report``, with ``others`` (the
+        mean recall of the other classes), ``skill_gap`` and ``noise`` (``noise_z``
+        standard errors) added.
+    """
+    tested = classification_report[classification_report["support"] > 0]
+    if len(tested) < 2:
+        return tested.head(0).assign(others=[], skill_gap=[], noise=[])
+    recall = tested["recall"].to_numpy(dtype=np.float64)
+    others = (recall.sum() - recall) / (len(recall) - 1)
+    support = tested["support"].to_numpy(dtype=np.float64)
+    scored = tested.assign(
+        others=others,
+        skill_gap=skill_over_chance(others, n_classes)
+        - skill_over_chance(recall, n_classes),
+        noise=float(settings["noise_z"]) * np.sqrt(others * (1 - others) / support),
+    )
+    weak = (scored["skill_gap"] > float(settings["min_skill_gap"])) & (
+        scored["others"] - scored["recall"] > scored["noise"]
+    )
+    return scored[weak]
+
+
 def class_imbalance(
     metrics: dict[str, Any],
     classification_report: pd.DataFrame,
     train_counts: dict[str, int],
     settings: dict[str, Any],
 ) -> Finding | None:
-    """Balanced accuracy well below accuracy, or a class with low recall.
+    """Balanced accuracy well below accuracy, or a class far weaker than the others.
 
-    The training images per class decide the advice: class weights when the training
-    set is imbalanced (largest over smallest class above ``max_train_imbalance_ratio``),
-    more varied images of the weak classes when it is not.
+    Weak classes are those of :func:`weak_classes`. The training images per class
+    decide what the finding says: an imbalance, with class weights as advice, when
+    the training set is imbalanced (largest over smallest class above
+    ``max_train_imbalance_ratio``); classes that are hard to tell apart, with more
+    varied images of them as advice, when it is not.
     """
     max_gap = float(settings["max_balanced_accuracy_gap"])
-    min_recall = float(settings["min_class_recall"])
+    min_skill_gap = float(settings["min_skill_gap"])
     gap = metrics["accuracy"] - metrics["balanced_accuracy"]
     classes = classification_report[
         classification_report["class"].isin(list(train_counts))
     ]
-    weak = classes[(classes["support"] > 0) & (classes["recall"] < min_recall)]
+    weak = weak_classes(classes, len(train_counts), settings)
     evidence = []
     if gap > max_gap:
         evidence.append(
@@ -610,9 +708,12 @@ def class_imbalance(
             f"{metrics['balanced_accuracy']:.3f} (gap {gap:.3f} > {max_gap})"
         )
     evidence += [
-        f"class {row['class']!r}: recall {row['recall']:.3f} < {min_recall} "
-        f"({int(row['support'])} test images, {train_counts[row['class']]} training "
-        "images)"
+        f"class {row['class']!r}: recall {row['recall']:.3f} vs {row['others']:.3f} "
+        f"on average for the other classes (chance {1 / len(train_counts):.3f}), "
+        f"{row['skill_gap']:.2f} of the way from chance to perfect below them "
+        f"(> {min_skill_gap}) and more than test noise ({row['noise']:.3f} for "
+        f"{int(row['support'])} test images); {train_counts[row['class']]} training "
+        "images"
         for row in weak.to_dict("records")
     ]
     if not evidence:
@@ -749,10 +850,15 @@ def small_test_set(metrics: dict[str, Any], settings: dict[str, Any]) -> Finding
     )
 
 
-def by_severity(findings: Sequence[Finding | None]) -> list[dict[str, Any]]:
-    """The findings that fired, most severe first, as JSON-able dicts."""
+def in_priority(findings: Sequence[Finding | None]) -> list[dict[str, Any]]:
+    """The findings that fired, as JSON-able dicts, in :data:`PRIORITY` order.
+
+    Peers (rules in one tuple of it) are ordered most severe first.
+    """
     fired = [finding for finding in findings if finding is not None]
-    fired.sort(key=lambda finding: SEVERITIES.index(finding.severity))
+    fired.sort(
+        key=lambda finding: (RANK[finding.rule], SEVERITIES.index(finding.severity))
+    )
     return [finding.as_dict() for finding in fired]
 
 

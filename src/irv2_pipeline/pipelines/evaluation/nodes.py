@@ -243,14 +243,13 @@ def diagnose_run(
         evaluation: The ``evaluation`` parameters (``diagnosis`` thresholds).
 
     Returns:
-        ``diagnosis``: the findings, most severe first.
+        ``diagnosis``: the findings, the cause that explains the others first
+        (``diagnosis.PRIORITY``), then most severe first.
     """
     thresholds = evaluation["diagnosis"]
     weights = model.get("weights")
     stages = diagnosis.stage_records(finetune_stages)
-    # Within a severity, findings keep this order: the run's set-up and data first
-    # (they explain what follows), then training, then the test results.
-    findings = diagnosis.by_severity(
+    findings = diagnosis.in_priority(
         [
             diagnosis.random_weights(weights),
             diagnosis.leakage(image_manifest, thresholds["leakage"]),
@@ -272,7 +271,10 @@ def diagnose_run(
             ),
             diagnosis.overfitting(training_history, thresholds["overfitting"]),
             diagnosis.feature_distortion(
-                training_history, finetune_stages, thresholds["feature_distortion"]
+                training_history,
+                finetune_stages,
+                weights,
+                thresholds["feature_distortion"],
             ),
             diagnosis.validation_test_gap(
                 training_history,

@@ -91,7 +91,7 @@ def stage_summary(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def findings_section(findings: Sequence[Mapping[str, Any]]) -> str:
-    """The diagnosis, most severe first."""
+    """The diagnosis, in its order: the cause that explains the others first."""
     if not findings:
         return "No rule found a problem in this run."
     parts = []
