@@ -164,15 +164,18 @@ def test_feature_distortion_is_silent_when_every_stage_improves(thresholds):
     assert feature_distortion(healthy_history(), thresholds) is None
 
 
-def test_feature_distortion_is_silent_with_random_weights(thresholds):
-    # Without pretrained features a worse backbone stage distorts nothing.
+def test_feature_distortion_with_random_weights_blames_the_stage_not_features(
+    thresholds,
+):
+    # Without pretrained features nothing was distorted, but the worse stage and the
+    # one kept are still worth saying.
     history = distorted_history()
-    assert (
-        diagnosis.feature_distortion(
-            history, stages_after(history), None, thresholds["feature_distortion"]
-        )
-        is None
+    finding = diagnosis.feature_distortion(
+        history, stages_after(history), None, thresholds["feature_distortion"]
     )
+    assert finding is not None
+    assert "no pretrained features" in finding.cause
+    assert "distorted the pretrained features" not in finding.cause
 
 
 def test_miscalibration_fires_on_over_and_under_confidence(thresholds):

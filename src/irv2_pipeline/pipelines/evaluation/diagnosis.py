@@ -318,8 +318,9 @@ def feature_distortion(
     unfreezing more of the backbone distorted the pretrained features, and
     ``finetune`` kept an earlier stage's weights. High when that stage's validation
     accuracy (at its best epoch) is more than ``high_val_accuracy_drop`` below the
-    earlier stage's. Silent with random weights: there are no pretrained features to
-    distort (the ``random_weights`` rule says so).
+    earlier stage's. With random weights there are no pretrained features to
+    distort; the finding then says that the stage's own training undid what the
+    stage before it had fitted, so its rate and length are the suspects.
 
     Args:
         history: One row per epoch of every stage.
@@ -327,8 +328,6 @@ def feature_distortion(
         weights: ``model.weights``.
         settings: ``min_val_loss_rise`` and ``high_val_accuracy_drop``.
     """
-    if weights is None:
-        return None
     require_columns(
         finetune_stages, ("stage", "best_epoch", "best_val_loss"), "finetune_stages"
     )
@@ -366,7 +365,11 @@ def feature_distortion(
     return Finding(
         rule="feature_distortion",
         cause="Fine-tuning the backbone made validation worse (it distorted the "
-        "pretrained features).",
+        "pretrained features)."
+        if weights is not None
+        else "Training the backbone made validation worse than the stage before it "
+        "(with random weights there were no pretrained features to distort: the "
+        "stage's updates undid what the earlier stage had fitted).",
         severity="high" if worst_drop > high_drop else "medium",
         suggestion=f"Fine-tune stage {', '.join(distorting)} more gently: lower its "
         "learning rate (in finetune.stages, or feature_shift.plan.backbone."
