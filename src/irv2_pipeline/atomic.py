@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,3 +69,42 @@ def _is_running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextmanager
+def replaced_folder(target: Path) -> Iterator[Path]:
+    """Yields a temporary folder to fill; on success it takes the place of ``target``.
+
+    A folder cannot be renamed over a non-empty one, so the old folder is first
+    renamed aside, the new one renamed into place, and the old one deleted: at every
+    moment ``target`` is the whole old folder, the whole new one, or (between the two
+    renames) absent, never half written.
+
+    Args:
+        target: The folder to write. Its parent is created if missing.
+
+    Yields:
+        A hidden, not yet existing path next to ``target``, named after it and this
+        process's id.
+
+    Raises:
+        Whatever the write raised: the temporary folder is removed and ``target`` is
+        untouched.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    retired = target.with_name(f".{target.name}.{os.getpid()}.old")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        yield temporary
+        if target.exists():
+            os.replace(target, retired)
+        os.replace(temporary, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.(tmp|old)$")
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        match = pattern.match(leftover.name)
+        if match and not _is_running(int(match.group(1))):
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -7,6 +7,7 @@ from kedro.pipeline import Pipeline
 from irv2_pipeline.pipelines import (
     augmentation,
     evaluation,
+    export,
     feature_shift,
     finetune,
     ingestion,
@@ -23,7 +24,10 @@ PIPELINE_ORDER = (
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Registers the five pipelines and ``__default__`` as all of them.
+    """Registers the five pipelines, ``__default__`` as all of them, and ``export``.
+
+    ``export`` (the model as files for other programs) runs on its own after the
+    training pipelines: ``kedro run --pipeline export``.
 
     Returns:
         A mapping from pipeline names to ``Pipeline`` objects.
@@ -37,4 +41,5 @@ def register_pipelines() -> dict[str, Pipeline]:
     }
     pipelines = {name: modules[name].create_pipeline() for name in PIPELINE_ORDER}
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+    pipelines["export"] = export.create_pipeline()
     return pipelines
