@@ -10,6 +10,7 @@ from irv2_pipeline.pipelines import (
     export,
     feature_shift,
     finetune,
+    inference,
     ingestion,
 )
 
@@ -24,10 +25,12 @@ PIPELINE_ORDER = (
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Registers the five pipelines, ``__default__`` as all of them, and ``export``.
+    """Registers the five pipelines, ``__default__`` as all of them, ``export`` and
+    ``inference``.
 
-    ``export`` (the model as files for other programs) runs on its own after the
-    training pipelines: ``kedro run --pipeline export``.
+    ``export`` (the model as files for other programs) and ``inference`` (predict a
+    folder of new images) run on their own after the training pipelines:
+    ``kedro run --pipeline export``, ``kedro run --pipeline inference``.
 
     Returns:
         A mapping from pipeline names to ``Pipeline`` objects.
@@ -42,4 +45,5 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines = {name: modules[name].create_pipeline() for name in PIPELINE_ORDER}
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     pipelines["export"] = export.create_pipeline()
+    pipelines["inference"] = inference.create_pipeline()
     return pipelines

@@ -1,0 +1,382 @@
+"""Nodes of the `inference` pipeline: predict a folder of new images, flag the unfamiliar.
+
+TensorFlow and Keras are imported inside the nodes that run the model, so that
+``kedro`` commands which never touch a model start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.hints import KerasModel
+from irv2_pipeline.images import OpenPolicy, fingerprint
+from irv2_pipeline.inputs import check_pixel_range, image_dataset
+from irv2_pipeline.parallel import process_map
+from irv2_pipeline.pipelines.evaluation.metrics import PROB_PREFIX
+from irv2_pipeline.pipelines.evaluation.nodes import (
+    PROBABILITY_SUM_TOLERANCE,
+    _check_model_shape,
+)
+from irv2_pipeline.pipelines.feature_shift.twosample import compare
+from irv2_pipeline.progress import ProgressLog
+
+from .ood import calibrate_threshold, fit_mahalanobis
+
+logger = logging.getLogger(__name__)
+
+REJECTED_COLUMNS = ["path", "reason"]
+# The classifier's pooled-feature layer, for each finetune.head.pooling.
+POOLED_LAYERS = ("avg_max_pool", "avg_pool")
+OOD_METHOD = (
+    "Mahalanobis distance of the pooled features to the nearest class mean of the "
+    "training originals, with one Ledoit-Wolf shrunk covariance shared by the classes"
+)
+
+
+class InferenceError(ValueError):
+    """The inference cannot run on these inputs; the message says what to change."""
+
+
+def scan_new_images(
+    new_images: ImageFolder, images: dict[str, Any], inference: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validates every file under the new-image folder, as ingestion does, on all cores.
+
+    Files may sit at any depth (no label folders: the images are unlabelled).
+
+    Args:
+        new_images: The folder of images to predict (never changed).
+        images: The ``images`` parameters (how images are opened).
+        inference: The ``inference`` parameters (``workers``).
+
+    Returns:
+        The usable images (``path``, ``width``, ``height``) and the rejected files
+        (``path``, ``reason``), both sorted by path.
+    """
+    policy = OpenPolicy.from_params(images)
+    candidates, rejected = [], []
+    for entry in new_images.entries():
+        if entry.reason is None:
+            candidates.append(entry.path)
+        else:
+            rejected.append((entry.path, entry.reason))
+    results = process_map(
+        partial(fingerprint, policy=policy),
+        (str(new_images.path_of(path)) for path in candidates),
+        inference.get("workers", "auto"),
+        parameter="inference.workers",
+    )
+    usable = []
+    for path, result in zip(candidates, results, strict=True):
+        if isinstance(result, str):
+            rejected.append((path, result))
+        else:
+            usable.append((path, result["width"], result["height"]))
+    logger.info("%d new images usable, %d files rejected", len(usable), len(rejected))
+    return (
+        pd.DataFrame(usable, columns=["path", "width", "height"]),
+        pd.DataFrame(rejected, columns=REJECTED_COLUMNS).sort_values(
+            "path", ignore_index=True
+        ),
+    )
+
+
+def reference_features(
+    *,
+    finetuned_model: KerasModel,
+    class_names: list[str],
+    image_manifest: pd.DataFrame,
+    raw_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    inference: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """Pooled features of the training originals and of the validation images.
+
+    Args:
+        finetuned_model: Takes ``[0, 255]`` RGB, outputs softmax probabilities.
+        class_names: The model's output order.
+        image_manifest: The ingestion manifest (``path``, ``label``, ``split``).
+        raw_images: The training image root.
+        model: The ``model`` parameters (``image_size``, ``seed``).
+        images: The ``images`` parameters.
+        inference: The ``inference`` parameters (``batch_size``,
+            ``max_reference_images``).
+
+    Returns:
+        ``train`` and ``val`` feature arrays, ``train_labels`` (class names).
+
+    Raises:
+        InferenceError: No training or no validation images.
+    """
+    limit = inference.get("max_reference_images")
+    chosen = {}
+    for split in ("train", "val"):
+        rows = image_manifest[image_manifest["split"] == split]
+        if rows.empty:
+            raise InferenceError(
+                f"image_manifest has no {split} images to fit the OOD score on: "
+                "rerun `kedro run --pipeline ingestion`."
+            )
+        if limit is not None and len(rows) > int(limit):
+            rows = rows.sample(int(limit), random_state=int(model["seed"])).sort_index()
+        chosen[split] = rows
+    features = {
+        split: _run_model(
+            finetuned_model,
+            class_names,
+            [raw_images.path_of(path) for path in rows["path"]],
+            model=model,
+            images=images,
+            inference=inference,
+            what=f"{split} images embedded",
+        )[1]
+        for split, rows in chosen.items()
+    }
+    return {**features, "train_labels": chosen["train"]["label"].to_numpy()}
+
+
+def fit_ood_detector(
+    reference_features: dict[str, np.ndarray], inference: dict[str, Any]
+) -> dict[str, Any]:
+    """Fits the Mahalanobis score on the training features, calibrates it on val.
+
+    Args:
+        reference_features: From :func:`reference_features`.
+        inference: The ``inference`` parameters (``false_alarm_rate``).
+
+    Returns:
+        ``scorer`` (an ``ood.MahalanobisScorer``), ``threshold`` and ``calibration``
+        (how the threshold was chosen, for the report).
+    """
+    scorer = fit_mahalanobis(
+        reference_features["train"], reference_features["train_labels"]
+    )
+    val_scores = scorer.scores(reference_features["val"])
+    rate = float(inference["false_alarm_rate"])
+    threshold = calibrate_threshold(val_scores, rate)
+    return {
+        "scorer": scorer,
+        "threshold": threshold,
+        "calibration": {
+            "method": OOD_METHOD,
+            "threshold": threshold,
+            "false_alarm_rate": rate,
+            "rule": f"the {1 - rate:.3g} quantile of the validation images' scores",
+            "n_train": len(reference_features["train"]),
+            "n_val": len(val_scores),
+            "val_flagged": float((val_scores > threshold).mean()),
+            "shrinkage": scorer.shrinkage,
+        },
+    }
+
+
+def predict_new_images(
+    *,
+    finetuned_model: KerasModel,
+    class_names: list[str],
+    new_image_list: pd.DataFrame,
+    new_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    inference: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """Runs the model over the usable new images, streaming, in one pass.
+
+    Returns:
+        ``probabilities`` ``(n, classes)`` and pooled ``features`` ``(n, features)``.
+    """
+    probabilities, features = _run_model(
+        finetuned_model,
+        class_names,
+        [new_images.path_of(path) for path in new_image_list["path"]],
+        model=model,
+        images=images,
+        inference=inference,
+        what="new images predicted",
+    )
+    return {"probabilities": probabilities, "features": features}
+
+
+def prediction_table(
+    new_image_list: pd.DataFrame,
+    model_outputs: dict[str, np.ndarray],
+    ood_detector: dict[str, Any],
+    class_names: list[str],
+    inference: dict[str, Any],
+) -> pd.DataFrame:
+    """One row per usable image: prediction, top-k, every probability, OOD score.
+
+    Args:
+        new_image_list: The usable images, in the order the model saw them.
+        model_outputs: From :func:`predict_new_images`.
+        ood_detector: From :func:`fit_ood_detector`.
+        class_names: The model's output order.
+        inference: The ``inference`` parameters (``top_k``).
+
+    Returns:
+        ``path``, ``predicted``, ``confidence``, ``top<i>_class`` and
+        ``top<i>_prob`` for i = 1..k, ``prob_<class>``, ``ood_score``, ``ood_flag``.
+    """
+    probs = np.asarray(model_outputs["probabilities"], dtype=np.float64)
+    classes = np.asarray(class_names)
+    table = pd.DataFrame({"path": new_image_list["path"].to_list()})
+    table["predicted"] = classes[probs.argmax(axis=1)] if len(probs) else []
+    table["confidence"] = probs.max(axis=1) if len(probs) else []
+    order = np.argsort(-probs, axis=1, kind="stable")
+    for rank in range(min(int(inference["top_k"]), len(classes))):
+        picked = order[:, rank]
+        table[f"top{rank + 1}_class"] = classes[picked]
+        table[f"top{rank + 1}_prob"] = probs[np.arange(len(probs)), picked]
+    for index, name in enumerate(class_names):
+        table[f"{PROB_PREFIX}{name}"] = probs[:, index]
+    scores = (
+        ood_detector["scorer"].scores(model_outputs["features"])
+        if len(probs)
+        else np.empty(0)
+    )
+    table["ood_score"] = scores
+    table["ood_flag"] = scores > ood_detector["threshold"]
+    return table
+
+
+def inference_report(
+    *,
+    predictions: pd.DataFrame,
+    inference_rejected: pd.DataFrame,
+    ood_detector: dict[str, Any],
+    reference_features: dict[str, np.ndarray],
+    model_outputs: dict[str, np.ndarray],
+    model: dict[str, Any],
+    inference: dict[str, Any],
+) -> dict[str, Any]:
+    """Counts, the OOD threshold and its calibration, and the batch shift test.
+
+    The batch test is feature_shift's two-sample test (MMD² with a permutation
+    p-value) of the new images' pooled features against the training originals'.
+
+    Returns:
+        The ``inference_report`` JSON.
+    """
+    shift_params = inference["shift"]
+    new_features = model_outputs["features"]
+    if len(new_features) < 2:
+        shift: dict[str, Any] = {
+            "statement": "fewer than 2 usable new images: no batch comparison"
+        }
+    else:
+        result = compare(
+            reference_features["train"],
+            new_features,
+            max_components=int(shift_params["max_components"]),
+            permutations=int(shift_params["permutations"]),
+            seed=int(model["seed"]),
+        )
+        alpha = float(shift_params["alpha"])
+        differs = result.p_value < alpha
+        verdict = "differ" if differs else "do not detectably differ"
+        shift = {
+            "test": "MMD² (RBF kernel) permutation test on pooled features, "
+            "feature_shift.twosample.compare",
+            "n_train": result.n_reference,
+            "n_new": result.n_compared,
+            "components": result.components,
+            "frechet": result.frechet,
+            "mmd2": result.mmd2,
+            "p_value": result.p_value,
+            "alpha": alpha,
+            "differs": bool(differs),
+            "statement": f"these new images {verdict} from the training images, "
+            f"p = {result.p_value:.3g}",
+        }
+        logger.info("%s", shift["statement"])
+    return {
+        "n_files": len(predictions) + len(inference_rejected),
+        "n_predicted": len(predictions),
+        "n_rejected": len(inference_rejected),
+        "n_ood_flagged": int(predictions["ood_flag"].sum()),
+        "predicted_counts": {
+            str(k): int(v) for k, v in predictions["predicted"].value_counts().items()
+        },
+        "rejected_reasons": {
+            str(k): int(v)
+            for k, v in inference_rejected["reason"].value_counts().items()
+        },
+        "ood": ood_detector["calibration"],
+        "batch_shift": shift,
+    }
+
+
+def _pooled_layer(finetuned_model: KerasModel) -> str:
+    names = {layer.name for layer in finetuned_model.layers}
+    for name in POOLED_LAYERS:
+        if name in names:
+            return name
+    raise InferenceError(
+        f"finetuned_model has none of the pooling layers {POOLED_LAYERS}: it was not "
+        "built by `finetune`; rerun `kedro run --pipeline finetune`."
+    )
+
+
+def _run_model(
+    finetuned_model: KerasModel,
+    class_names: Sequence[str],
+    paths: Sequence[Any],
+    *,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    inference: dict[str, Any],
+    what: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and pooled features of ``paths``, one streamed pass.
+
+    A short last batch is padded to the batch size (one traced graph), as
+    evaluation's ``_probabilities`` does.
+    """
+    import keras  # noqa: PLC0415 - see the module docstring
+
+    image_size = int(model["image_size"])
+    _check_model_shape(finetuned_model, image_size, list(class_names))
+    pooled = finetuned_model.get_layer(_pooled_layer(finetuned_model)).output
+    both = keras.Model(finetuned_model.input, [finetuned_model.output, pooled])
+    feature_size = int(pooled.shape[-1])
+    if not paths:
+        return np.empty((0, len(class_names))), np.empty((0, feature_size))
+    batch_size = int(inference["batch_size"])
+    dataset = image_dataset(
+        paths,
+        None,
+        image_size=image_size,
+        batch_size=batch_size,
+        policy=OpenPolicy.from_params(images),
+    )
+    probabilities, features = [], []
+    progress = ProgressLog(what, len(paths), logger)
+    for index, batch in enumerate(dataset.as_numpy_iterator()):
+        if index == 0:
+            check_pixel_range(batch)
+        rows = len(batch)
+        padding = np.repeat(batch[-1:], batch_size - rows, axis=0)
+        probs, pooled_batch = both.predict_on_batch(np.concatenate([batch, padding]))
+        probabilities.append(_checked(np.asarray(probs, dtype=np.float64)[:rows]))
+        features.append(np.asarray(pooled_batch, dtype=np.float64)[:rows])
+        progress.advance(rows)
+    return np.concatenate(probabilities), np.concatenate(features)
+
+
+def _checked(outputs: np.ndarray) -> np.ndarray:
+    """Softmax rows, renormalised as evaluation renormalises them."""
+    sums = outputs.sum(axis=1)
+    if (outputs < 0).any() or np.abs(sums - 1.0).max() > PROBABILITY_SUM_TOLERANCE:
+        raise InferenceError(
+            "finetuned_model's outputs are not softmax probabilities; inference needs "
+            "a softmax output layer."
+        )
+    return outputs / sums[:, None]
