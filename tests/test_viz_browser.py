@@ -28,6 +28,8 @@ from docs.make_screenshots import free_port, signal_group
 from irv2_pipeline.pipeline_registry import register_pipelines
 
 PIPELINES = ("ingestion", "augmentation", "feature_shift", "finetune", "evaluation")
+# Registered, run on their own, not part of __default__.
+STANDALONE = ("inference", "export")
 # Top to bottom, as DESIGN.md's catalog places the datasets.
 LAYERS = ["raw", "intermediate", "model_input", "models", "reporting"]
 # One dataset of each layer, from the catalog.
@@ -189,7 +191,11 @@ def rendered(url: str, profile: Path) -> RenderedGraph:
 
 def test_the_api_lists_every_pipeline_and_layer(viz):
     main = get_json(f"{viz}/api/main")
-    assert {p["id"] for p in main["pipelines"]} == {*PIPELINES, "__default__"}
+    assert {p["id"] for p in main["pipelines"]} == {
+        *PIPELINES,
+        *STANDALONE,
+        "__default__",
+    }
     assert main["selected_pipeline"] == "__default__"
     assert main["layers"] == LAYERS
     tasks = {n["name"] for n in main["nodes"] if n["type"] == "task"}
