@@ -16,6 +16,7 @@ from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.inputs import class_names as manifest_classes
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
 from irv2_pipeline.plan_rules import learning_rate_problems
+from irv2_pipeline.predict import check_model_shape, predict_padded, softmax_rows
 from irv2_pipeline.progress import ProgressLog
 
 from . import diagnosis, plots
@@ -36,7 +37,6 @@ from .report import render_report
 logger = logging.getLogger(__name__)
 
 # Softmax rows sum to 1 up to float32 rounding; anything further off is not softmax.
-PROBABILITY_SUM_TOLERANCE = 1e-3
 
 
 class EvaluationError(ValueError):
@@ -86,7 +86,7 @@ def predict_test_split(
             f"image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
         )
     image_size = int(model["image_size"])
-    _check_model_shape(finetuned_model, image_size, classes)
+    check_model_shape(finetuned_model, image_size, classes, EvaluationError)
     batch_size = int(evaluation["batch_size"])
     dataset = image_dataset(
         [raw_images.path_of(path) for path in test["path"]],
@@ -359,47 +359,9 @@ def _train_counts(image_manifest: pd.DataFrame, classes: list[str]) -> dict[str,
     return {name: int(counts.get(name, 0)) for name in classes}
 
 
-def _check_model_shape(
-    finetuned_model: KerasModel, image_size: int, classes: list[str]
-) -> None:
-    height, width = finetuned_model.input_shape[1:3]
-    if (height, width) != (image_size, image_size):
-        raise EvaluationError(
-            f"finetuned_model takes {height}x{width} px images but model.image_size "
-            f"is {image_size}: rerun `kedro run --pipeline finetune` with the same "
-            "parameters, or set model.image_size back."
-        )
-    outputs = finetuned_model.output_shape[-1]
-    if outputs != len(classes):
-        raise EvaluationError(
-            f"finetuned_model has {outputs} outputs but image_manifest has "
-            f"{len(classes)} classes {classes}: the model was trained on other data; "
-            "rerun `kedro run --pipeline finetune`."
-        )
-
-
 def _probabilities(
     finetuned_model: KerasModel, batch: np.ndarray, batch_size: int
 ) -> np.ndarray:
-    """The model's class probabilities for one batch, checked and in float64.
-
-    A short last batch is padded with copies of its last image: every call then has
-    the same shape, so the prediction graph is traced once (tracing IRv2 costs tens
-    of seconds on a CPU). The model is in inference mode, so the padding does not
-    change the other rows.
-    """
-    rows = len(batch)
-    if rows < batch_size:
-        padding = np.repeat(batch[-1:], batch_size - rows, axis=0)
-        batch = np.concatenate([batch, padding])
-    predicted = finetuned_model.predict_on_batch(batch)[:rows]
-    outputs = np.asarray(predicted, dtype=np.float64)
-    sums = outputs.sum(axis=1)
-    if (outputs < 0).any() or np.abs(sums - 1.0).max() > PROBABILITY_SUM_TOLERANCE:
-        raise EvaluationError(
-            "finetuned_model's outputs are not softmax probabilities (row sums "
-            f"{sums.min():.4g}..{sums.max():.4g}, minimum {outputs.min():.4g}); the "
-            "evaluation needs a softmax output layer."
-        )
-    # Renormalise away float32 rounding so the saved rows sum to 1 for log loss.
-    return outputs / sums[:, None]
+    """The model's class probabilities for one batch, checked, in float64."""
+    (outputs,) = predict_padded(finetuned_model, batch, batch_size)
+    return softmax_rows(outputs, EvaluationError)

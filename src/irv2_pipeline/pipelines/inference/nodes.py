@@ -20,11 +20,8 @@ from irv2_pipeline.images import OpenPolicy, fingerprint
 from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.parallel import process_map
 from irv2_pipeline.pipelines.evaluation.metrics import PROB_PREFIX
-from irv2_pipeline.pipelines.evaluation.nodes import (
-    PROBABILITY_SUM_TOLERANCE,
-    _check_model_shape,
-)
 from irv2_pipeline.pipelines.feature_shift.twosample import compare
+from irv2_pipeline.predict import check_model_shape, predict_padded, softmax_rows
 from irv2_pipeline.progress import ProgressLog
 
 from .ood import calibrate_threshold, fit_mahalanobis
@@ -337,13 +334,13 @@ def _run_model(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and pooled features of ``paths``, one streamed pass.
 
-    A short last batch is padded to the batch size (one traced graph), as
-    evaluation's ``_probabilities`` does.
+    A short last batch is padded to the batch size (one traced graph,
+    ``predict.predict_padded``).
     """
     import keras  # noqa: PLC0415 - see the module docstring
 
     image_size = int(model["image_size"])
-    _check_model_shape(finetuned_model, image_size, list(class_names))
+    check_model_shape(finetuned_model, image_size, list(class_names), InferenceError)
     pooled = finetuned_model.get_layer(_pooled_layer(finetuned_model)).output
     both = keras.Model(finetuned_model.input, [finetuned_model.output, pooled])
     feature_size = int(pooled.shape[-1])
@@ -362,21 +359,8 @@ def _run_model(
     for index, batch in enumerate(dataset.as_numpy_iterator()):
         if index == 0:
             check_pixel_range(batch)
-        rows = len(batch)
-        padding = np.repeat(batch[-1:], batch_size - rows, axis=0)
-        probs, pooled_batch = both.predict_on_batch(np.concatenate([batch, padding]))
-        probabilities.append(_checked(np.asarray(probs, dtype=np.float64)[:rows]))
-        features.append(np.asarray(pooled_batch, dtype=np.float64)[:rows])
-        progress.advance(rows)
+        probs, pooled_batch = predict_padded(both, batch, batch_size)
+        probabilities.append(softmax_rows(probs, InferenceError))
+        features.append(pooled_batch)
+        progress.advance(len(batch))
     return np.concatenate(probabilities), np.concatenate(features)
-
-
-def _checked(outputs: np.ndarray) -> np.ndarray:
-    """Softmax rows, renormalised as evaluation renormalises them."""
-    sums = outputs.sum(axis=1)
-    if (outputs < 0).any() or np.abs(sums - 1.0).max() > PROBABILITY_SUM_TOLERANCE:
-        raise InferenceError(
-            "finetuned_model's outputs are not softmax probabilities; inference needs "
-            "a softmax output layer."
-        )
-    return outputs / sums[:, None]
