@@ -125,19 +125,22 @@ def reference_features(
         if limit is not None and len(rows) > int(limit):
             rows = rows.sample(int(limit), random_state=int(model["seed"])).sort_index()
         chosen[split] = rows
-    features = {
-        split: _run_model(
-            finetuned_model,
-            class_names,
-            [raw_images.path_of(path) for path in rows["path"]],
-            model=model,
-            images=images,
-            inference=inference,
-            what=f"{split} images embedded",
-        )[1]
-        for split, rows in chosen.items()
+    # One pass over both splits: one traced prediction graph, not one per split.
+    _, features = _run_model(
+        finetuned_model,
+        class_names,
+        [raw_images.path_of(path) for rows in chosen.values() for path in rows["path"]],
+        model=model,
+        images=images,
+        inference=inference,
+        what="training and validation images embedded",
+    )
+    train_count = len(chosen["train"])
+    return {
+        "train": features[:train_count],
+        "val": features[train_count:],
+        "train_labels": chosen["train"]["label"].to_numpy(),
     }
-    return {**features, "train_labels": chosen["train"]["label"].to_numpy()}
 
 
 def fit_ood_detector(
