@@ -37,7 +37,7 @@ import pandas as pd  # noqa: E402
 
 from irv2_pipeline.backbone import load_irv2, preprocessing_layer  # noqa: E402
 from irv2_pipeline.datasets import ImageFolder  # noqa: E402
-from irv2_pipeline.images import OpenPolicy, load_image, resize  # noqa: E402
+from irv2_pipeline.images import OpenPolicy, load_resized  # noqa: E402
 from irv2_pipeline.pipelines.evaluation.metrics import (  # noqa: E402
     classification_metrics,
 )
@@ -75,7 +75,7 @@ def main() -> None:
     folder = ImageFolder(ROOT)
     policy = OpenPolicy()
     pixels = np.stack(
-        [resize(load_image(ROOT / p, policy).pixels, args.size) for p in paths]
+        [load_resized(ROOT / p, policy, args.size) for p in paths]
     ).astype(np.float32)
     starts = range(0, len(paths), args.batch_size)
     short = [pixels[i : i + args.batch_size] for i in starts]

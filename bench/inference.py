@@ -76,7 +76,7 @@ def streamed_vs_memory(project: Path) -> dict:
     """img/s of the saved model on the folder's images: streamed vs from memory."""
     import keras  # noqa: PLC0415 - only this part needs TensorFlow in this process
 
-    from irv2_pipeline.images import OpenPolicy, load_image, resize  # noqa: PLC0415
+    from irv2_pipeline.images import OpenPolicy, load_resized  # noqa: PLC0415
     from irv2_pipeline.inputs import image_dataset  # noqa: PLC0415
     from irv2_pipeline.predict import predict_padded  # noqa: PLC0415
 
@@ -95,7 +95,7 @@ def streamed_vs_memory(project: Path) -> dict:
     streamed_seconds = time.perf_counter() - started
 
     pixels = np.stack(
-        [resize(load_image(path, OpenPolicy()).pixels, size) for path in paths]
+        [load_resized(path, OpenPolicy(), size) for path in paths]
     ).astype(np.float32)
     started = time.perf_counter()
     for first in range(0, len(pixels), BATCH_SIZE):

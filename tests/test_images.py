@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from irv2_pipeline.images import (
     TreeEntry,
     fingerprint,
     load_image,
+    load_resized,
+    resize,
     walk_image_tree,
 )
 
@@ -432,3 +435,98 @@ def test_walk_reports_special_files(tmp_path):
     assert list(walk_image_tree(root)) == [
         TreeEntry("cat/pipe.jpg", "not a regular file")
     ]
+
+
+# ---------------------------------------------------------------- large photos
+
+
+def photo(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A photo-like image: a smooth colour field with finer detail and grain."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+
+    def field(cells: int) -> np.ndarray:
+        small = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
+        big = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+        return np.asarray(big, dtype=np.int16)
+
+    grain = rng.integers(-8, 9, (height, width, 1), dtype=np.int16)
+    pixels = field(6) // 2 + field(48) // 2 + grain
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_a_large_jpeg_decodes_at_reduced_scale_but_keeps_its_size():
+    data = encode(photo(0, (1600, 1200)), "JPEG", quality=90)
+    full = load_image(data, OpenPolicy())
+    reduced = load_image(data, OpenPolicy(), min_side=150)
+    assert full.pixels.shape == (1200, 1600, 3)
+    # 1/8 scale still leaves the shorter side at least min_side.
+    assert reduced.pixels.shape == (150, 200, 3)
+    assert (reduced.width, reduced.height) == (full.width, full.height) == (1600, 1200)
+    # Not twice min_side: decoded at full size.
+    assert load_image(data, OpenPolicy(), min_side=601).pixels.shape == (1200, 1600, 3)
+
+
+def test_a_turned_large_jpeg_keeps_its_upright_size():
+    stored = photo(1, (1600, 1200))
+    exif = stored.getexif()
+    exif[ORIENTATION] = 6
+    data = encode(stored, "JPEG", exif=exif.tobytes(), quality=90)
+    reduced = load_image(data, OpenPolicy(), min_side=150)
+    assert reduced.pixels.shape == (200, 150, 3)
+    assert (reduced.width, reduced.height) == (1200, 1600)
+    scanned = fingerprint_of(data)
+    assert (scanned["width"], scanned["height"]) == (1200, 1600)
+
+
+def fingerprint_of(data: bytes) -> dict | str:
+    """``fingerprint`` of a file holding ``data``."""
+    with tempfile.TemporaryDirectory() as folder:
+        return fingerprint(write(Path(folder) / "image.jpg", data), OpenPolicy())
+
+
+@pytest.mark.parametrize("min_side", [0, 150])
+def test_a_truncated_large_jpeg_is_rejected_at_any_scale(min_side):
+    data = truncated(encode(photo(2, (1600, 1200)), "JPEG", quality=90))
+    with pytest.raises(ImageRejected, match="corrupt or truncated JPEG file"):
+        load_image(data, OpenPolicy(), min_side=min_side)
+    assert fingerprint_of(data).startswith("corrupt or truncated JPEG file")
+
+
+def test_a_corrupt_large_jpeg_gets_the_same_verdict_at_any_scale():
+    data = bytearray(encode(photo(3, (1600, 1200)), "JPEG", quality=90))
+    # A bad Huffman table: every scale has to decode the same entropy-coded data.
+    table = data.index(b"\xff\xc4")
+    data[table + 5 : table + 21] = b"\xff" * 16
+    reasons = []
+    for min_side in (0, 150):
+        with pytest.raises(ImageRejected) as caught:
+            load_image(bytes(data), OpenPolicy(), min_side=min_side)
+        reasons.append(caught.value.reason)
+    assert reasons[0] == reasons[1]
+    assert reasons[0].startswith("corrupt or truncated JPEG file")
+
+
+def test_reduced_scale_pixels_stay_close_to_a_full_decode():
+    data = encode(photo(4, (2400, 1800)), "JPEG", quality=90)
+    full = resize(load_image(data, OpenPolicy()).pixels, 299).astype(int)
+    reduced = load_resized(data, OpenPolicy(), 299).astype(int)
+    assert load_image(data, OpenPolicy(), min_side=598).pixels.shape[0] == 900
+    difference = np.abs(full - reduced)
+    assert difference.mean() < 1.0 and difference.max() <= 8
+    # Small images are never reduced: the pixels are exactly a full decode's.
+    small = encode(photo(5, (500, 400)), "JPEG", quality=90)
+    np.testing.assert_array_equal(
+        load_resized(small, OpenPolicy(), 299),
+        resize(load_image(small, OpenPolicy()).pixels, 299),
+    )
+
+
+def test_a_large_photo_and_its_small_copy_still_hash_as_near_duplicates():
+    large = photo(6, (2400, 1800))
+    small = large.resize((600, 450), Image.Resampling.BICUBIC)
+    hashes = [
+        int(fingerprint_of(encode(image, "JPEG", quality=q))["phash"], 16)
+        for image, q in ((large, 92), (small, 70))
+    ]
+    assert (hashes[0] ^ hashes[1]).bit_count() <= 4  # ingestion's max_hamming

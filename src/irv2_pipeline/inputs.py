@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from irv2_pipeline.images import OpenPolicy, load_image, resize
+from irv2_pipeline.images import OpenPolicy, load_resized
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -123,8 +123,7 @@ def image_dataset(
     generated_tensor = tf.constant(flags, dtype=tf.bool)
 
     def load(i: np.int64) -> np.ndarray:
-        pixels = load_image(paths[int(i)], policy).pixels
-        return resize(pixels, image_size)
+        return load_resized(paths[int(i)], policy, image_size)
 
     def load_generated(i: tf.Tensor) -> tf.Tensor:
         data = tf.io.read_file(tf.gather(path_tensor, i))
