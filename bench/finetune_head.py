@@ -35,10 +35,10 @@ from pathlib import Path
 
 import keras
 import pandas as pd
+from model_inputs import resize_originals, with_sha256
 
 from irv2_pipeline.backbone import load_irv2, set_trainable_from
 from irv2_pipeline.classifier import HeadSpec, build_classifier
-from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.pipelines.finetune.cached_head import pooled_features
 from irv2_pipeline.pipelines.finetune.checkpoints import CheckpointStore
 from irv2_pipeline.pipelines.finetune.examples import split_examples
@@ -78,16 +78,20 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=75)
     args = parser.parse_args()
 
-    manifest = demo_manifest(args.train_per_class, args.val_per_class)
+    manifest = with_sha256(
+        demo_manifest(args.train_per_class, args.val_per_class), DEMO_IMAGES
+    )
     classes = sorted(manifest["label"].unique())
-    folder = ImageFolder(DEMO_IMAGES)
-    train = split_examples(manifest, folder, classes, "train")
-    val = split_examples(manifest, folder, classes, "val")
     stage = Stage("head", None, args.epochs, 1e-3, "frozen", 0, 1e-5)
     keras.utils.set_random_seed(0)
     backbone = load_irv2(None, args.image_size)
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
+        resized = resize_originals(
+            manifest, DEMO_IMAGES, Path(scratch) / "resized", args.image_size
+        )
+        train = split_examples(manifest, resized, classes, "train")
+        val = split_examples(manifest, resized, classes, "val")
         for cached in (True, False):
             classifier = build_classifier(backbone, classes, HeadSpec(), seed=0)
             settings = TrainingSettings(

@@ -110,16 +110,21 @@ def augmentation_params() -> dict:
 def run_augmentation(tmp_path) -> Callable[..., tuple[pd.DataFrame, Path]]:
     """``run(manifest, raw_root, model, augmentation)`` runs the pipeline in-process.
 
-    The pipeline's three nodes run with Kedro's own runner on a catalog like the
-    project's: the raw root, the augmented folder ``tmp_path/augmented``, the
-    manifest and the preview as files. Returns the augmented manifest (as read back
-    from its CSV file) and folder.
+    The pipeline's nodes (or ``only`` those named) run with Kedro's own runner on a
+    catalog like the project's: the raw root, the augmented and resized folders
+    ``tmp_path/augmented`` and ``tmp_path/resized``, the manifests and the preview as
+    files. Returns the augmented manifest (as read back from its CSV file; ``None``
+    when its node did not run) and folder.
     """
     output = tmp_path / "augmented"
 
     def run(
-        manifest: pd.DataFrame, raw: Path, model: dict, augmentation: dict
-    ) -> tuple[pd.DataFrame, Path]:
+        manifest: pd.DataFrame,
+        raw: Path,
+        model: dict,
+        augmentation: dict,
+        only: tuple[str, ...] = (),
+    ) -> tuple[pd.DataFrame | None, Path]:
         catalog = DataCatalog(
             datasets={
                 "image_manifest": MemoryDataset(manifest),
@@ -131,13 +136,23 @@ def run_augmentation(tmp_path) -> Callable[..., tuple[pd.DataFrame, Path]]:
                 "augmentation_preview": MatplotlibDataset(
                     filepath=str(tmp_path / "preview.png")
                 ),
+                "resized_images": GeneratedImageFolderDataset(
+                    path=str(tmp_path / "resized")
+                ),
+                "resized_manifest": CSVDataset(
+                    filepath=str(tmp_path / "resized_manifest.csv")
+                ),
                 "params:model": MemoryDataset(model),
                 "params:images": MemoryDataset({}),
                 "params:augmentation": MemoryDataset(augmentation),
             }
         )
-        SequentialRunner().run(create_pipeline(), catalog)
-        return catalog.load("augmented_manifest"), output
+        pipeline = create_pipeline()
+        SequentialRunner().run(
+            pipeline.only_nodes(*only) if only else pipeline, catalog
+        )
+        written = catalog.exists("augmented_manifest")
+        return catalog.load("augmented_manifest") if written else None, output
 
     return run
 

@@ -41,6 +41,7 @@ def test_pipeline_wiring():
     pipeline = create_pipeline()
     assert [node.name for node in pipeline.nodes] == [
         "plan_augmentation",
+        "write_resized_images",
         "write_augmented_images",
         "preview_augmentation",
     ]
@@ -55,19 +56,26 @@ def test_pipeline_wiring():
         "augmented_images",
         "augmented_manifest",
         "augmentation_preview",
+        "resized_images",
+        "resized_manifest",
     } <= pipeline.all_outputs()
 
 
 def test_only_train_images_are_read_and_augmented(
     run_augmentation, raw_root, demo_manifest, model_params, augmentation_params
 ):
-    # Validation and test files are deleted: opening any of them would fail the run.
+    # Validation and test files are deleted: opening any of them would fail the
+    # copies' nodes (resized images, written of every split, are another node's).
     held_out = demo_manifest[demo_manifest["split"] != "train"]
     for path in held_out["path"]:
         (raw_root / path).unlink()
 
     manifest, folder = run_augmentation(
-        demo_manifest, raw_root, model_params, augmentation_params
+        demo_manifest,
+        raw_root,
+        model_params,
+        augmentation_params,
+        only=("plan_augmentation", "write_augmented_images", "preview_augmentation"),
     )
 
     train = set(demo_manifest.loc[demo_manifest["split"] == "train", "path"])
@@ -191,5 +199,5 @@ def test_a_training_image_gone_since_ingestion_stops_the_run_by_name(
     while cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, SourceUnreadable)
-    assert "Training image trouser/trouser_001.png" in str(error.value)
+    assert "Image trouser/trouser_001.png" in str(error.value)
     assert "run `kedro run --pipeline ingestion` again" in str(error.value)

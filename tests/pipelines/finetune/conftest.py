@@ -10,7 +10,11 @@ real IRv2 end to end (``test_finetune_irv2.py``).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
 import keras
@@ -19,9 +23,14 @@ import pytest
 import yaml
 
 from irv2_pipeline.classifier import Classifier, HeadSpec, build_classifier
-from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.datasets import GeneratedImageFolderDataset, ImageFolder
+from irv2_pipeline.pipelines.augmentation.nodes import write_resized_images
 from irv2_pipeline.pipelines.finetune.checkpoints import CheckpointStore
-from irv2_pipeline.pipelines.finetune.examples import Examples, split_examples
+from irv2_pipeline.pipelines.finetune.examples import (
+    Examples,
+    ResizedImages,
+    split_examples,
+)
 from irv2_pipeline.pipelines.finetune.stages import Stage
 from irv2_pipeline.pipelines.finetune.training import TrainingSettings, run_stages
 from tests.conftest import project_parameters
@@ -106,6 +115,34 @@ def demo_manifest(train_per_class: int, val_per_class: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@functools.cache
+def resized_demo(image_size: int = IMAGE_SIZE) -> tuple[pd.DataFrame, Path]:
+    """Every demo image at ``image_size``, as the augmentation pipeline writes them.
+
+    Written once per test process (a second or two) into a temporary folder, by the
+    pipeline's own node and dataset. Returns ``resized_manifest`` and the folder.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="irv2_resized_demo_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    jobs, resized_manifest = write_resized_images(
+        demo_manifest(10_000, 0),
+        ImageFolder(DEMO_IMAGES),
+        {},
+        {"image_size": image_size},
+        {"preset": "none", "copies": 0, "workers": 1},
+    )
+    GeneratedImageFolderDataset(path=str(folder)).save(jobs)
+    return resized_manifest, folder
+
+
+def demo_resized(manifest: pd.DataFrame) -> ResizedImages:
+    """The resized files of a demo manifest's images (see :func:`resized_demo`)."""
+    resized_manifest, folder = resized_demo()
+    return ResizedImages.checked(
+        resized_manifest, ImageFolder(folder), manifest, IMAGE_SIZE
+    )
+
+
 def load_parameters(name: str, env: str = "base") -> dict:
     """``conf/base/<name>.yml`` as written there; for another env, what a run gets."""
     if env != "base":
@@ -150,10 +187,10 @@ def demo_examples(
 ) -> tuple[Examples, Examples]:
     """Training and validation examples of the first demo images."""
     manifest = demo_manifest(train_per_class, val_per_class)
-    folder = ImageFolder(DEMO_IMAGES)
+    resized = demo_resized(manifest)
     return (
-        split_examples(manifest, folder, CLASSES, "train"),
-        split_examples(manifest, folder, CLASSES, "val"),
+        split_examples(manifest, resized, CLASSES, "train"),
+        split_examples(manifest, resized, CLASSES, "val"),
     )
 
 

@@ -16,9 +16,9 @@ import pytest
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
 from irv2_pipeline.pipelines.finetune import nodes
-from irv2_pipeline.pipelines.finetune.examples import Examples
+from irv2_pipeline.pipelines.finetune.examples import split_examples
 
-from .conftest import CLASSES, DEMO_IMAGES, IMAGE_SIZE, demo_manifest
+from .conftest import CLASSES, IMAGE_SIZE, demo_manifest, demo_resized, resized_demo
 from .test_finetune_cached_head import pixels
 
 HEAD_STAGE = {
@@ -39,7 +39,8 @@ def test_irv2_head_on_cached_features_is_the_saved_models_head(
         image_manifest=manifest,
         augmented_manifest=manifest.iloc[0:0],
         finetune_plan={"stages": [HEAD_STAGE], "rationale": []},
-        raw_images=ImageFolder(DEMO_IMAGES),
+        resized_manifest=resized_demo()[0],
+        resized_images=ImageFolder(resized_demo()[1]),
         augmented_images=ImageFolder(tmp_path / "none"),
         model={"weights": None, "image_size": IMAGE_SIZE, "seed": 7},
         images={},
@@ -58,7 +59,11 @@ def test_irv2_head_on_cached_features_is_the_saved_models_head(
         "irv2_preprocess",
         "inception_resnet_v2",
     ]
-    images = pixels(Examples(tuple(str(DEMO_IMAGES / p) for p in manifest.path), None))
+    resized = demo_resized(manifest)
+    images = pixels(
+        split_examples(manifest, resized, CLASSES, "train")
+        + split_examples(manifest, resized, CLASSES, "val")
+    )
     # Eager calls: tracing IRv2's predict functions would double the test's time.
     outputs = keras.ops.convert_to_numpy(model(images))
     features = keras.Model(model.input, model.get_layer("avg_pool").output)(images)

@@ -19,7 +19,11 @@ from kedro_datasets.pandas import CSVDataset
 from irv2_pipeline.datasets import ImageFolder, ImageFolderDataset
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
 from irv2_pipeline.pipelines.finetune import create_pipeline, nodes, training
-from irv2_pipeline.pipelines.finetune.examples import ExamplesError, training_examples
+from irv2_pipeline.pipelines.finetune.examples import (
+    ExamplesError,
+    ResizedImages,
+    training_examples,
+)
 from irv2_pipeline.pipelines.finetune.training import TrainingDivergedError
 
 from .conftest import (
@@ -28,7 +32,9 @@ from .conftest import (
     IMAGE_SIZE,
     PROJECT_ROOT,
     demo_manifest,
+    demo_resized,
     mini_irv2,
+    resized_demo,
 )
 
 STAGES = [
@@ -71,7 +77,8 @@ def catalog_for(tmp_path, augmented, finetune_params, plan_rules) -> DataCatalog
             "image_manifest": MemoryDataset(demo_manifest(2, 1)),
             "augmented_manifest": MemoryDataset(augmented_manifest),
             "finetune_plan": MemoryDataset({"stages": STAGES, "rationale": []}),
-            "raw_images": ImageFolderDataset(path=str(DEMO_IMAGES)),
+            "resized_manifest": MemoryDataset(resized_demo()[0]),
+            "resized_images": ImageFolderDataset(path=str(resized_demo()[1])),
             "augmented_images": ImageFolderDataset(path=str(root)),
             "params:model": MemoryDataset(
                 {"weights": None, "image_size": IMAGE_SIZE, "seed": 7}
@@ -166,7 +173,7 @@ def test_augmented_copies_of_non_training_images_are_refused(augmented):
     leaked.loc[0, "source_path"] = val_image
     with pytest.raises(ExamplesError, match="not in the training split"):
         training_examples(
-            manifest, leaked, ImageFolder(DEMO_IMAGES), ImageFolder(root), CLASSES
+            manifest, leaked, demo_resized(manifest), ImageFolder(root), CLASSES
         )
     relabelled = copies.copy()
     relabelled.loc[0, "label"] = (
@@ -174,7 +181,7 @@ def test_augmented_copies_of_non_training_images_are_refused(augmented):
     )
     with pytest.raises(ExamplesError, match="another label than their source"):
         training_examples(
-            manifest, relabelled, ImageFolder(DEMO_IMAGES), ImageFolder(root), CLASSES
+            manifest, relabelled, demo_resized(manifest), ImageFolder(root), CLASSES
         )
 
 
@@ -189,7 +196,8 @@ def test_the_catalog_declares_every_output_and_the_inputs_come_from_upstream():
         "image_manifest",
         "augmented_manifest",
         "finetune_plan",
-        "raw_images",
+        "resized_manifest",
+        "resized_images",
         "augmented_images",
         "params:model",
         "params:images",
@@ -213,7 +221,7 @@ def test_bn_adaptation_sees_held_out_pixels_only_when_asked(
     seen = {}
 
     def hand_over(*args, adapt_on, **kwargs):
-        seen["paths"] = [Path(path).relative_to(DEMO_IMAGES) for path in adapt_on.paths]
+        seen["paths"] = list(adapt_on.paths)
         raise _Stop
 
     # The node imports run_stages from `training` when it runs: patch it there.
@@ -224,7 +232,8 @@ def test_bn_adaptation_sees_held_out_pixels_only_when_asked(
             image_manifest=manifest,
             augmented_manifest=manifest.iloc[0:0],
             finetune_plan={"stages": STAGES, "rationale": []},
-            raw_images=ImageFolder(DEMO_IMAGES),
+            resized_manifest=resized_demo()[0],
+            resized_images=ImageFolder(resized_demo()[1]),
             augmented_images=ImageFolder(tmp_path / "none"),
             model={"weights": None, "image_size": IMAGE_SIZE, "seed": 7},
             images={},
@@ -232,9 +241,23 @@ def test_bn_adaptation_sees_held_out_pixels_only_when_asked(
             plan_rules=plan_rules,
         )
     splits = ("train", "val", "test") if transductive else ("train",)
+    resized = demo_resized(manifest)
     expected = [
-        Path(path)
+        resized.path_of(path)
         for split in splits
         for path in manifest.loc[manifest["split"] == split, "path"]
     ]
     assert seen["paths"] == expected
+
+
+def test_training_refuses_resized_images_of_other_bytes_or_size():
+    manifest = demo_manifest(train_per_class=2, val_per_class=1)
+    resized_manifest, folder = resized_demo()
+    changed = manifest.copy()
+    changed.loc[0, "sha256"] = "0" * 64  # the raw file changed after augmentation
+    with pytest.raises(ExamplesError, match="no up-to-date resized image"):
+        ResizedImages.checked(
+            resized_manifest, ImageFolder(folder), changed, IMAGE_SIZE
+        )
+    with pytest.raises(ExamplesError, match="written at \\[75\\] px"):
+        ResizedImages.checked(resized_manifest, ImageFolder(folder), manifest, 299)

@@ -18,12 +18,18 @@ import pandas as pd
 
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.datasets.generated_images import ImageJobs
-from irv2_pipeline.images import OpenPolicy, resize
+from irv2_pipeline.images import DRAFT_MARGIN, OpenPolicy, load_resized
 from irv2_pipeline.parallel import worker_count
 from irv2_pipeline.tables import frame_from_rows
 
 from .ops import FILL_MODES, INTERPOLATIONS, Geometry, OpConfig, draw_ops, parse_ops
-from .render import Encoding, SourceCopies, single_threaded_worker
+from .render import (
+    RESIZED_ENCODING,
+    Encoding,
+    ResizedImage,
+    SourceCopies,
+    single_threaded_worker,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
@@ -41,6 +47,9 @@ MANIFEST_COLUMNS = [
     "policy",
 ]
 REQUIRED_INPUT_COLUMNS = ("path", "label", "split", "sha256")
+RESIZED_COLUMNS = ["path", "file", "sha256", "image_size"]
+# Appended to a manifest path to name its resized image: `cat/a.jpg.png`.
+RESIZED_SUFFIX = ".png"
 NO_COPIES = "none"
 FORMATS = ("png", "jpeg")
 
@@ -182,6 +191,67 @@ def write_augmented_images(
     return image_jobs, augmentation_plan.reset_index(drop=True)
 
 
+def write_resized_images(
+    image_manifest: pd.DataFrame,
+    raw_images: ImageFolder,
+    images: dict[str, Any],
+    model: dict[str, Any],
+    augmentation: dict[str, Any],
+) -> tuple[ImageJobs, pd.DataFrame]:
+    """Hands every accepted image, at ``model.image_size``, to the resized folder.
+
+    Training and validation then read only files TensorFlow decodes in the graph
+    (no Python per image and epoch): each image as ``images.load_resized`` gives it,
+    stored as PNG, so the decoded pixels are exactly those. Every split is written
+    (a changed split rewrites nothing; transductive BatchNorm adaptation reads the
+    test images). As with the copies, a file is kept while its key (the image's
+    SHA-256, the size, the open policy, the encoder and the software) is unchanged,
+    written atomically otherwise, and deleted once its image leaves the manifest.
+
+    Args:
+        image_manifest: The ingestion manifest (``path``, ``sha256``).
+        raw_images: The image root.
+        images: The ``images`` parameters (how images are opened).
+        model: The shared ``model`` parameters (``image_size``).
+        augmentation: The ``augmentation`` parameters (``workers``).
+
+    Returns:
+        The jobs for ``resized_images`` and ``resized_manifest``: ``path`` (the
+        manifest's), ``file`` (relative to the resized folder), ``sha256`` and
+        ``image_size``.
+    """
+    _check_columns(image_manifest, ("path", "sha256"))
+    settings = parse_settings(augmentation)
+    open_policy = OpenPolicy.from_params(images)
+    image_size = int(model["image_size"])
+    policy = _resized_fingerprint(open_policy, image_size)
+    rows = image_manifest.sort_values("path", ignore_index=True)
+    files = rows["path"] + RESIZED_SUFFIX
+    jobs = [
+        ResizedImage(
+            source=str(raw_images.path_of(path)),
+            source_path=path,
+            outputs={file: f"{policy}|{sha256}"},
+            image_size=image_size,
+            open_policy=open_policy,
+        )
+        for path, file, sha256 in zip(rows["path"], files, rows["sha256"], strict=True)
+    ]
+    image_jobs = ImageJobs(
+        jobs=jobs, workers=settings.workers, parameter="augmentation.workers"
+    )
+    resized = pd.DataFrame(
+        {
+            "path": rows["path"],
+            "file": files,
+            "sha256": rows["sha256"],
+            "image_size": image_size,
+        },
+        columns=RESIZED_COLUMNS,
+    )
+    return image_jobs, resized
+
+
 def preview_augmentation(
     augmented_manifest: pd.DataFrame,
     augmented_images: ImageFolder,
@@ -239,7 +309,9 @@ def preview_augmentation(
             image_size = pixels.shape[0]
             axes[row, column].imshow(pixels)
             axes[row, column].set_title(_describe_ops(copy.ops), fontsize=5)
-        source_pixels = resize(raw_images.load(source, open_policy).pixels, image_size)
+        source_pixels = load_resized(
+            raw_images.path_of(source), open_policy, image_size
+        )
         axes[row, 0].imshow(source_pixels)
         axes[row, 0].set_title(_wrap(f"source: {source}"), fontsize=6)
     figure.suptitle(
@@ -323,13 +395,17 @@ def _non_negative_int(value: Any, name: str) -> int:
     return value
 
 
-def _training_images(image_manifest: pd.DataFrame) -> pd.DataFrame:
-    missing = [c for c in REQUIRED_INPUT_COLUMNS if c not in image_manifest.columns]
+def _check_columns(image_manifest: pd.DataFrame, required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in image_manifest.columns]
     if missing:
         raise AugmentationError(
             f"image_manifest lacks the columns {missing}; run "
             "`kedro run --pipeline ingestion` to rewrite it"
         )
+
+
+def _training_images(image_manifest: pd.DataFrame) -> pd.DataFrame:
+    _check_columns(image_manifest, REQUIRED_INPUT_COLUMNS)
     train = image_manifest[image_manifest["split"] == "train"]
     if train.empty:
         raise AugmentationError(
@@ -397,11 +473,26 @@ def _policy_fingerprint(settings: Settings, seed: int, image_size: int) -> str:
         "encoding": _encoding_fingerprint(settings.encoding),
         "seed": seed,
         "image_size": image_size,
+        # How large JPEG sources are decoded (images.load_resized).
+        "draft_margin": DRAFT_MARGIN,
         "software": {
             "keras": version("keras"),
             "tensorflow": version("tensorflow"),
             "pillow": version("pillow"),
         },
+    }
+    text = json.dumps(shaping, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _resized_fingerprint(open_policy: OpenPolicy, image_size: int) -> str:
+    """A hash of everything that shapes a resized image's file, software included."""
+    shaping = {
+        "open_policy": asdict(open_policy),
+        "image_size": image_size,
+        "draft_margin": DRAFT_MARGIN,
+        "encoding": _encoding_fingerprint(RESIZED_ENCODING),
+        "pillow": version("pillow"),
     }
     text = json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

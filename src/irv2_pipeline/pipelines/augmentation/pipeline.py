@@ -1,8 +1,16 @@
-"""The `augmentation` pipeline: augmented copies of the training images, on disk."""
+"""The `augmentation` pipeline: the images training reads, on disk.
+
+Augmented copies of the training images, and every accepted image at the model's size.
+"""
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import plan_augmentation, preview_augmentation, write_augmented_images
+from .nodes import (
+    plan_augmentation,
+    preview_augmentation,
+    write_augmented_images,
+    write_resized_images,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -28,6 +36,18 @@ def create_pipeline(**kwargs) -> Pipeline:
                 # (unless --async), so the manifest is written after its files.
                 outputs=["augmented_images", "augmented_manifest"],
                 name="write_augmented_images",
+            ),
+            Node(
+                write_resized_images,
+                inputs=[
+                    "image_manifest",
+                    "raw_images",
+                    "params:images",
+                    "params:model",
+                    "params:augmentation",
+                ],
+                outputs=["resized_images", "resized_manifest"],
+                name="write_resized_images",
             ),
             Node(
                 preview_augmentation,

@@ -10,9 +10,10 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
-from irv2_pipeline.images import ImageRejected, OpenPolicy, load_image, resize
+from irv2_pipeline.images import ImageRejected, OpenPolicy, load_resized
 
 from .ops import Geometry, augment
 
@@ -70,21 +71,59 @@ class SourceCopies:
 
     def render(self, wanted: Sequence[str]) -> dict[str, bytes]:
         """Opens and resizes the source once, then augments and encodes each copy."""
-        try:
-            loaded = load_image(self.source, self.open_policy)
-        except ImageRejected as rejection:
-            raise SourceUnreadable(
-                f"Training image {self.source_path} ({self.source}) cannot be opened: "
-                f"{rejection.reason}. The raw images changed since ingestion; run "
-                "`kedro run --pipeline ingestion` again."
-            ) from None
-        pixels = resize(loaded.pixels, self.image_size)
+        pixels = _model_pixels(
+            self.source, self.source_path, self.open_policy, self.image_size
+        )
         return {
             rel: self.encoding.encode(
                 augment(pixels, json.loads(self.ops[rel]), self.geometry)
             )
             for rel in wanted
         }
+
+
+# Resized images are PNG: lossless, so TensorFlow's decoder gives back exactly the
+# pixels ``images.load_resized`` made (see the README's "Training input").
+RESIZED_ENCODING = Encoding("png")
+
+
+@dataclass(frozen=True)
+class ResizedImage:
+    """One accepted image at the model's size: a job for ``GeneratedImageFolderDataset``.
+
+    Attributes:
+        source: Absolute path of the image.
+        source_path: Its manifest path, for error messages.
+        outputs: The one relative output path, to its key.
+        image_size: Side of the square output, in pixels.
+        open_policy: How the source is opened (``images.OpenPolicy``).
+    """
+
+    source: str
+    source_path: str
+    outputs: Mapping[str, str]
+    image_size: int
+    open_policy: OpenPolicy
+
+    def render(self, wanted: Sequence[str]) -> dict[str, bytes]:
+        """``images.load_resized``'s pixels, as PNG."""
+        pixels = _model_pixels(
+            self.source, self.source_path, self.open_policy, self.image_size
+        )
+        return dict.fromkeys(wanted, RESIZED_ENCODING.encode(pixels))
+
+
+def _model_pixels(
+    source: str, source_path: str, policy: OpenPolicy, image_size: int
+) -> np.ndarray:
+    try:
+        return load_resized(source, policy, image_size)
+    except ImageRejected as rejection:
+        raise SourceUnreadable(
+            f"Image {source_path} ({source}) cannot be opened: {rejection.reason}. "
+            "The raw images changed since ingestion; run "
+            "`kedro run --pipeline ingestion` again."
+        ) from None
 
 
 def single_threaded_worker() -> None:

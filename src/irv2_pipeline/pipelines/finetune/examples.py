@@ -1,13 +1,16 @@
 """The images a run trains and validates on: absolute paths and class indices.
 
 Training takes the original training images plus their augmented copies; validation
-takes the ``val`` split. Augmented copies are checked against the manifest: a copy of
-a validation or test image would leak those images into training.
+takes the ``val`` split. Originals are read from ``resized_images`` (each accepted
+image at the model's size, written by the augmentation pipeline), so every file
+training reads is one TensorFlow decodes in the graph. Augmented copies are checked
+against the manifest: a copy of a validation or test image would leak those images
+into training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +19,8 @@ import pandas as pd
 from irv2_pipeline.datasets import ImageFolder
 
 AUGMENTED_COLUMNS = ("path", "source_path", "label")
+RESIZED_COLUMNS = ("path", "file", "sha256", "image_size")
+RERUN_AUGMENTATION = "Rerun `kedro run --pipeline augmentation`."
 
 
 class ExamplesError(ValueError):
@@ -41,8 +46,9 @@ class Examples:
 
     @property
     def generated(self) -> tuple[bool, ...]:
-        """For each path, whether it is an augmented copy (they come last)."""
-        return (False,) * (len(self) - self.augmented) + (True,) * self.augmented
+        """For each path, whether this project wrote it: all of them, so
+        ``inputs.image_dataset`` decodes every one with TensorFlow."""
+        return (True,) * len(self)
 
     def class_counts(self, classes: int) -> np.ndarray:
         """Images per class index."""
@@ -63,13 +69,78 @@ class Examples:
         )
 
 
+@dataclass(frozen=True)
+class ResizedImages:
+    """Where training reads each accepted image: its file in ``resized_images``.
+
+    Attributes:
+        folder: The resized folder.
+        files: Each ``image_manifest`` path to its file, relative to ``folder``.
+    """
+
+    folder: ImageFolder
+    files: Mapping[str, str]
+
+    @classmethod
+    def checked(
+        cls,
+        resized_manifest: pd.DataFrame,
+        resized_images: ImageFolder,
+        image_manifest: pd.DataFrame,
+        image_size: int,
+    ) -> ResizedImages:
+        """The resized images, once checked to be those of this manifest and size.
+
+        Raises:
+            ExamplesError: A manifest image without a resized file, one resized from
+                other bytes (the raw file changed since), or another image size.
+        """
+        missing = [c for c in RESIZED_COLUMNS if c not in resized_manifest.columns]
+        if missing:
+            raise ExamplesError(
+                f"resized_manifest lacks the columns {missing}. {RERUN_AUGMENTATION}"
+            )
+        sizes = set(resized_manifest["image_size"].astype(int))
+        if sizes - {image_size}:
+            raise ExamplesError(
+                f"resized_images were written at {sorted(sizes)} px but "
+                f"model.image_size is {image_size}. {RERUN_AUGMENTATION}"
+            )
+        made_from = dict(
+            zip(resized_manifest["path"], resized_manifest["sha256"], strict=True)
+        )
+        stale = [
+            path
+            for path, sha256 in zip(
+                image_manifest["path"], image_manifest["sha256"], strict=True
+            )
+            if made_from.get(path) != sha256
+        ]
+        if stale:
+            raise ExamplesError(
+                f"{len(stale)} images of image_manifest have no up-to-date resized "
+                f"image (e.g. {stale[0]!r}): ingestion ran after augmentation. "
+                f"{RERUN_AUGMENTATION}"
+            )
+        return cls(
+            folder=resized_images,
+            files=dict(
+                zip(resized_manifest["path"], resized_manifest["file"], strict=True)
+            ),
+        )
+
+    def path_of(self, path: str) -> str:
+        """The absolute path of the resized file of an ``image_manifest`` path."""
+        return str(self.folder.path_of(self.files[path]))
+
+
 def split_examples(
     image_manifest: pd.DataFrame,
-    raw_images: ImageFolder,
+    resized: ResizedImages,
     classes: Sequence[str],
     split: str,
 ) -> Examples:
-    """The original images of one split, in manifest order.
+    """The original images of one split, in manifest order, as their resized files.
 
     Raises:
         ExamplesError: The split has no images.
@@ -82,7 +153,7 @@ def split_examples(
         )
     index = {name: i for i, name in enumerate(classes)}
     return Examples(
-        paths=tuple(str(raw_images.path_of(path)) for path in rows["path"]),
+        paths=tuple(resized.path_of(path) for path in rows["path"]),
         labels=rows["label"].map(index).to_numpy(dtype=np.int32),
     )
 
@@ -90,7 +161,7 @@ def split_examples(
 def training_examples(
     image_manifest: pd.DataFrame,
     augmented_manifest: pd.DataFrame,
-    raw_images: ImageFolder,
+    resized: ResizedImages,
     augmented_images: ImageFolder,
     classes: Sequence[str],
 ) -> Examples:
@@ -99,7 +170,7 @@ def training_examples(
     Args:
         image_manifest: Accepted images with their split.
         augmented_manifest: One row per augmented copy (empty: originals only).
-        raw_images: The folder ``image_manifest`` paths are relative to.
+        resized: The resized files of ``image_manifest``'s images.
         augmented_images: The folder ``augmented_manifest`` paths are relative to.
         classes: Class names in index order.
 
@@ -107,7 +178,7 @@ def training_examples(
         ExamplesError: A copy whose source is not a training image, or whose label
             differs from its source's.
     """
-    originals = split_examples(image_manifest, raw_images, classes, "train")
+    originals = split_examples(image_manifest, resized, classes, "train")
     if augmented_manifest.empty:
         return originals
     missing = [c for c in AUGMENTED_COLUMNS if c not in augmented_manifest.columns]

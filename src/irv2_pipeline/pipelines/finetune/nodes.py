@@ -20,7 +20,7 @@ from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.inputs import class_names
 
-from .examples import split_examples, training_examples
+from .examples import ResizedImages, split_examples, training_examples
 from .report import training_curves_figure
 from .stages import resolve_stages
 
@@ -47,7 +47,8 @@ def train_classifier(
     image_manifest: pd.DataFrame,
     augmented_manifest: pd.DataFrame,
     finetune_plan: dict[str, Any],
-    raw_images: ImageFolder,
+    resized_manifest: pd.DataFrame,
+    resized_images: ImageFolder,
     augmented_images: ImageFolder,
     model: dict[str, Any],
     images: dict[str, Any],
@@ -61,7 +62,9 @@ def train_classifier(
         augmented_manifest: Augmented copies of training images (empty: none).
         finetune_plan: ``{"stages": [...], "rationale": [...]}``; followed unless
             ``finetune.stages`` is set.
-        raw_images: The folder of ``image_manifest``.
+        resized_manifest: The resized file of each ``image_manifest`` image.
+        resized_images: The folder of ``resized_manifest``: every accepted image
+            at ``model.image_size``, which training and validation read.
         augmented_images: The folder of ``augmented_manifest``.
         model: ``model`` parameters (weights, image size, seed).
         images: ``images`` parameters (how images are opened).
@@ -92,15 +95,18 @@ def train_classifier(
     from .training import TrainingSettings, found_curves, run_stages  # noqa: PLC0415
 
     classes = class_names(image_manifest)
-    train = training_examples(
-        image_manifest, augmented_manifest, raw_images, augmented_images, classes
+    resized = ResizedImages.checked(
+        resized_manifest, resized_images, image_manifest, int(model["image_size"])
     )
-    val = split_examples(image_manifest, raw_images, classes, "val")
+    train = training_examples(
+        image_manifest, augmented_manifest, resized, augmented_images, classes
+    )
+    val = split_examples(image_manifest, resized, classes, "val")
     adapt_on = train.originals()
     if finetune.get("adapt_bn_transductive", False):
         # Unlabelled use of the held-out images: their statistics, not their labels.
         adapt_on = (
-            adapt_on + val + split_examples(image_manifest, raw_images, classes, "test")
+            adapt_on + val + split_examples(image_manifest, resized, classes, "test")
         )
         logger.info(
             "BatchNorm adaptation is transductive: it also sees the %d validation "
