@@ -121,12 +121,14 @@ def test_a_rerun_rewrites_only_changed_images_and_removes_those_gone(
     folder = tmp_path / "resized"
     run_augmentation(demo_manifest, raw_root, model_params, augmentation, RESIZED_NODE)
     first = file_states(folder)
-    assert set(first) == {f"{p}.png" for p in demo_manifest["path"]}
+    resized = pd.read_csv(tmp_path / "resized_manifest.csv").set_index("path")["file"]
+    assert set(first) == set(resized)
 
     run_augmentation(demo_manifest, raw_root, model_params, augmentation, RESIZED_NODE)
     assert file_states(folder) == first
 
     changed, gone = demo_manifest["path"].iloc[0], demo_manifest["path"].iloc[1]
+    changed_file, gone_file = resized[changed], resized[gone]
     write_png(raw_root / changed, np.full((28, 28, 3), 77, dtype=np.uint8))
     manifest = manifest_of(
         raw_root, dict(zip(demo_manifest["path"], demo_manifest["split"], strict=True))
@@ -134,14 +136,12 @@ def test_a_rerun_rewrites_only_changed_images_and_removes_those_gone(
     manifest = manifest[manifest["path"] != gone]
     run_augmentation(manifest, raw_root, model_params, augmentation, RESIZED_NODE)
     after = file_states(folder)
-    assert set(after) == set(first) - {f"{gone}.png"}
-    assert after[f"{changed}.png"] != first[f"{changed}.png"]
-    assert {k: v for k, v in after.items() if k != f"{changed}.png"} == {
-        k: v for k, v in first.items() if k not in (f"{changed}.png", f"{gone}.png")
+    assert set(after) == set(first) - {gone_file}
+    assert after[changed_file] != first[changed_file]
+    assert {k: v for k, v in after.items() if k != changed_file} == {
+        k: v for k, v in first.items() if k not in (changed_file, gone_file)
     }
-    pixels = np.asarray(
-        Image.open(io.BytesIO((folder / f"{changed}.png").read_bytes()))
-    )
+    pixels = np.asarray(Image.open(io.BytesIO((folder / changed_file).read_bytes())))
     assert (pixels == 77).all()
 
     # Another model size rewrites every file.

@@ -48,8 +48,6 @@ MANIFEST_COLUMNS = [
 ]
 REQUIRED_INPUT_COLUMNS = ("path", "label", "split", "sha256")
 RESIZED_COLUMNS = ["path", "file", "sha256", "image_size"]
-# Appended to a manifest path to name its resized image: `cat/a.jpg.png`.
-RESIZED_SUFFIX = ".png"
 NO_COPIES = "none"
 FORMATS = ("png", "jpeg")
 
@@ -226,7 +224,8 @@ def write_resized_images(
     image_size = int(model["image_size"])
     policy = _resized_fingerprint(open_policy, image_size)
     rows = image_manifest.sort_values("path", ignore_index=True)
-    files = rows["path"] + RESIZED_SUFFIX
+    # Named as the copies are: a long source name cannot make a too long file name.
+    files = rows["path"].map(_resized_name)
     jobs = [
         ResizedImage(
             source=str(raw_images.path_of(path)),
@@ -459,6 +458,12 @@ def _file_stem(source: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", PurePosixPath(source).stem).strip("._")
     digest = hashlib.sha256(source.encode()).hexdigest()[:8]
     return f"{stem[:60] or 'image'}__{digest}"
+
+
+def _resized_name(source: str) -> str:
+    """``<label>/<source stem>__<hash of the source path>.png``."""
+    label = source.split("/", 1)[0]
+    return f"{label}/{_file_stem(source)}.{RESIZED_ENCODING.extension}"
 
 
 def _policy_fingerprint(settings: Settings, seed: int, image_size: int) -> str:
