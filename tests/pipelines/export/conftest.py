@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from irv2_pipeline.datasets import AtomicJSONDataset, AtomicTextDataset
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
@@ -64,49 +63,6 @@ def demo_files(per_class: int = 3) -> list[Path]:
         for folder in sorted(DEMO_IMAGES.iterdir())
         for file in sorted(folder.glob("*.png"))[:per_class]
     ]
-
-
-# (height, width) of the oriented photos: non-square, up- and downscaled, some that
-# Pillow resizes height first (the height shrinks by over twice the width's pixels).
-PHOTO_SHAPES = ((100, 80), (40, 130), (300, 90), (76, 75), (61, 37), (150, 151))
-# How a camera stores an upright picture for each EXIF orientation: the inverse of
-# the turn exif_transpose applies (5 and 7 are their own inverse; 6 and 8 swap).
-STORED_AS = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
-
-def oriented_photos(folder: Path) -> list[Path]:
-    """Demo images as non-square colour JPEGs and PNGs, with each EXIF orientation 1-8.
-
-    Their pixels are stored turned as a camera stores them; opened upright they are
-    demo garments again.
-    """
-    files = []
-    sources = demo_files(per_class=1)
-    for orientation in range(1, 9):
-        for fmt in ("JPEG", "PNG"):
-            index = len(files)
-            height, width = PHOTO_SHAPES[index % len(PHOTO_SHAPES)]
-            grey = Image.open(sources[index % len(sources)]).convert("RGB")
-            upright = grey.resize((width, height), Image.Resampling.BICUBIC)
-            tinted = Image.fromarray(
-                (np.asarray(upright) * np.array([1.0, 0.9, 0.7])).astype(np.uint8)
-            )
-            turn = STORED_AS.get(orientation)
-            stored = tinted if turn is None else tinted.transpose(turn)
-            exif = Image.Exif()
-            exif[0x0112] = orientation
-            path = folder / f"photo_{orientation}.{fmt.lower()}"
-            stored.save(path, fmt, exif=exif.tobytes())
-            files.append(path)
-    return files
 
 
 def project_pixels(files: list[Path]) -> np.ndarray:

@@ -21,7 +21,8 @@ import tensorflow as tf
 from irv2_pipeline.pipelines.export.nodes import build_saved_model, model_card
 from tests.pipelines.finetune.conftest import CLASSES, load_parameters
 
-from .conftest import METRICS, demo_files, oriented_photos, project_pixels
+from .conftest import METRICS, demo_files, project_pixels
+from .photos import oriented_photos
 
 TOLERANCE = 1e-4
 
@@ -49,7 +50,8 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> tuple[list, np.ndarray]:
-    files = demo_files() + oriented_photos(tmp_path_factory.mktemp("photos"))
+    photos = oriented_photos(tmp_path_factory.mktemp("photos"), demo_files(6))
+    files = demo_files() + photos
     return files, project_pixels(files)
 
 
