@@ -19,10 +19,10 @@ which is not TensorFlow's ``tf.image.resize``. Pillow (``libImaging/Resample.c``
   13, python-pillow/Pillow#9549); a side already of the output size has no pass.
 
 The graph computes the same numbers: the coefficients in float64 as Pillow does in
-double (its sum sequentially, as Pillow's loop), the pass sums exactly in float64
-(22-bit integers times 8-bit pixels stay far below 2**53). The output equals
-Pillow 13's bit for bit; ``tests/pipelines/export/test_resize.py`` holds it to
-Pillow over a grid of shapes.
+double (their sum sequentially, as Pillow's loop), the pass sums exactly in float64
+(22-bit integers times 8-bit pixels stay far below 2**53), over each output pixel's
+window only, as Pillow does. The output equals Pillow 13's bit for bit;
+``tests/pipelines/export/test_resize.py`` holds it to Pillow over a grid of shapes.
 """
 
 from __future__ import annotations
@@ -33,16 +33,19 @@ import tensorflow as tf
 PRECISION_BITS = 22
 
 
-def pillow_coefficients(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
-    """Pillow's bilinear fixed-point coefficients, as an ``out x in`` float64 matrix.
+def pillow_coefficients(
+    in_size: tf.Tensor, out_size: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pillow's bilinear fixed-point coefficients, one window per output pixel.
 
     Args:
         in_size: The input side (scalar int tensor).
         out_size: The output side.
 
     Returns:
-        Entry ``(i, x)``: the integer coefficient of input pixel ``x`` in output
-        pixel ``i`` (0 outside its window).
+        ``first`` ``(out,)`` int32, the first input pixel of each window, and
+        ``coefficients`` ``(out, taps)`` float64, the integer coefficient of input
+        pixel ``first + tap`` (0 past the window's end).
     """
     length = tf.cast(in_size, tf.float64)
     scale = length / out_size
@@ -66,24 +69,37 @@ def pillow_coefficients(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
         initializer=tf.zeros((out_size,), tf.float64),
     )
     weights = tf.where(total[:, None] != 0.0, weights / total[:, None], weights)
-    fixed = tf.floor(0.5 + weights * float(2**PRECISION_BITS))
-    # From one window per output pixel to the dense out x in matrix.
-    offset = tf.range(in_size)[None, :] - tf.cast(first, tf.int32)[:, None]
-    inside = tf.logical_and(offset >= 0, offset < taps)
-    picked = tf.gather(fixed, tf.clip_by_value(offset, 0, taps - 1), batch_dims=1)
-    return tf.where(inside, picked, 0.0)
+    return tf.cast(first, tf.int32), tf.floor(0.5 + weights * float(2**PRECISION_BITS))
 
 
 def _pass(pixels: tf.Tensor, size: int, axis: int) -> tf.Tensor:
-    """One pass of batched uint8 pixels over ``axis`` (1: height, 2: width)."""
-    coefficients = pillow_coefficients(tf.shape(pixels)[axis], size)
-    values = tf.cast(pixels, tf.float64)
-    if axis == 2:
-        summed = tf.einsum("ow,bhwc->bhoc", coefficients, values)
-    else:
-        summed = tf.einsum("oh,bhwc->bowc", coefficients, values)
+    """One pass of batched uint8 pixels over ``axis`` (1: height, 2: width).
+
+    Tap by tap, each output line adds its coefficient times the input line at
+    ``first + tap``: the work is the window's, not the whole side's, and every sum
+    is an exact integer in float64, whatever the order. The resampled axis is moved
+    first, so that each tap gathers whole contiguous lines.
+    """
+    order = [axis, *(other for other in range(4) if other != axis)]
+    lines = tf.transpose(pixels, order)
+    length = tf.shape(lines)[0]
+    first, coefficients = pillow_coefficients(length, size)
+    shape = tf.concat([[size], tf.shape(lines)[1:]], axis=0)
+
+    def add_tap(tap: tf.Tensor, total: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # Past a window's end the coefficient is 0: any valid line will do there.
+        picked = tf.gather(lines, tf.minimum(first + tap, length - 1))
+        weights = tf.reshape(coefficients[:, tap], [size, 1, 1, 1])
+        return tap + 1, total + tf.cast(picked, tf.float64) * weights
+
+    _, summed = tf.while_loop(
+        lambda tap, _: tap < tf.shape(coefficients)[1],
+        add_tap,
+        (tf.constant(0), tf.zeros(shape, tf.float64)),
+    )
     shifted = tf.floor((summed + 2.0 ** (PRECISION_BITS - 1)) / 2.0**PRECISION_BITS)
-    return tf.cast(tf.clip_by_value(shifted, 0.0, 255.0), tf.uint8)
+    resized = tf.cast(tf.clip_by_value(shifted, 0.0, 255.0), tf.uint8)
+    return tf.transpose(resized, tf.math.invert_permutation(order))
 
 
 def _pass_if_needed(pixels: tf.Tensor, size: int, axis: int) -> tf.Tensor:
