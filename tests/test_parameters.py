@@ -110,6 +110,22 @@ def test_the_shipped_parameters_keep_every_rule(env):
             "yes",
             "ingestion.blank.reject = 'yes': must be a valid boolean",
         ),
+        (
+            "inference.test_time_augmentation",
+            "false",
+            "inference.test_time_augmentation = 'false': must be a valid boolean",
+        ),
+        (
+            "inference.false_alarm_rate",
+            0,
+            "inference.false_alarm_rate = 0: must be greater than 0",
+        ),
+        ("inference.top_k", 0, "inference.top_k = 0: must be greater than or equal"),
+        (
+            "inference.shift.alpha",
+            1.0,
+            "inference.shift.alpha = 1.0: must be less than 1",
+        ),
     ],
 )
 def test_an_impossible_value_is_named_with_its_key_and_rule(path, value, expected):
@@ -131,6 +147,9 @@ def test_an_impossible_value_is_named_with_its_key_and_rule(path, value, expecte
         ("ingestion.duplicates.group_key_pattern", "patient_(\\d+)"),
         ("ingestion.duplicates.max_colour_distance", None),
         ("ingestion.blank.min_pixel_std", 0),
+        ("inference.test_time_augmentation", True),
+        ("inference.max_reference_images", None),
+        ("inference.shift.max_images", None),
     ],
 )
 def test_a_possible_value_passes(path, value):

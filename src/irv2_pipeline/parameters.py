@@ -163,6 +163,27 @@ class IngestionParams(_Block):
     imbalance_warning_ratio: Annotated[float, Field(strict=True, ge=1)]
 
 
+class InferenceShiftParams(_Block):
+    """``inference.shift``: the batch's two-sample test against the training images."""
+
+    max_images: Annotated[WholeNumber, Field(ge=2)] | None
+    max_components: Annotated[WholeNumber, Field(ge=1)]
+    permutations: Annotated[WholeNumber, Field(ge=1)]
+    alpha: Annotated[float, Field(strict=True, gt=0, lt=1)]
+
+
+class InferenceParams(_Block):
+    """``inference``: predicting a folder of new images."""
+
+    batch_size: Annotated[WholeNumber, Field(ge=1)]
+    workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)]
+    top_k: Annotated[WholeNumber, Field(ge=1)]
+    test_time_augmentation: Annotated[bool, Field(strict=True)]
+    false_alarm_rate: Annotated[float, Field(strict=True, gt=0, lt=1)]
+    max_reference_images: Annotated[WholeNumber, Field(ge=2)] | None
+    shift: InferenceShiftParams
+
+
 class ProjectParameters(BaseModel):
     """The blocks with rules; other blocks are checked against conf/base's keys."""
 
@@ -171,6 +192,7 @@ class ProjectParameters(BaseModel):
     model: ModelParams
     images: ImagesParams
     ingestion: IngestionParams
+    inference: InferenceParams
 
 
 MODELLED_BLOCKS = tuple(ProjectParameters.model_fields)

@@ -4,7 +4,9 @@ A saved model is checked against the parameters before it runs (its input size a
 number of outputs), every batch is padded to one size so the prediction graph is
 traced once (tracing IRv2 costs tens of seconds on a CPU; the model is in inference
 mode, so padding changes no other row), and its outputs are checked to be softmax
-probabilities. NumPy only at import: the model comes in already loaded.
+probabilities. Flip test-time augmentation (an option of both pipelines) is the mean
+of the probabilities of the images and of their mirror images. NumPy only at import:
+the model comes in already loaded.
 """
 
 from __future__ import annotations
@@ -66,6 +68,33 @@ def predict_padded(model: KerasModel, batch: np.ndarray, batch_size: int) -> lis
     if not isinstance(outputs, list | tuple):
         outputs = [outputs]
     return [np.asarray(output, dtype=np.float64)[:rows] for output in outputs]
+
+
+def mirrored(batch: np.ndarray) -> np.ndarray:
+    """The batch mirrored left-right, the second view of flip test-time augmentation.
+
+    Args:
+        batch: ``(batch, height, width, channels)`` images.
+
+    Returns:
+        The images flipped along the width (axis 2).
+    """
+    return np.flip(batch, axis=2)
+
+
+def flip_averaged(
+    probabilities: np.ndarray, mirrored_probabilities: np.ndarray
+) -> np.ndarray:
+    """Flip TTA's probabilities: the mean of the plain and the mirrored predictions.
+
+    Args:
+        probabilities: ``(n, classes)`` of the images as they are.
+        mirrored_probabilities: ``(n, classes)`` of the same images mirrored.
+
+    Returns:
+        ``(n, classes)`` rows that still sum to 1.
+    """
+    return (probabilities + mirrored_probabilities) / 2
 
 
 def softmax_rows(

@@ -46,7 +46,7 @@ class ImageFolder:
 
 
 class ImageFolderDataset(AbstractDataset[None, ImageFolder]):
-    """A read-only folder of images: ``root/<label>/**``.
+    """A read-only folder of images: ``root/<label>/**``, or unlabelled ``root/**``.
 
     Loading gives an :class:`ImageFolder`, so nodes walk and open images through
     ``images.py`` and the folder itself is declared in the catalog. Saving is refused:
@@ -57,28 +57,49 @@ class ImageFolderDataset(AbstractDataset[None, ImageFolder]):
         raw_images:
           type: irv2_pipeline.datasets.ImageFolderDataset
           path: data/01_raw/images
+
+        new_images:
+          type: irv2_pipeline.datasets.ImageFolderDataset
+          path: data/01_raw/new_images
+          labelled: false
     """
 
     PREVIEW_IMAGES = 24
     PREVIEW_THUMBNAIL = 64
     PREVIEW_COLUMNS = 8
 
-    def __init__(self, *, path: str, metadata: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        *,
+        path: str,
+        labelled: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ):
         """Creates the dataset.
 
         Args:
             path: The image root.
+            labelled: Whether the images sit in one folder per label (training
+                images) or anywhere under the root (images to predict); it only
+                changes what a missing folder's error asks for.
             metadata: Free-form metadata (Kedro-Viz reads its layer from here).
         """
         self._path = Path(path)
+        self._labelled = labelled
         self.metadata = metadata
 
     def load(self) -> ImageFolder:
         if not self._path.is_dir():
+            if self._labelled:
+                what = f"Put your images in {self._path}/<label>/"
+            else:
+                what = (
+                    "Create it and put the images to predict in it (any names, "
+                    "sub-folders allowed, no label folders needed)"
+                )
             raise DatasetError(
-                f"The image folder {self._path} does not exist. Put your images in "
-                f"{self._path}/<label>/ or point `raw_images.path` in "
-                "conf/local/catalog.yml at your folder."
+                f"The image folder {self._path} does not exist. {what}, or point "
+                "this dataset's `path` in conf/local/catalog.yml at your folder."
             )
         return ImageFolder(self._path)
 
@@ -91,7 +112,7 @@ class ImageFolderDataset(AbstractDataset[None, ImageFolder]):
         return self._path.is_dir()
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path)}
+        return {"path": str(self._path), "labelled": self._labelled}
 
     def preview(self) -> ImagePreview:
         """A grid of the first images of each label, as a base64 PNG for Kedro-Viz."""

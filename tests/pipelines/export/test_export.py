@@ -1,8 +1,10 @@
 """The export: a SavedModel and a LiteRT file that give the Keras model's probabilities.
 
 Parity is measured on demo images (28x28 greyscale PNGs, so the bytes signature must
-make RGB of grey and upscale to 75 px). The SavedModel is loaded in a fresh process
-with TensorFlow alone: no ``irv2_pipeline`` on the path, none imported.
+make RGB of grey and upscale to 75 px) and on non-square colour JPEGs and PNGs
+carrying each EXIF orientation 1-8 (the bytes signature must turn them upright and
+resize them, up or down, as ``images.py`` does). The SavedModel is loaded in a fresh
+process with TensorFlow alone: no ``irv2_pipeline`` on the path, none imported.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from irv2_pipeline.pipelines.export.nodes import build_saved_model, model_card
 from tests.pipelines.finetune.conftest import CLASSES, load_parameters
 
 from .conftest import METRICS, demo_files, project_pixels
+from .photos import oriented_photos
 
 TOLERANCE = 1e-4
 
@@ -46,8 +49,9 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def images() -> tuple[list, np.ndarray]:
-    files = demo_files()
+def images(tmp_path_factory) -> tuple[list, np.ndarray]:
+    photos = oriented_photos(tmp_path_factory.mktemp("photos"), demo_files(6))
+    files = demo_files() + photos
     return files, project_pixels(files)
 
 
@@ -103,7 +107,7 @@ def test_saved_model_pixels_equal_keras(served, keras_probabilities):
 
 
 def test_saved_model_bytes_equal_keras_on_project_resize(served, keras_probabilities):
-    """Decoding grey PNGs and resizing in the graph gives what images.py gives."""
+    """Decoding, turning upright and resizing in the graph gives what images.py gives."""
     difference = np.abs(np.asarray(served["bytes"]) - keras_probabilities).max()
     report("SavedModel bytes", difference)
     assert difference <= TOLERANCE
@@ -129,13 +133,20 @@ def test_labels_are_the_class_order(exported):
 def test_model_card(exported):
     card = json.loads(exported.card.read_text())
     assert card["input"]["size"] == [75, 75]
-    assert "bilinear" in card["input"]["resize"]
+    assert "BILINEAR" in card["input"]["resize"]
+    assert "EXIF orientation" in card["input"]["decoding"]
     assert "[-1, 1]" in card["input"]["preprocessing"]
     assert card["classes"] == CLASSES
     assert len(card["classes_sha256"]) == len(card["weights_sha256"]) == 64
     assert len(card["training_parameters_sha256"]) == 64
     assert card["test_metrics"] == METRICS
-    assert set(card["versions"]) == {"tensorflow", "keras", "kedro", "irv2_pipeline"}
+    assert set(card["versions"]) == {
+        "tensorflow",
+        "keras",
+        "kedro",
+        "pillow",
+        "irv2_pipeline",
+    }
     assert all(card["versions"].values())
 
 

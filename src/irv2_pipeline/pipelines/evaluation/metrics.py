@@ -44,12 +44,33 @@ def prediction_table(
     if tta_probabilities is not None:
         blocks.append((TTA_PREFIX, tta_probabilities))
     for prefix, block in blocks:
-        probs = np.asarray(block, dtype=np.float64)
-        table[f"{prefix}predicted"] = np.asarray(classes)[probs.argmax(axis=1)]
-        table[f"{prefix}confidence"] = probs.max(axis=1)
-        for index, name in enumerate(classes):
-            table[f"{prefix}{PROB_PREFIX}{name}"] = probs[:, index]
+        for name, column in probability_columns(classes, block, prefix).items():
+            table[name] = column
     return table
+
+
+def probability_columns(
+    classes: Sequence[str], probabilities: np.ndarray, prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """The prediction columns of a table of probabilities, in their order.
+
+    Args:
+        classes: Class names in the model's output order.
+        probabilities: ``(n, classes)`` softmax outputs.
+        prefix: Put before every column name (``"tta_"`` for TTA's).
+
+    Returns:
+        ``predicted`` (the most probable class), ``confidence`` (its probability)
+        and ``prob_<class>`` for each class, each name with ``prefix``.
+    """
+    probs = np.asarray(probabilities, dtype=np.float64).reshape(-1, len(classes))
+    columns = {
+        f"{prefix}predicted": np.asarray(classes)[probs.argmax(axis=1)],
+        f"{prefix}confidence": probs.max(axis=1),
+    }
+    for index, name in enumerate(classes):
+        columns[f"{prefix}{PROB_PREFIX}{name}"] = probs[:, index]
+    return columns
 
 
 def classes_of(predictions: pd.DataFrame) -> list[str]:

@@ -16,7 +16,13 @@ from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.inputs import class_names as manifest_classes
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
 from irv2_pipeline.plan_rules import learning_rate_problems
-from irv2_pipeline.predict import check_model_shape, predict_padded, softmax_rows
+from irv2_pipeline.predict import (
+    check_model_shape,
+    flip_averaged,
+    mirrored,
+    predict_padded,
+    softmax_rows,
+)
 from irv2_pipeline.progress import ProgressLog
 
 from . import diagnosis, plots
@@ -103,12 +109,10 @@ def predict_test_split(
             check_pixel_range(batch)
         plain.append(_probabilities(finetuned_model, batch, batch_size))
         if with_tta:
-            # Horizontal flip: axis 2 is the width of (batch, height, width, channel).
-            mirrored = np.flip(batch, axis=2)
-            flipped.append(_probabilities(finetuned_model, mirrored, batch_size))
+            flipped.append(_probabilities(finetuned_model, mirrored(batch), batch_size))
         progress.advance(len(batch))
     probabilities = np.concatenate(plain)
-    tta = (probabilities + np.concatenate(flipped)) / 2 if with_tta else None
+    tta = flip_averaged(probabilities, np.concatenate(flipped)) if with_tta else None
     return prediction_table(test["path"], test["label"], classes, probabilities, tta)
 
 

@@ -18,7 +18,8 @@ from irv2_pipeline.hints import KerasModel
 
 # Parameters that say where files go, not how the model trains: not in the hash.
 _LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir")
-_PACKAGES = ("tensorflow", "keras", "kedro")
+# Pillow: training resized with it, and the graph reproduces its version's resize.
+_PACKAGES = ("tensorflow", "keras", "kedro", "pillow")
 
 
 def model_input_size(model: KerasModel, class_names: list[str], image_size: int) -> int:
@@ -118,7 +119,7 @@ def parameters_digest(parameters: dict[str, Any]) -> str:
 
 
 def package_versions() -> dict[str, str | None]:
-    """Versions of TensorFlow, Keras, Kedro and this project (None: not installed)."""
+    """Versions of TensorFlow, Keras, Kedro, Pillow, this project (None: not installed)."""
     versions: dict[str, str | None] = {}
     for package in _PACKAGES:
         try:
@@ -178,9 +179,17 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
             "size": [size, size],
             "channels": "RGB",
             "resize": (
-                "bilinear, antialiased, to a square, as Pillow's BILINEAR (its "
-                "fixed-point coefficients, width then height, each pass rounded "
-                f"to uint8); none when already {size}x{size}"
+                f"to {size}x{size} (the aspect ratio is not kept, nothing is "
+                "cropped), as Pillow 13's Image.resize with Resampling.BILINEAR and "
+                "no reducing_gap: two separable passes of a triangle filter whose "
+                "support is widened by the downscale factor (antialiasing), with "
+                "Pillow's 22-bit fixed-point coefficients; each pass rounds half "
+                "up and clips to uint8; the width pass first unless the height "
+                "shrinks by more than twice as many pixels as the width; a side "
+                f"already {size} px is not resampled. The bytes and pixels "
+                "signatures do this in the graph, equal to Pillow bit for bit; "
+                "callers of the LiteRT file or serve_fixed_size_pixels resize "
+                "themselves"
             ),
             "preprocessing": (
                 "float [0, 255] RGB into the model, whose first layer maps it to "
@@ -188,7 +197,11 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
             ),
             "decoding": (
                 "JPEG (accurate integer DCT), PNG, BMP, GIF (first frame); grey "
-                "becomes RGB, alpha is dropped; EXIF orientation is not applied"
+                "becomes RGB, alpha is dropped; the EXIF orientation of a JPEG "
+                "(APP1 Exif) or PNG (eXIf) is applied as Pillow's exif_transpose; "
+                "an orientation given only in XMP or in a PNG 'Raw profile type "
+                "exif' text chunk is not (images.py applies those too): turn such "
+                "images upright and use serve_pixels"
             ),
         },
         "signatures": {

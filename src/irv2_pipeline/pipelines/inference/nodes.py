@@ -19,9 +19,15 @@ from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy, fingerprint
 from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.parallel import process_map
-from irv2_pipeline.pipelines.evaluation.metrics import PROB_PREFIX
+from irv2_pipeline.pipelines.evaluation.metrics import TTA_PREFIX, probability_columns
 from irv2_pipeline.pipelines.feature_shift.twosample import compare
-from irv2_pipeline.predict import check_model_shape, predict_padded, softmax_rows
+from irv2_pipeline.predict import (
+    check_model_shape,
+    flip_averaged,
+    mirrored,
+    predict_padded,
+    softmax_rows,
+)
 from irv2_pipeline.progress import ProgressLog
 
 from .ood import calibrate_threshold, fit_mahalanobis
@@ -56,6 +62,9 @@ def scan_new_images(
     Returns:
         The usable images (``path``, ``width``, ``height``) and the rejected files
         (``path``, ``reason``), both sorted by path.
+
+    Raises:
+        InferenceError: The folder holds no file at all.
     """
     policy = OpenPolicy.from_params(images)
     candidates, rejected = [], []
@@ -64,6 +73,12 @@ def scan_new_images(
             candidates.append(entry.path)
         else:
             rejected.append((entry.path, entry.reason))
+    if not candidates and not rejected:
+        raise InferenceError(
+            f"The folder of images to predict, {new_images.root}, is empty. Put the "
+            "images there (any names, sub-folders allowed, no label folders needed) "
+            "and rerun `kedro run --pipeline inference`."
+        )
     results = process_map(
         partial(fingerprint, policy=policy),
         (str(new_images.path_of(path)) for path in candidates),
@@ -126,7 +141,7 @@ def reference_features(
             rows = rows.sample(int(limit), random_state=int(model["seed"])).sort_index()
         chosen[split] = rows
     # One pass over both splits: one traced prediction graph, not one per split.
-    _, features = _run_model(
+    features = _run_model(
         finetuned_model,
         class_names,
         [raw_images.path_of(path) for rows in chosen.values() for path in rows["path"]],
@@ -134,7 +149,7 @@ def reference_features(
         images=images,
         inference=inference,
         what="training and validation images embedded",
-    )
+    )["features"]
     train_count = len(chosen["train"])
     return {
         "train": features[:train_count],
@@ -190,10 +205,14 @@ def predict_new_images(
 ) -> dict[str, np.ndarray]:
     """Runs the model over the usable new images, streaming, in one pass.
 
+    With ``inference.test_time_augmentation`` each batch is also predicted mirrored
+    left-right, as evaluation does (``predict.mirrored``, ``predict.flip_averaged``).
+
     Returns:
-        ``probabilities`` ``(n, classes)`` and pooled ``features`` ``(n, features)``.
+        ``probabilities`` ``(n, classes)``, pooled ``features`` ``(n, features)`` (of
+        the images as they are) and, with flip TTA, ``tta_probabilities``.
     """
-    probabilities, features = _run_model(
+    return _run_model(
         finetuned_model,
         class_names,
         [new_images.path_of(path) for path in new_image_list["path"]],
@@ -201,8 +220,8 @@ def predict_new_images(
         images=images,
         inference=inference,
         what="new images predicted",
+        flip_tta=bool(inference["test_time_augmentation"]),
     )
-    return {"probabilities": probabilities, "features": features}
 
 
 def prediction_table(
@@ -222,21 +241,25 @@ def prediction_table(
         inference: The ``inference`` parameters (``top_k``).
 
     Returns:
-        ``path``, ``predicted``, ``confidence``, ``top<i>_class`` and
-        ``top<i>_prob`` for i = 1..k, ``prob_<class>``, ``ood_score``, ``ood_flag``.
+        ``path``, ``predicted``, ``confidence``, ``prob_<class>``, ``top<i>_class``
+        and ``top<i>_prob`` for i = 1..k, with flip TTA the ``tta_`` columns as
+        evaluation writes them (``tta_predicted``, ``tta_confidence``,
+        ``tta_prob_<class>``), then ``ood_score`` and ``ood_flag``.
     """
     probs = np.asarray(model_outputs["probabilities"], dtype=np.float64)
     classes = np.asarray(class_names)
     table = pd.DataFrame({"path": new_image_list["path"].to_list()})
-    table["predicted"] = classes[probs.argmax(axis=1)] if len(probs) else []
-    table["confidence"] = probs.max(axis=1) if len(probs) else []
+    for name, column in probability_columns(class_names, probs).items():
+        table[name] = column
     order = np.argsort(-probs, axis=1, kind="stable")
     for rank in range(min(int(inference["top_k"]), len(classes))):
         picked = order[:, rank]
         table[f"top{rank + 1}_class"] = classes[picked]
         table[f"top{rank + 1}_prob"] = probs[np.arange(len(probs)), picked]
-    for index, name in enumerate(class_names):
-        table[f"{PROB_PREFIX}{name}"] = probs[:, index]
+    if "tta_probabilities" in model_outputs:
+        tta = model_outputs["tta_probabilities"]
+        for name, column in probability_columns(class_names, tta, TTA_PREFIX).items():
+            table[name] = column
     scores = (
         ood_detector["scorer"].scores(model_outputs["features"])
         if len(probs)
@@ -310,6 +333,7 @@ def inference_report(
         "n_predicted": len(predictions),
         "n_rejected": len(inference_rejected),
         "n_ood_flagged": int(predictions["ood_flag"].sum()),
+        "test_time_augmentation": "tta_probabilities" in model_outputs,
         "predicted_counts": {
             str(k): int(v) for k, v in predictions["predicted"].value_counts().items()
         },
@@ -333,7 +357,7 @@ def _pooled_layer(finetuned_model: KerasModel) -> str:
     )
 
 
-def _run_model(
+def _run_model(  # noqa: PLR0913 - the model, what to run it on, and how
     finetuned_model: KerasModel,
     class_names: Sequence[str],
     paths: Sequence[Any],
@@ -342,11 +366,16 @@ def _run_model(
     images: dict[str, Any],
     inference: dict[str, Any],
     what: str,
-) -> tuple[np.ndarray, np.ndarray]:
+    flip_tta: bool = False,
+) -> dict[str, np.ndarray]:
     """Probabilities and pooled features of ``paths``, one streamed pass.
 
     A short last batch is padded to the batch size (one traced graph,
     ``predict.predict_padded``).
+
+    Returns:
+        ``probabilities``, ``features`` and, with ``flip_tta``,
+        ``tta_probabilities``.
     """
     import keras  # noqa: PLC0415 - see the module docstring
 
@@ -355,8 +384,14 @@ def _run_model(
     pooled = finetuned_model.get_layer(_pooled_layer(finetuned_model)).output
     both = keras.Model(finetuned_model.input, [finetuned_model.output, pooled])
     feature_size = int(pooled.shape[-1])
+    outputs: dict[str, list[np.ndarray]] = {"probabilities": [], "features": []}
+    if flip_tta:
+        outputs["tta_probabilities"] = []
     if not paths:
-        return np.empty((0, len(class_names))), np.empty((0, feature_size))
+        widths = {"features": feature_size}
+        return {
+            name: np.empty((0, widths.get(name, len(class_names)))) for name in outputs
+        }
     batch_size = int(inference["batch_size"])
     dataset = image_dataset(
         paths,
@@ -365,13 +400,18 @@ def _run_model(
         batch_size=batch_size,
         policy=OpenPolicy.from_params(images),
     )
-    probabilities, features = [], []
     progress = ProgressLog(what, len(paths), logger)
     for index, batch in enumerate(dataset.as_numpy_iterator()):
         if index == 0:
             check_pixel_range(batch)
         probs, pooled_batch = predict_padded(both, batch, batch_size)
-        probabilities.append(softmax_rows(probs, InferenceError))
-        features.append(pooled_batch)
+        probs = softmax_rows(probs, InferenceError)
+        outputs["probabilities"].append(probs)
+        outputs["features"].append(pooled_batch)
+        if flip_tta:
+            # Through the same two-output model: one traced graph, not two.
+            flipped, _ = predict_padded(both, mirrored(batch), batch_size)
+            flipped = softmax_rows(flipped, InferenceError)
+            outputs["tta_probabilities"].append(flip_averaged(probs, flipped))
         progress.advance(len(batch))
-    return np.concatenate(probabilities), np.concatenate(features)
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
