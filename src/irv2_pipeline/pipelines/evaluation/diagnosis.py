@@ -791,7 +791,8 @@ def shortcut(
     require_columns(
         occlusion_flips,
         ("class", "n", "border_flips", "centre_flips", "border_flip_rate")
-        + ("centre_flip_rate", "border_only_flips", "centre_only_flips", "border_px"),
+        + ("centre_flip_rate", "border_only_flips", "centre_only_flips")
+        + ("border_px", "centre_px"),
         "occlusion_flips",
     )
     recall = dict(
@@ -825,10 +826,10 @@ def shortcut(
             f"class {row['class']!r}: masking the border band ({row['border_px']} "
             f"px) changes {row['border_flips']} of its {row['n']} test predictions "
             f"({border:.0%}, >= {min_rate:.0%}), masking a centre square of the same "
-            f"area {row['centre_flips']} ({centre:.0%}; at least {min_ratio:g}x "
-            f"fewer); {only_border} change with the border alone vs {only_centre} "
-            f"with the centre alone ({z:.1f} standard errors > {noise_z}); recall "
-            f"{recall.get(row['class'], 0.0):.3f}"
+            f"area ({row['centre_px']} px) {row['centre_flips']} ({centre:.0%}; the "
+            f"border at least {min_ratio:g}x as many); {only_border} change with the "
+            f"border alone vs {only_centre} with the centre alone ({z:.1f} standard "
+            f"errors > {noise_z}); recall {recall.get(row['class'], 0.0):.3f}"
         )
     if not evidence:
         return None
