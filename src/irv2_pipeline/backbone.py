@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 GROUPS = ("stem", "block35", "mixed_6a", "block17", "mixed_7a", "block8", "conv_7b")
 MIN_IMAGE_SIZE = 75
+PREPROCESS_LAYER = "irv2_preprocess"
 NOTOP_WEIGHTS_FILE = "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 # A named layer that ends (or is inside) a unit, and the unit it names.
@@ -137,7 +138,7 @@ def preprocessing_layer() -> keras.layers.Layer:
     import keras  # noqa: PLC0415 - see the module docstring
 
     return keras.layers.Rescaling(
-        scale=1.0 / 127.5, offset=-1.0, name="irv2_preprocess", dtype="float32"
+        scale=1.0 / 127.5, offset=-1.0, name=PREPROCESS_LAYER, dtype="float32"
     )
 
 

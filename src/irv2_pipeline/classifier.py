@@ -11,6 +11,8 @@ One set of layers serves three views:
 They share their layers, so a head trained on cached features *is* the head of
 ``model``: nothing has to be copied back. :func:`training_model` gives the graph a
 stage trains, which differs from ``model`` only in how BatchNorm is called.
+:func:`split_saved` takes a saved ``model`` apart again at the backbone, for methods
+that need the backbone's maps (Grad-CAM).
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ from typing import Any
 
 import keras
 
-from irv2_pipeline.backbone import check_bn_policy, preprocessing_layer
+from irv2_pipeline.backbone import (
+    PREPROCESS_LAYER,
+    check_bn_policy,
+    preprocessing_layer,
+)
 
 POOLINGS = ("avg", "avg_max")
+# Names build_classifier gives the layers after the backbone.
+HEAD_MODEL = "head"
+LOGITS_LAYER = "logits"
+POOLING_LAYERS = ("avg_pool", "max_pool", "avg_max_pool")
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,70 @@ def build_classifier(
     )
 
 
+@dataclass(frozen=True)
+class SavedParts:
+    """A saved classifier taken apart at its backbone (:func:`split_saved`).
+
+    Attributes:
+        preprocess: ``[0, 255]`` RGB to IRv2's ``[-1, 1]``.
+        backbone: The nested IRv2 model (its own graph: sub-models of it are safe).
+        logits: The backbone's output maps to the head's pre-softmax scores.
+    """
+
+    preprocess: keras.layers.Layer
+    backbone: keras.Model
+    logits: keras.Model
+
+
+def split_saved(model: keras.Model) -> SavedParts:
+    """Takes a saved classifier (``classifier.model``) apart at the backbone.
+
+    A model from the classifier's input to a layer *inside* the nested backbone fails
+    with "Graph disconnected": the inner layer's tensors belong to the backbone's own
+    graph, not the classifier's. So the parts are rebuilt on the saved layers instead:
+    sub-models of the backbone live in its graph, and the part after it is the
+    saved pooling and head layers called on a new input of the backbone's map shape.
+
+    Args:
+        model: The classifier as ``finetune`` saved it (``finetuned_model``).
+
+    Returns:
+        The preprocessing layer, the backbone and the maps-to-logits model.
+
+    Raises:
+        ValueError: The model is not one :func:`build_classifier` made.
+    """
+    names = {layer.name for layer in model.layers}
+    nested = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.Model) and layer.name != HEAD_MODEL
+    ]
+    pooling = tuple(name for name in POOLING_LAYERS if name in names)
+    if (
+        len(nested) != 1
+        or pooling not in (POOLING_LAYERS[:1], POOLING_LAYERS)
+        or not {PREPROCESS_LAYER, HEAD_MODEL} <= names
+    ):
+        raise ValueError(
+            f"{model.name} is not the classifier finetune builds (preprocessing, a "
+            f"nested backbone, {' or '.join(POOLINGS)} pooling, a head model); it has "
+            f"the layers {sorted(names)}"
+        )
+    backbone = nested[0]
+    head = model.get_layer(HEAD_MODEL)
+    head_logits = keras.Model(
+        head.inputs, head.get_layer(LOGITS_LAYER).output, name="head_logits"
+    )
+    maps = keras.Input(backbone.output_shape[1:], name="backbone_maps")
+    pooled = _pool(tuple(model.get_layer(name) for name in pooling), maps)
+    return SavedParts(
+        preprocess=model.get_layer(PREPROCESS_LAYER),
+        backbone=backbone,
+        logits=keras.Model(maps, head_logits(pooled), name="maps_to_logits"),
+    )
+
+
 class InferenceMode(keras.layers.Layer):
     """Calls a model with ``training=False`` whatever the outer call says.
 
@@ -168,12 +242,13 @@ def training_model(classifier: Classifier, bn_policy: str) -> keras.Model:
 
 
 def _pooling_layers(pooling: str) -> tuple[keras.layers.Layer, ...]:
+    average, maximum, concatenate = POOLING_LAYERS
     if pooling == "avg":
-        return (keras.layers.GlobalAveragePooling2D(name="avg_pool"),)
+        return (keras.layers.GlobalAveragePooling2D(name=average),)
     return (
-        keras.layers.GlobalAveragePooling2D(name="avg_pool"),
-        keras.layers.GlobalMaxPooling2D(name="max_pool"),
-        keras.layers.Concatenate(name="avg_max_pool"),
+        keras.layers.GlobalAveragePooling2D(name=average),
+        keras.layers.GlobalMaxPooling2D(name=maximum),
+        keras.layers.Concatenate(name=concatenate),
     )
 
 
@@ -199,10 +274,10 @@ def _head(feature_size: int, classes: int, spec: HeadSpec, seed: int) -> keras.M
             activation=None if last else spec.dense_activation,
             kernel_initializer=keras.initializers.GlorotUniform(seed=seed + index),
             kernel_regularizer=regularizer,
-            name="logits" if last else f"head_dense_{index + 1}",
+            name=LOGITS_LAYER if last else f"head_dense_{index + 1}",
         )(x)
     # float32 whatever the global policy: softmax in float16 loses small probabilities.
     probabilities = keras.layers.Activation(
         "softmax", dtype="float32", name="probabilities"
     )(x)
-    return keras.Model(features, probabilities, name="head")
+    return keras.Model(features, probabilities, name=HEAD_MODEL)

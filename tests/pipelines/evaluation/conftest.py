@@ -18,7 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from irv2_pipeline.backbone import group_of
+from irv2_pipeline.backbone import PREPROCESS_LAYER, group_of
+from irv2_pipeline.classifier import HEAD_MODEL, LOGITS_LAYER, POOLING_LAYERS
 from irv2_pipeline.datasets import ImageFolder
 from tests.conftest import project_parameters
 
@@ -47,12 +48,13 @@ def load_parameters(name: str, env: str = "base") -> dict:
 def pipeline_parameters() -> dict:
     """What the pipeline reads, by catalog name: conf/base's, for the tiny model.
 
-    The model block fits the tiny model (pretrained weights, 32 px); the bootstrap is
-    shortened.
+    The model block fits the tiny model (pretrained weights, 32 px), and so does the
+    Grad-CAM layer (its backbone's one convolution); the bootstrap is shortened.
     """
     evaluation = load_parameters("parameters_evaluation")["evaluation"]
     evaluation["bootstrap"] = {"resamples": 50, "seed": 7}
     evaluation["batch_size"] = 4
+    evaluation["attribution"]["grad_cam"]["layer"] = "conv_colour"
     feature_shift = load_parameters("parameters_feature_shift")["feature_shift"]
     return {
         "params:model": {"weights": "imagenet", "image_size": IMAGE_SIZE, "seed": 1},
@@ -124,18 +126,37 @@ def write_colour_images(root: Path) -> tuple[ImageFolder, pd.DataFrame]:
 def colour_classifier(
     image_size: int = IMAGE_SIZE, activation: str = "softmax", classes: int = 3
 ) -> keras.Model:
-    """Takes ``[0, 255]`` RGB, classifies blue/green/red by the mean colour."""
+    """Takes ``[0, 255]`` RGB, classifies blue/green/red by the mean colour.
+
+    Built as ``classifier.build_classifier`` builds IRv2's classifier (preprocessing,
+    a nested backbone, average pooling, a nested head with its logits layer), so
+    Grad-CAM can take it apart: the backbone is one 1x1 convolution that passes the
+    scaled colours through unchanged, with ReLU.
+    """
     inputs = keras.Input((image_size, image_size, 3))
-    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-    pooled = keras.layers.GlobalAveragePooling2D()(scaled)
-    dense = keras.layers.Dense(classes, activation=activation)
-    outputs = dense(pooled)
+    scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name=PREPROCESS_LAYER)(
+        inputs
+    )
+    pixels = keras.Input((image_size, image_size, 3))
+    convolution = keras.layers.Conv2D(3, 1, activation="relu", name="conv_colour")
+    backbone = keras.Model(pixels, convolution(pixels), name="colour_backbone")
+    convolution.set_weights(
+        [np.eye(3, dtype=np.float32)[None, None], np.ones(3, dtype=np.float32)]
+    )
+    pooled = keras.layers.GlobalAveragePooling2D(name=POOLING_LAYERS[0])(
+        backbone(scaled)
+    )
+    features = keras.Input((3,))
+    dense = keras.layers.Dense(classes, name=LOGITS_LAYER)
+    head = keras.Model(
+        features, keras.layers.Activation(activation)(dense(features)), name=HEAD_MODEL
+    )
     kernel = np.zeros((3, classes), dtype=np.float32)
     # Channels R, G, B vote for the classes red, green, blue (sorted: blue, green, red).
     for channel, label in enumerate(("red", "green", "blue")):
         kernel[channel, CLASSES.index(label)] = 6.0
     dense.set_weights([kernel, np.zeros(classes, dtype=np.float32)])
-    return keras.Model(inputs, outputs)
+    return keras.Model(inputs, head(pooled))
 
 
 @pytest.fixture

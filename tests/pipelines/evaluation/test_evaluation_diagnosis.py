@@ -577,6 +577,94 @@ def test_class_imbalance_is_silent_on_balanced_results(thresholds):
     )
 
 
+def flips(**per_class: tuple[int, int, int, int, int]) -> pd.DataFrame:
+    """``occlusion_flips``: per class (n, border, centre, border only, centre only)."""
+    return pd.DataFrame(
+        [
+            {
+                "class": name,
+                "n": n,
+                "border_flips": border,
+                "centre_flips": centre,
+                "border_flip_rate": border / n,
+                "centre_flip_rate": centre / n,
+                "border_only_flips": border_only,
+                "centre_only_flips": centre_only,
+                "border_px": 2144,
+                "centre_px": 2116,
+            }
+            for name, (n, border, centre, border_only, centre_only) in per_class.items()
+        ]
+    )
+
+
+def object_reading_flips() -> pd.DataFrame:
+    """A model that reads the object: the centre mask changes far more."""
+    return flips(cat=(12, 1, 9, 0, 8), dog=(12, 0, 7, 0, 7), eel=(12, 2, 10, 1, 9))
+
+
+def test_shortcut_names_the_class_whose_border_decides(thresholds):
+    table = object_reading_flips()
+    table.loc[1] = flips(dog=(12, 11, 1, 10, 0)).iloc[0]
+    report = class_report({"cat": 0.9, "dog": 1.0, "eel": 0.9}, support=12)
+    finding = diagnosis.shortcut(table, report, "grad_cam.png", thresholds["shortcut"])
+    assert finding is not None and finding.rule == "shortcut"
+    assert finding.severity == "high"
+    assert "'dog'" in finding.cause and "'cat'" not in finding.cause
+    assert finding.evidence[0].startswith("class 'dog': masking the border band")
+    assert "11 of its 12" in finding.evidence[0]
+    assert "3.2 standard errors" in finding.evidence[0]
+    assert "grad_cam.png" in finding.evidence[-1]
+
+
+def test_shortcut_is_silent_when_the_model_reads_the_object(thresholds):
+    report = class_report({"cat": 0.9, "dog": 1.0, "eel": 0.9}, support=12)
+    finding = diagnosis.shortcut(
+        object_reading_flips(), report, "grad_cam.png", thresholds["shortcut"]
+    )
+    assert finding is None
+
+
+def test_shortcut_is_silent_on_a_poor_model_whose_predictions_flip_anyway(
+    thresholds,
+):
+    # Border flips far above centre flips, but the class is recalled near chance.
+    table = flips(cat=(12, 10, 1, 9, 0), dog=(12, 6, 6, 3, 3), eel=(12, 7, 5, 4, 2))
+    report = class_report({"cat": 0.42, "dog": 0.33, "eel": 0.25}, support=12)
+    assert (
+        diagnosis.shortcut(table, report, "grad_cam.png", thresholds["shortcut"])
+        is None
+    )
+    # The same flips with the class well recognised do fire.
+    recognised = class_report({"cat": 0.9, "dog": 0.33, "eel": 0.25}, support=12)
+    finding = diagnosis.shortcut(
+        table, recognised, "grad_cam.png", thresholds["shortcut"]
+    )
+    assert finding is not None and "'cat'" in finding.cause
+
+
+def test_shortcut_is_silent_on_flips_within_noise(thresholds):
+    # 3 of 4 border flips against none: a ratio that three images make is noise
+    # (3 / sqrt(3) = 1.7 standard errors < 2).
+    table = flips(cat=(4, 3, 0, 3, 0), dog=(12, 0, 7, 0, 7), eel=(12, 2, 10, 1, 9))
+    report = class_report({"cat": 1.0, "dog": 0.9, "eel": 0.9}, support=12)
+    assert (
+        diagnosis.shortcut(table, report, "grad_cam.png", thresholds["shortcut"])
+        is None
+    )
+
+
+def test_shortcut_needs_the_occlusion_columns(thresholds):
+    report = class_report({"cat": 1.0}, support=12)
+    with pytest.raises(diagnosis.DiagnosisInputError, match="occlusion_flips lacks"):
+        diagnosis.shortcut(
+            pd.DataFrame({"class": ["cat"], "n": [3]}),
+            report,
+            "grad_cam.png",
+            thresholds["shortcut"],
+        )
+
+
 def test_unstable_training_fires_on_nan_and_on_loss_spikes(thresholds):
     settings = thresholds["unstable_training"]
     spiky = history_frame(
@@ -648,6 +736,9 @@ def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> 
             "classes": ["blue", "green", "red"],
         },
         "classification_report": class_report({"blue": 0.8, "green": 0.8, "red": 0.8}),
+        "occlusion_flips": object_reading_flips().assign(
+            **{"class": ["blue", "green", "red"]}
+        ),
         "image_manifest": manifest,
         "plan_rules": plan_rules,
         "evaluation": evaluation_params,
@@ -690,7 +781,8 @@ def test_diagnose_run_orders_findings_by_priority_then_severity(
     diagnosis_inputs, model_params
 ):
     # A random-init run that fits poorly (medium), on a shifted test split (high),
-    # with one weak class (high), over-confident (medium), on a small test set (low).
+    # with a border shortcut (high) and one weak class (high), over-confident
+    # (medium), on a small test set (low).
     history = history_frame({"head": [(1.0, 0.6, 1.0, 0.6), (0.8, 0.7, 0.8, 0.7)]})
     findings = diagnose_run(
         model={**model_params, "weights": None},
@@ -709,6 +801,9 @@ def test_diagnose_run_orders_findings_by_priority_then_severity(
             "training_history": history,
             "finetune_stages": stages_after(history),
             "split_shift": split_table(0.5, 0.001),
+            "occlusion_flips": flips(
+                blue=(12, 11, 1, 10, 0), green=(12, 0, 7, 0, 7), red=(12, 2, 10, 1, 9)
+            ),
         },
     )
     rules = [finding["rule"] for finding in findings]
@@ -716,6 +811,7 @@ def test_diagnose_run_orders_findings_by_priority_then_severity(
         "random_weights",
         "underfitting",
         "split_shift",
+        "shortcut",
         "class_imbalance",
         "miscalibration",
         "small_test_set",

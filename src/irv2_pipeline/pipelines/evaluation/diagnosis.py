@@ -17,8 +17,10 @@ figure after it follows), ``leakage`` and ``label_conflicts`` (the held-out figu
 cannot be trusted), ``unstable_training`` (a diverging loss explains a poor fit),
 ``underfitting`` / ``overfitting`` / ``feature_distortion`` (how training fit),
 ``domain_gap``, ``split_shift``, ``validation_test_gap`` (which a split shift
-explains), ``class_imbalance``, ``miscalibration``, and last ``small_test_set``, a
-caveat on every test figure rather than a cause.
+explains), ``shortcut`` (a cue the test split shares, so it does not lower this test
+accuracy: it warns that the accuracy will not hold on images without the cue),
+``class_imbalance``, ``miscalibration``, and last ``small_test_set``, a caveat on every
+test figure rather than a cause.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ PRIORITY = (
     ("domain_gap",),
     ("split_shift",),
     ("validation_test_gap",),
+    ("shortcut",),
     ("class_imbalance",),
     ("miscalibration",),
     ("small_test_set",),
@@ -755,6 +758,96 @@ def class_imbalance(
             if imbalanced
             else ["augmentation.copies"]
         ),
+        evidence=evidence,
+    )
+
+
+def shortcut(
+    occlusion_flips: pd.DataFrame,
+    classification_report: pd.DataFrame,
+    heatmaps: str,
+    settings: dict[str, Any],
+) -> Finding | None:
+    """A class whose predictions hang on the image's border rather than its centre.
+
+    From ``occlusion_flips`` (``attribution.flip_table``): a class fires when masking
+    the border band changes at least ``min_border_flip_rate`` of its test
+    predictions and at least ``min_ratio`` times as many as masking a centre square
+    of the same area, and the difference is beyond noise: of the images that only one
+    mask changes, the border's count exceeds the centre's by more than ``noise_z``
+    standard errors (a sign test on the pairs, ``(b - c) / sqrt(b + c)``). A class
+    the model does not recognise (recall less than ``min_skill`` of the way from
+    chance to perfect, :func:`skill_over_chance`) is not judged: its predictions
+    change with any mask, and a poor model is not a shortcut.
+
+    Args:
+        occlusion_flips: Per class: ``n``, border and centre flips and rates, the
+            flips only one mask causes, and the masks' areas.
+        classification_report: Per-class recall (``class``, ``recall``).
+        heatmaps: The Grad-CAM plot's file, named as evidence.
+        settings: ``min_border_flip_rate``, ``min_ratio``, ``noise_z``,
+            ``min_skill``.
+    """
+    require_columns(
+        occlusion_flips,
+        ("class", "n", "border_flips", "centre_flips", "border_flip_rate")
+        + ("centre_flip_rate", "border_only_flips", "centre_only_flips")
+        + ("border_px", "centre_px"),
+        "occlusion_flips",
+    )
+    recall = dict(
+        zip(
+            classification_report["class"], classification_report["recall"], strict=True
+        )
+    )
+    n_classes = len(occlusion_flips)
+    min_rate = float(settings["min_border_flip_rate"])
+    min_ratio = float(settings["min_ratio"])
+    noise_z = float(settings["noise_z"])
+    min_skill = float(settings["min_skill"])
+    evidence, names, worst = [], [], 0.0
+    for row in occlusion_flips.to_dict("records"):
+        border, centre = row["border_flip_rate"], row["centre_flip_rate"]
+        only_border, only_centre = row["border_only_flips"], row["centre_only_flips"]
+        pairs = only_border + only_centre
+        z = (only_border - only_centre) / math.sqrt(pairs) if pairs else 0.0
+        skill = float(skill_over_chance(recall.get(row["class"], 0.0), n_classes))
+        if not (
+            row["n"] > 0
+            and border >= min_rate
+            and border >= min_ratio * centre
+            and z > noise_z
+            and skill >= min_skill
+        ):
+            continue
+        worst = max(worst, border)
+        names.append(repr(row["class"]))
+        evidence.append(
+            f"class {row['class']!r}: masking the border band ({row['border_px']} "
+            f"px) changes {row['border_flips']} of its {row['n']} test predictions "
+            f"({border:.0%}, >= {min_rate:.0%}), masking a centre square of the same "
+            f"area ({row['centre_px']} px) {row['centre_flips']} ({centre:.0%}; the "
+            f"border at least {min_ratio:g}x as many); {only_border} change with the "
+            f"border alone vs {only_centre} with the centre alone ({z:.1f} standard "
+            f"errors > {noise_z}); recall {recall.get(row['class'], 0.0):.3f}"
+        )
+    if not evidence:
+        return None
+    evidence.append(
+        f"Grad-CAM heatmaps of the surest correct images of each class and the "
+        f"surest mistakes: {heatmaps}"
+    )
+    return Finding(
+        rule="shortcut",
+        cause=f"The model recognises {', '.join(names)} by something in the image's "
+        "border (a mark, frame or background that goes with the class) rather than "
+        "the object: accuracy will not hold on images without it.",
+        severity="high" if worst >= 2 * min_rate else "medium",
+        suggestion="Look at the heatmaps and at the class's images for what only "
+        "they have near the edges (a watermark, a frame, a background colour); "
+        "crop or remove it, or add images of the other classes that have it too, "
+        "and retrain.",
+        parameters=[],
         evidence=evidence,
     )
 

@@ -26,6 +26,7 @@ from irv2_pipeline.predict import (
 from irv2_pipeline.progress import ProgressLog
 
 from . import diagnosis, plots
+from .attribution import OcclusionSpec, flip_table, grad_cam, occlude, occlusion_masks
 from .metrics import (
     TTA_PREFIX,
     calibration_bins,
@@ -42,7 +43,9 @@ from .report import render_report
 
 logger = logging.getLogger(__name__)
 
-# Softmax rows sum to 1 up to float32 rounding; anything further off is not softmax.
+# The report's title of the Grad-CAM plot (evaluation.report.plots), which the
+# shortcut finding names as evidence.
+GRAD_CAM_TITLE = "Grad-CAM heatmaps"
 
 
 class EvaluationError(ValueError):
@@ -208,6 +211,131 @@ def plot_confidently_wrong(
     )
 
 
+def occlude_test_split(
+    *,
+    finetuned_model: KerasModel,
+    test_predictions: pd.DataFrame,
+    raw_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> pd.DataFrame:
+    """Predicts every test image with its border, then its centre, masked.
+
+    Two forward passes over the test split; the unmasked predictions are those of
+    ``test_predictions`` (plain, not test-time augmented).
+
+    Args:
+        finetuned_model: Takes ``[0, 255]`` RGB, outputs softmax probabilities.
+        test_predictions: The prediction table (``path``, ``label``, ``predicted``).
+        raw_images: The image root.
+        model: The ``model`` parameters (``image_size``).
+        images: The ``images`` parameters (how images are opened).
+        evaluation: The ``evaluation`` parameters (``batch_size``,
+            ``attribution.occlusion``).
+
+    Returns:
+        ``occlusion_flips``: per class, the test predictions each mask changes
+        (``attribution.flip_table``).
+    """
+    spec = OcclusionSpec.from_params(evaluation["attribution"]["occlusion"])
+    image_size = int(model["image_size"])
+    batch_size = int(evaluation["batch_size"])
+    classes = classes_of(test_predictions)
+    masks = occlusion_masks(image_size, spec.border_fraction)
+    masked: tuple[list, list] = ([], [])
+    progress = ProgressLog("test images occluded", len(test_predictions), logger)
+    for batch in _test_batches(test_predictions, raw_images, model, images, evaluation):
+        for predictions, mask in zip(masked, masks, strict=True):
+            hidden = occlude(batch, mask, spec.fill)
+            predictions.append(_probabilities(finetuned_model, hidden, batch_size))
+        progress.advance(len(batch))
+    border, centre = (np.concatenate(rows).argmax(axis=1) for rows in masked)
+    table = flip_table(
+        test_predictions["label"],
+        label_indices(test_predictions["predicted"], classes),
+        classes,
+        border_predicted=border,
+        centre_predicted=centre,
+        masks=masks,
+    )
+    logger.info(
+        "occlusion: border flips %s, centre flips %s (per class %s)",
+        table["border_flips"].tolist(),
+        table["centre_flips"].tolist(),
+        classes,
+    )
+    return table
+
+
+def plot_grad_cam(
+    *,
+    finetuned_model: KerasModel,
+    test_predictions: pd.DataFrame,
+    raw_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> Figure:
+    """Grad-CAM of the predicted class on the surest mistakes and correct images.
+
+    The most confidently wrong test images (``max_wrong``), then the
+    ``correct_per_class`` most confidently right of each class.
+
+    Args:
+        finetuned_model: The classifier ``finetune`` saved.
+        test_predictions: The prediction table.
+        raw_images: The image root.
+        model: The ``model`` parameters (``image_size``).
+        images: The ``images`` parameters (how images are opened).
+        evaluation: The ``evaluation`` parameters (``batch_size``,
+            ``attribution.grad_cam``).
+
+    Returns:
+        The figure of heatmaps over their images.
+    """
+    settings = evaluation["attribution"]["grad_cam"]
+    by_confidence = test_predictions.sort_values(
+        ["confidence", "path"], ascending=[False, True]
+    )
+    right = by_confidence["label"] == by_confidence["predicted"]
+    chosen = pd.concat(
+        [
+            by_confidence[~right].head(int(settings["max_wrong"])),
+            by_confidence[right]
+            .groupby("label", sort=True)
+            .head(int(settings["correct_per_class"]))
+            .sort_values(["label", "confidence"], ascending=[True, False]),
+        ]
+    )
+    pixels, heatmaps = [], []
+    if len(chosen):
+        batches = _test_batches(chosen, raw_images, model, images, evaluation)
+        pixels = np.concatenate(list(batches))
+        heatmaps = grad_cam(
+            finetuned_model,
+            str(settings["layer"]),
+            pixels,
+            label_indices(chosen["predicted"], classes_of(test_predictions)),
+            int(evaluation["batch_size"]),
+        )
+    titles = [
+        f"{row.label} → {row.predicted} ({row.confidence:.2f})"
+        if row.label != row.predicted
+        else f"{row.label} ({row.confidence:.2f})"
+        for row in chosen.itertuples()
+    ]
+    return plots.image_grid_figure(
+        [image / 255.0 for image in pixels],
+        titles,
+        int(settings["columns"]),
+        f"Grad-CAM of the predicted class at {settings['layer']}:\nthe surest "
+        "mistakes (true → predicted), then the surest correct images per class",
+        "No test images chosen (evaluation.attribution.grad_cam).",
+        heatmaps=list(heatmaps),
+    )
+
+
 def plot_validation_curves(training_history: pd.DataFrame) -> Figure:
     """Validation and training loss and accuracy per epoch, stage by stage."""
     return plots.validation_curves_figure(training_history)
@@ -224,6 +352,7 @@ def diagnose_run(
     image_manifest: pd.DataFrame,
     duplicate_report: pd.DataFrame,
     dataset_summary: dict[str, Any],
+    occlusion_flips: pd.DataFrame,
     model: dict[str, Any],
     plan_rules: dict[str, Any],
     evaluation: dict[str, Any],
@@ -241,6 +370,8 @@ def diagnose_run(
         image_manifest: The ingestion manifest.
         duplicate_report: Duplicate groups (ingestion).
         dataset_summary: The ingestion summary.
+        occlusion_flips: Per class, the test predictions that masking the border
+            and the centre change.
         model: The ``model`` parameters (``weights``).
         plan_rules: ``feature_shift.plan_rules``, the learning-rate limits every plan
             must keep.
@@ -286,6 +417,12 @@ def diagnose_run(
                 evaluation_metrics,
                 thresholds["validation_test_gap"],
             ),
+            diagnosis.shortcut(
+                occlusion_flips,
+                classification_report,
+                evaluation["report"]["plots"].get(GRAD_CAM_TITLE, "grad_cam_plot"),
+                thresholds["shortcut"],
+            ),
             diagnosis.class_imbalance(
                 evaluation_metrics,
                 classification_report,
@@ -315,6 +452,7 @@ def write_report(
     finetune_plan: dict[str, Any],
     finetune_stages: pd.DataFrame,
     dataset_summary: dict[str, Any],
+    occlusion_flips: pd.DataFrame,
     model: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> str:
@@ -331,6 +469,7 @@ def write_report(
         finetune_plan: The plan ``feature_shift`` made, with its rationale.
         finetune_stages: The stages ``finetune`` trained, one row each.
         dataset_summary: The ingestion summary.
+        occlusion_flips: The occlusion test per class.
         model: The ``model`` parameters.
         evaluation: The ``evaluation`` parameters (``report.plots`` and
             ``report.upstream_plots``: title to file name of each plot, relative to
@@ -350,10 +489,29 @@ def write_report(
         finetune_plan=finetune_plan,
         finetune_stages=finetune_stages,
         dataset_summary=dataset_summary,
+        occlusion_flips=occlusion_flips,
         model=model,
         plots=evaluation["report"]["plots"],
         upstream_plots=evaluation["report"]["upstream_plots"],
     )
+
+
+def _test_batches(
+    table: pd.DataFrame,
+    raw_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    evaluation: dict[str, Any],
+):
+    """The images of ``table['path']`` at the model's size, batch by batch, in order."""
+    dataset = image_dataset(
+        [raw_images.path_of(path) for path in table["path"]],
+        None,
+        image_size=int(model["image_size"]),
+        batch_size=int(evaluation["batch_size"]),
+        policy=OpenPolicy.from_params(images),
+    )
+    return dataset.as_numpy_iterator()
 
 
 def _train_counts(image_manifest: pd.DataFrame, classes: list[str]) -> dict[str, int]:

@@ -98,8 +98,14 @@ def image_grid_figure(
     columns: int,
     heading: str,
     empty: str,
+    *,
+    heatmaps: Sequence[np.ndarray] = (),
 ) -> Figure:
-    """A grid of RGB images with a title each; ``empty`` is said when there are none."""
+    """A grid of RGB images with a title each; ``empty`` is said when there are none.
+
+    ``heatmaps`` (values in ``[0, 1]``, one per image, at its size), when given, are
+    drawn over the images, half transparent.
+    """
     if not images:
         figure = Figure(figsize=(5, 1.5), layout="constrained")
         axis = figure.subplots()
@@ -115,8 +121,12 @@ def image_grid_figure(
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for axis in axes:
         axis.axis("off")
-    for axis, pixels, title in zip(axes, images, titles, strict=False):
+    for index, (axis, pixels, title) in enumerate(
+        zip(axes, images, titles, strict=False)
+    ):
         axis.imshow(pixels)
+        if len(heatmaps):
+            axis.imshow(heatmaps[index], cmap="jet", alpha=0.45, vmin=0, vmax=1)
         axis.set_title(title, fontsize=8)
     figure.suptitle(heading)
     return figure

@@ -148,6 +148,26 @@ def plan_section(plan: Mapping[str, Any], stages_trained: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def occlusion_section(occlusion_flips: pd.DataFrame) -> str:
+    """The occlusion test per class, and what it can and cannot show."""
+    if occlusion_flips.empty:
+        return "_(no test images)_"
+    first = occlusion_flips.iloc[0]
+    return "\n\n".join(
+        [
+            f"Every test image predicted again with a border band masked "
+            f"({first['border_px']} px), then a centre square of the same area "
+            f"({first['centre_px']} px): how many predictions change, per true class. "
+            "A model that reads the object changes its mind when the centre goes; "
+            "one that keys on something at the edges (a mark, a frame) when the "
+            "border goes. This shows what the model *uses*, on these images; it "
+            "cannot say why a cue is there, nor find one in the centre. The Grad-CAM "
+            "heatmaps (Plots) show where the evidence for the predicted class lies.",
+            markdown_table(occlusion_flips),
+        ]
+    )
+
+
 def image(title: str, file_name: str) -> str:
     """A Markdown image linked relative to the report."""
     return f"![{title}]({file_name})"
@@ -165,6 +185,7 @@ def render_report(
     finetune_plan: Mapping[str, Any],
     finetune_stages: pd.DataFrame,
     dataset_summary: Mapping[str, Any],
+    occlusion_flips: pd.DataFrame,
     model: Mapping[str, Any],
     plots: Mapping[str, str],
     upstream_plots: Mapping[str, str],
@@ -182,6 +203,7 @@ def render_report(
         finetune_plan: The plan ``feature_shift`` made, with its rationale.
         finetune_stages: The stages ``finetune`` trained, one row each.
         dataset_summary: ``dataset_summary`` from ingestion.
+        occlusion_flips: The occlusion test per class.
         model: The ``model`` parameters.
         plots: Plot title to file name, relative to the report.
         upstream_plots: The same for the plots of the pipelines before.
@@ -218,6 +240,8 @@ def render_report(
         "\n\n".join(
             image(title, file_name) for title, file_name in upstream_plots.items()
         ),
+        "## Where the model looks",
+        occlusion_section(occlusion_flips),
         "## Training",
         markdown_table(stage_summary(training_history)),
         "## Fine-tuning plan",

@@ -1,0 +1,206 @@
+"""Benchmark of the diagnosis passes of issue 16, against one plain ``predict``.
+
+Every demo image (``data/01_raw/images``, 240) stands for a test image; the model is
+the classifier ``finetune`` builds (``classifier.build_classifier``, IRv2 with random
+weights, ``--size`` px). Side by side in one process, alternating for ``--rounds``
+rounds (medians), each over images already in memory:
+
+- ``predict``: one plain forward pass over the images (``predict.predict_padded``),
+  the unit: one backbone pass;
+- ``occlusion``: what ``occlude_test_split`` runs: the images with the border band
+  masked, then the centre square masked (2 forward passes);
+- ``grad_cam_plot``: what ``plot_grad_cam`` runs: Grad-CAM (a forward and a backward
+  pass) on the images one plot shows, ``max_wrong`` + ``correct_per_class`` x classes
+  of conf/base (8 + 2 x 3 = 14 here);
+- ``grad_cam_all``: Grad-CAM on every image, the cost per image of a forward and
+  backward pass (the pipeline does not run it; it prices a heatmap per test image);
+- ``label_issues``: the label-issue pass: out-of-sample probabilities from a k-fold
+  linear head (``probe.fit_probe``, ``--folds``) on pooled backbone features. The
+  label-issue pipeline is built on another branch; until it is merged this times
+  :func:`kfold_probe_on_cached_features`, a stand-in with the probe it is to use,
+  and the features come from one backbone pass (the cache ``finetune`` already
+  makes), so its backbone passes are 0 beyond that cache.
+
+Backbone passes are counted as image-passes over the images divided by their number
+(a backward pass counted apart). The last line printed is one JSON object.
+
+Usage::
+
+    python bench/diagnosis.py
+    python bench/diagnosis.py --size 139 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402 - after the log level
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from irv2_pipeline.backbone import load_irv2  # noqa: E402
+from irv2_pipeline.classifier import HeadSpec, build_classifier  # noqa: E402
+from irv2_pipeline.images import OpenPolicy, load_image, resize  # noqa: E402
+from irv2_pipeline.pipelines.evaluation.attribution import (  # noqa: E402
+    grad_cam,
+    occlude,
+    occlusion_masks,
+)
+from irv2_pipeline.predict import predict_padded  # noqa: E402
+from irv2_pipeline.probe import fit_probe  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT / "data" / "01_raw" / "images"
+EVALUATION = PROJECT / "conf" / "base" / "parameters_evaluation.yml"
+
+
+def kfold_probe_on_cached_features(
+    features: np.ndarray, labels: np.ndarray, classes: int, folds: int, seed: int
+) -> np.ndarray:
+    """Stand-in for the label-issue pass: k-fold out-of-sample class probabilities.
+
+    Each image's probabilities come from a probe fitted on the other folds (no
+    backbone pass: the features are the cached ones). To be replaced by the
+    label-issue pipeline's own function once that branch is merged.
+    """
+    order = np.random.default_rng(seed).permutation(len(labels))
+    probabilities = np.zeros((len(labels), classes))
+    for held_out in np.array_split(order, folds):
+        kept = np.setdiff1d(order, held_out)
+        probe = fit_probe(
+            features[kept], labels[kept], classes, c=1.0, max_iter=200, seed=seed
+        )
+        probabilities[held_out] = np.exp(probe.log_probabilities(features[held_out]))
+    return probabilities
+
+
+def timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def batches(pixels: np.ndarray, size: int) -> list[np.ndarray]:
+    return [pixels[start : start + size] for start in range(0, len(pixels), size)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=75)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--folds", type=int, default=5)
+    args = parser.parse_args()
+
+    evaluation = yaml.safe_load(EVALUATION.read_text())["evaluation"]
+    settings = evaluation["attribution"]
+    paths = sorted(ROOT.rglob("*.png"))
+    names = sorted({path.parent.name for path in paths})
+    labels = np.array([names.index(path.parent.name) for path in paths])
+    policy = OpenPolicy()
+    pixels = np.stack(
+        [resize(load_image(path, policy).pixels, args.size) for path in paths]
+    ).astype(np.float32)
+    classifier = build_classifier(load_irv2(None, args.size), names, HeadSpec(), seed=0)
+    model = classifier.model
+    shown = int(settings["grad_cam"]["max_wrong"]) + len(names) * int(
+        settings["grad_cam"]["correct_per_class"]
+    )
+    layer = "conv_7b_ac" if args.size >= 140 else "block35_10_ac"
+    masks = occlusion_masks(args.size, float(settings["occlusion"]["border_fraction"]))
+    fill = str(settings["occlusion"]["fill"])
+    targets = labels.tolist()
+
+    def plain() -> None:
+        for batch in batches(pixels, args.batch_size):
+            predict_padded(model, batch, args.batch_size)
+
+    def occlusion() -> None:
+        for batch in batches(pixels, args.batch_size):
+            for mask in masks:
+                predict_padded(model, occlude(batch, mask, fill), args.batch_size)
+
+    features: list[np.ndarray] = []
+
+    def cache_features() -> None:
+        features.clear()
+        for batch in batches(pixels, args.batch_size):
+            features.extend(predict_padded(classifier.features, batch, args.batch_size))
+
+    passes = {
+        "predict": plain,
+        "occlusion": occlusion,
+        "grad_cam_plot": lambda: grad_cam(
+            model, layer, pixels[:shown], targets[:shown], args.batch_size
+        ),
+        "grad_cam_all": lambda: grad_cam(
+            model, layer, pixels, targets, args.batch_size
+        ),
+    }
+    # Tracing and TensorFlow's start-up go to a first untimed call of each pass.
+    for run in (*passes.values(), cache_features):
+        run()
+    cached = np.concatenate(features)
+    passes["label_issues"] = lambda: kfold_probe_on_cached_features(
+        cached, labels, len(names), args.folds, seed=0
+    )
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(args.rounds):
+        for name, run in passes.items():
+            times[name].append(timed(run))
+    seconds = {name: float(np.median(values)) for name, values in times.items()}
+    images = len(pixels)
+    # Image-passes through the backbone per image: forward, backward.
+    backbone_passes = {
+        "predict": (1.0, 0.0),
+        "occlusion": (2.0, 0.0),
+        "grad_cam_plot": (shown / images, shown / images),
+        "grad_cam_all": (1.0, 1.0),
+        "label_issues": (0.0, 0.0),
+    }
+
+    print(
+        f"python bench/diagnosis.py --size {args.size} --batch-size "
+        f"{args.batch_size} --rounds {args.rounds} --folds {args.folds}"
+    )
+    print(
+        f"{images} images, {len(names)} classes, {args.size} px, Grad-CAM at {layer}, "
+        f"{shown} images in the plot, keras {keras.__version__}"
+    )
+    print(f"{'pass':<15}{'forward':>9}{'backward':>9}{'seconds':>9}{'x predict':>10}")
+    for name, (forward, backward) in backbone_passes.items():
+        print(
+            f"{name:<15}{forward:>9.3f}{backward:>9.3f}{seconds[name]:>9.2f}"
+            f"{seconds[name] / seconds['predict']:>10.2f}"
+        )
+    figures = {
+        "images": images,
+        "image_size": args.size,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "grad_cam_layer": layer,
+        "grad_cam_plot_images": shown,
+        "backbone_passes": {
+            name: {"forward": round(f, 3), "backward": round(b, 3)}
+            for name, (f, b) in backbone_passes.items()
+        },
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "over_predict": {
+            name: round(value / seconds["predict"], 2)
+            for name, value in seconds.items()
+        },
+        "label_issues_is_stand_in": True,
+        "cores": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Where the model looks: occlusion masks and flips, Grad-CAM through a nested backbone."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from irv2_pipeline.backbone import load_irv2
+from irv2_pipeline.classifier import HeadSpec, build_classifier, split_saved
+from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.pipelines.evaluation.attribution import (
+    PREPROCESSED_ZERO,
+    OcclusionSpec,
+    flip_table,
+    grad_cam,
+    occlude,
+    occlusion_masks,
+)
+from irv2_pipeline.pipelines.evaluation.nodes import occlude_test_split, plot_grad_cam
+
+from .conftest import CLASSES, IMAGE_SIZE, colour_classifier
+
+
+@pytest.mark.parametrize(("size", "fraction"), [(75, 0.1), (299, 0.14), (32, 0.14)])
+def test_the_centre_square_masks_as_much_as_the_border_band(size, fraction):
+    border, centre = occlusion_masks(size, fraction)
+    band = round(fraction * size)
+    assert border[:band].all() and border[:, -band:].all()
+    assert not border[band:-band, band:-band].any()
+    assert not (border & centre).any()
+    # Equal areas, within one row of the square.
+    side = int(np.sqrt(centre.sum()))
+    assert abs(int(border.sum()) - int(centre.sum())) <= side
+    rows = np.flatnonzero(centre.any(axis=1))
+    assert abs(rows[0] - (size - 1 - rows[-1])) <= 1
+
+
+def test_bad_occlusion_parameters_are_refused_by_name():
+    with pytest.raises(ValueError, match="border_fraction = 0.2"):
+        OcclusionSpec.from_params({"border_fraction": 0.2, "fill": "mean"})
+    with pytest.raises(ValueError, match="fill = 'black'"):
+        OcclusionSpec.from_params({"border_fraction": 0.1, "fill": "black"})
+
+
+def test_fills_are_the_images_mean_or_irv2s_zero():
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(0, 255, size=(2, 20, 20, 3)).astype(np.float32)
+    border, centre = occlusion_masks(20, 0.1)
+    by_mean = occlude(batch, border, "mean")
+    # The mean of what stays visible: nothing of the hidden pixels leaks into it.
+    visible_mean = batch[:, ~border].mean(axis=1)
+    np.testing.assert_allclose(by_mean[:, 0, 0], visible_mean, rtol=1e-5)
+    np.testing.assert_array_equal(by_mean[:, ~border], batch[:, ~border])
+    by_zero = occlude(batch, centre, "zero")
+    # IRv2's preprocessing, x / 127.5 - 1, maps the fill to exactly 0.
+    assert (by_zero[:, centre] / 127.5 - 1 == 0).all()
+    assert PREPROCESSED_ZERO == 127.5
+    np.testing.assert_array_equal(by_zero[:, ~centre], batch[:, ~centre])
+
+
+def test_flip_table_counts_each_mask_per_true_class():
+    masks = occlusion_masks(20, 0.1)
+    table = flip_table(
+        ["a", "a", "a", "b", "b"],
+        np.array([0, 0, 1, 1, 1]),
+        ["a", "b", "c"],
+        border_predicted=np.array([1, 0, 0, 1, 1]),
+        centre_predicted=np.array([1, 1, 1, 1, 0]),
+        masks=masks,
+    ).set_index("class")
+    assert table.loc["a", ["n", "border_flips", "centre_flips"]].tolist() == [3, 2, 2]
+    assert table.loc["a", ["border_only_flips", "centre_only_flips"]].tolist() == [1, 1]
+    assert table.loc["b", ["border_flips", "centre_flips"]].tolist() == [0, 1]
+    assert table.loc["b", "centre_flip_rate"] == 0.5
+    assert table.loc["c", "n"] == 0 and np.isnan(table.loc["c", "border_flip_rate"])
+    assert table["border_px"].iloc[0] == masks[0].sum()
+
+
+def framed(frame: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A dark image whose only colour is a 3 px frame: the colour model reads it."""
+    # Grey noise: the same in every channel, so the interior has no colour.
+    noise = np.random.default_rng(seed).integers(0, 20, size=(IMAGE_SIZE, IMAGE_SIZE))
+    pixels = np.repeat(noise[..., None], 3, axis=2)
+    pixels[:3], pixels[-3:], pixels[:, :3], pixels[:, -3:] = (frame,) * 4
+    return pixels.astype(np.uint8)
+
+
+def test_occlusion_flips_what_a_frame_decides_and_not_the_centre(
+    tmp_path, model_params, image_params, evaluation_params
+):
+    # The colour model sees the mean colour; on these images only the frame has one.
+    folder = ImageFolder(tmp_path)
+    rows = []
+    for index, (label, colour) in enumerate(
+        (("red", (220, 40, 40)), ("green", (40, 200, 40)), ("blue", (40, 40, 220)))
+    ):
+        (tmp_path / label).mkdir()
+        for copy in range(2):
+            path = f"{label}/{label}_{copy}.png"
+            Image.fromarray(framed(colour, 10 * index + copy)).save(tmp_path / path)
+            rows.append({"path": path, "label": label, "predicted": label})
+    predictions = pd.DataFrame(rows).assign(confidence=0.9)
+    for name in CLASSES:
+        predictions[f"prob_{name}"] = (predictions["label"] == name).astype(float)
+    occlusion = {"border_fraction": 0.1, "fill": "zero"}
+    evaluation = {**evaluation_params, "attribution": {"occlusion": occlusion}}
+    table = occlude_test_split(
+        finetuned_model=colour_classifier(),
+        test_predictions=predictions,
+        raw_images=folder,
+        model={**model_params, "image_size": IMAGE_SIZE},
+        images=image_params,
+        evaluation=evaluation,
+    )
+    assert table["n"].tolist() == [2, 2, 2]
+    # Grey over the frame leaves no colour (the first class, blue, wins the tie):
+    # the red and green images flip; grey over the centre leaves the frame's colour.
+    assert table.set_index("class")["border_flips"].to_dict() == {
+        "blue": 0,
+        "green": 2,
+        "red": 2,
+    }
+    assert (table["centre_flips"] == 0).all()
+
+
+def test_grad_cam_finds_the_patch_that_decides_through_a_saved_nested_model(
+    tmp_path,
+):
+    model = colour_classifier()
+    keras.saving.save_model(model, tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    pixels = np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
+    pixels[0, :8, :8, 0] = 255  # a red patch top left
+    pixels[1, -10:, -10:, 2] = 255  # a blue patch bottom right
+    targets = [CLASSES.index("red"), CLASSES.index("blue")]
+    heatmaps = grad_cam(loaded, "conv_colour", pixels, targets, batch_size=2)
+    assert heatmaps.shape == (2, IMAGE_SIZE, IMAGE_SIZE)
+    assert heatmaps.min() >= 0 and np.isclose(heatmaps.max(), 1)
+    for heatmap, patch in zip(
+        heatmaps, (np.s_[:8, :8], np.s_[-10:, -10:]), strict=True
+    ):
+        inside = heatmap[patch].mean()
+        outside = (heatmap.sum() - heatmap[patch].sum()) / (
+            heatmap.size - heatmap[patch].size
+        )
+        assert inside > 2 * outside, (inside, outside)
+
+
+def test_grad_cam_runs_through_irv2_nested_in_the_classifier():
+    classifier = build_classifier(load_irv2(None, 75), CLASSES, HeadSpec(), seed=1)
+    parts = split_saved(classifier.model)
+    assert parts.backbone.name == "inception_resnet_v2"
+    pixels = np.random.default_rng(0).uniform(0, 255, (1, 75, 75, 3))
+    # The last layer (the backbone's output) and one inside the backbone.
+    for layer in ("conv_7b_ac", "block35_10_ac"):
+        heatmaps = grad_cam(classifier.model, layer, pixels, [2], batch_size=1)
+        assert heatmaps.shape == (1, 75, 75) and np.isfinite(heatmaps).all()
+    with pytest.raises(ValueError, match="grad_cam.layer = 'conv_8'"):
+        grad_cam(classifier.model, "conv_8", pixels, [2], batch_size=1)
+
+
+def test_a_model_not_built_as_the_classifier_is_refused():
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    plain = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
+    with pytest.raises(ValueError, match="not the classifier finetune builds"):
+        split_saved(plain)
+
+
+def test_the_grad_cam_plot_shows_the_mistakes_then_correct_images_per_class(
+    colour_images, colour_model, model_params, image_params, evaluation_params
+):
+    folder, manifest = colour_images
+    test = manifest[manifest["split"] == "test"]
+    # The mislabelled red_4 (green pixels) is predicted green: the one mistake.
+    predicted = np.where(test["path"] == "red/red_4.png", "green", test["label"])
+    predictions = pd.DataFrame(
+        {"path": test["path"], "label": test["label"], "predicted": predicted}
+    ).assign(confidence=np.linspace(0.9, 0.6, len(test)))
+    for name in CLASSES:
+        predictions[f"prob_{name}"] = (predictions["predicted"] == name).astype(float)
+    figure = plot_grad_cam(
+        finetuned_model=colour_model,
+        test_predictions=predictions,
+        raw_images=folder,
+        model=model_params,
+        images=image_params,
+        evaluation={
+            **evaluation_params,
+            "attribution": {
+                "grad_cam": {
+                    "layer": "conv_colour",
+                    "max_wrong": 4,
+                    "correct_per_class": 1,
+                    "columns": 4,
+                }
+            },
+        },
+    )
+    titles = [axis.get_title() for axis in figure.axes if axis.get_title()]
+    assert titles[0].startswith("red → green")
+    assert [title.split(" ")[0] for title in titles[1:]] == ["blue", "green", "red"]
+    # Every shown image has its heatmap drawn over it.
+    assert all(len(axis.images) == 2 for axis in figure.axes if axis.get_title())
