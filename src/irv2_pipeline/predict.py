@@ -4,19 +4,29 @@ A saved model is checked against the parameters before it runs (its input size a
 number of outputs), every batch is padded to one size so the prediction graph is
 traced once (tracing IRv2 costs tens of seconds on a CPU; the model is in inference
 mode, so padding changes no other row), and its outputs are checked to be softmax
-probabilities. NumPy only at import: the model comes in already loaded.
+probabilities. NumPy only at import: the model comes in already loaded, and Keras is
+imported by the one function that builds a model.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from irv2_pipeline.hints import KerasModel
+from irv2_pipeline.images import OpenPolicy
+from irv2_pipeline.inputs import check_pixel_range, image_dataset
+from irv2_pipeline.progress import ProgressLog
+
+logger = logging.getLogger(__name__)
 
 # Softmax rows in float32 sum to 1 within far less than this.
 PROBABILITY_SUM_TOLERANCE = 1e-3
+# The classifier's pooled-feature layer, for each finetune.head.pooling.
+POOLED_LAYERS = ("avg_max_pool", "avg_pool")
 
 
 def check_model_shape(
@@ -88,3 +98,65 @@ def softmax_rows(
             "pipeline needs a softmax output layer."
         )
     return outputs / sums[:, None]
+
+
+def probabilities_and_features(
+    model: KerasModel,
+    class_names: Sequence[str],
+    paths: Sequence[Any],
+    *,
+    image_size: int,
+    policy: OpenPolicy,
+    batch_size: int,
+    error: type[Exception] = ValueError,
+    what: str = "images predicted",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and pooled features of the images at ``paths``, one streamed pass.
+
+    A short last batch is padded to the batch size (one traced graph,
+    :func:`predict_padded`).
+
+    Args:
+        model: The saved classifier (``finetuned_model``), built by ``finetune``.
+        class_names: The model's output order.
+        paths: Image files, in the order of the rows returned.
+        image_size: ``model.image_size``.
+        policy: How images are opened.
+        batch_size: Images per forward pass.
+        error: The exception the calling pipeline raises.
+        what: What the progress log counts.
+
+    Returns:
+        Probabilities ``(images, classes)`` and pooled features ``(images, dims)``.
+    """
+    import keras  # noqa: PLC0415 - see the module docstring
+
+    check_model_shape(model, image_size, list(class_names), error)
+    pooled = model.get_layer(_pooled_layer(model, error)).output
+    both = keras.Model(model.input, [model.output, pooled])
+    if not paths:
+        return np.empty((0, len(class_names))), np.empty((0, int(pooled.shape[-1])))
+    dataset = image_dataset(
+        paths, None, image_size=image_size, batch_size=batch_size, policy=policy
+    )
+    probabilities, features = [], []
+    progress = ProgressLog(what, len(paths), logger)
+    for index, batch in enumerate(dataset.as_numpy_iterator()):
+        if index == 0:
+            check_pixel_range(batch)
+        probs, pooled_batch = predict_padded(both, batch, batch_size)
+        probabilities.append(softmax_rows(probs, error))
+        features.append(pooled_batch)
+        progress.advance(len(batch))
+    return np.concatenate(probabilities), np.concatenate(features)
+
+
+def _pooled_layer(model: KerasModel, error: type[Exception]) -> str:
+    names = {layer.name for layer in model.layers}
+    for name in POOLED_LAYERS:
+        if name in names:
+            return name
+    raise error(
+        f"finetuned_model has none of the pooling layers {POOLED_LAYERS}: it was not "
+        "built by `finetune`; rerun `kedro run --pipeline finetune`."
+    )

@@ -101,6 +101,7 @@ def test_the_report_links_plots_that_exist_next_to_it(evaluated):
         "## ImageNet-to-target shift per block",
         "## Shift between the splits",
         "## Transferability of frozen features",
+        "## Training labels",
         "## Dataset",
     ):
         assert heading in report
@@ -121,7 +122,7 @@ def test_the_report_previews_as_html_with_its_plots_inlined(evaluated):
     html = dataset.preview()
     assert "<h2>Findings</h2>" in html
     assert "<table>" in html
-    assert html.count('src="data:image/png;base64,') == 4
+    assert html.count('src="data:image/png;base64,') == 5
 
 
 def test_kedro_viz_previews_metrics_plots_and_the_report(evaluated):
@@ -135,6 +136,9 @@ def test_kedro_viz_previews_metrics_plots_and_the_report(evaluated):
         "reliability_diagram_plot": "ImagePreview",
         "confidently_wrong_plot": "ImagePreview",
         "validation_curves_plot": "ImagePreview",
+        "label_issues": "TablePreview",
+        "label_noise_estimate": "JSONPreview",
+        "label_issues_plot": "ImagePreview",
         "evaluation_report": "HTMLPreview",
     }
     for name, preview_type in expected.items():
