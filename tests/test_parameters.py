@@ -110,6 +110,11 @@ def test_the_shipped_parameters_keep_every_rule(env):
             "yes",
             "ingestion.blank.reject = 'yes': must be a valid boolean",
         ),
+        (
+            "ingestion.apply_label_exclusions",
+            1,
+            "ingestion.apply_label_exclusions = 1: must be a valid boolean",
+        ),
     ],
 )
 def test_an_impossible_value_is_named_with_its_key_and_rule(path, value, expected):
