@@ -690,8 +690,8 @@ def label_noise(
     evidence += [
         f"class {row['class']!r}: {row['noise_rate']:.1%} of its images carry "
         f"another label, {row['mislabelled_share']:.1%} of the images labelled "
-        f"{row['class']!r} belong to another class ({row['flagged']} flagged; "
-        f">= {limit:.1%})"
+        f"{row['class']!r} belong to another class ({row['flagged']} flagged under this label; "
+        f"limit {limit:.1%})"
         for row in noisy
     ]
     return Finding(

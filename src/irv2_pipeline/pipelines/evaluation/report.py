@@ -163,11 +163,19 @@ def label_issues_section(
     per_class = pd.DataFrame(estimate["classes"]).rename(
         columns={
             "training_images": "training images",
-            "noise_rate": "its images under another label",
-            "mislabelled_share": "images labelled so that belong elsewhere",
+            "noise_rate": "noise rate",
+            "mislabelled_share": "mislabelled share",
+            "flagged": "flagged under this label",
         }
     )
-    lines += ["", "Estimated noise per class:", "", markdown_table(per_class)]
+    lines += [
+        "",
+        "Estimated noise per class: the noise rate is the share of the class's "
+        "images filed under another label, the mislabelled share the share of the "
+        "images labelled with it that belong to another class.",
+        "",
+        markdown_table(per_class),
+    ]
     if len(issues):
         lines += [
             "",
