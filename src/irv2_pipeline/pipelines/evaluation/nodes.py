@@ -92,12 +92,7 @@ def predict_test_split(
             "image_manifest has no test images: raise ingestion.split.test and rerun "
             "`kedro run --pipeline ingestion`."
         )
-    classes = manifest_classes(image_manifest)
-    if list(class_names) != classes:
-        raise EvaluationError(
-            f"finetuned_model was trained on the classes {list(class_names)} but "
-            f"image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
-        )
+    classes = _checked_classes(class_names, image_manifest)
     image_size = int(model["image_size"])
     check_model_shape(finetuned_model, image_size, classes, EvaluationError)
     batch_size = int(evaluation["batch_size"])
@@ -245,11 +240,16 @@ def embed_training_images(
     Returns:
         ``paths``, ``labels`` (class indices), ``groups`` and ``features`` of the
         training images, in manifest order.
+
+    Raises:
+        EvaluationError: A model whose classes or input size do not match the
+            manifest and parameters, or whose outputs are not probabilities.
     """
+    classes = _checked_classes(class_names, image_manifest)
     train = image_manifest[image_manifest["split"] == "train"]
     _, features = probabilities_and_features(
         finetuned_model,
-        class_names,
+        classes,
         [raw_images.path_of(path) for path in train["path"]],
         image_size=int(model["image_size"]),
         policy=OpenPolicy.from_params(images),
@@ -259,7 +259,7 @@ def embed_training_images(
     )
     return {
         "paths": train["path"].to_list(),
-        "labels": label_indices(train["label"], list(class_names)),
+        "labels": label_indices(train["label"], classes),
         "groups": train["group"].to_list(),
         "features": features,
     }
@@ -512,6 +512,17 @@ def write_report(
         plots=evaluation["report"]["plots"],
         upstream_plots=evaluation["report"]["upstream_plots"],
     )
+
+
+def _checked_classes(class_names: list[str], image_manifest: pd.DataFrame) -> list[str]:
+    """The manifest's classes, which must be the model's, in its output order."""
+    classes = manifest_classes(image_manifest)
+    if list(class_names) != classes:
+        raise EvaluationError(
+            f"finetuned_model was trained on the classes {list(class_names)} but "
+            f"image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
+        )
+    return classes
 
 
 def _train_counts(image_manifest: pd.DataFrame, classes: list[str]) -> dict[str, int]:
