@@ -15,6 +15,7 @@ checks that it did.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,32 @@ def test_most_moved_images_lead_label_issues(planted_run):
     found = top[top["path"].isin(list(moved))]
     assert len(found) >= len(moved) / 2, (len(found), len(moved), issues.head(20))
     assert (found["suggested_label"] == SOURCE).all()
+
+
+def test_reviewed_issues_leave_training_on_the_next_run(
+    planted_run, project_copy_factory, run_kedro
+):
+    # The README's workflow, in a fresh copy: label_issues.csv kept as it is (as if
+    # a person agreed with every row), the switch on, ingestion run again.
+    planted, _ = planted_run
+    manifest, _, _, issues = read_outputs(planted)
+    project = project_copy_factory("label_exclusions")
+    images = project / "data/01_raw/images"
+    shutil.rmtree(images)
+    shutil.copytree(planted / "data/01_raw/images", images)
+    issues.to_csv(project / "data/01_raw/label_exclusions.csv", index=False)
+    (project / "conf/smoke/parameters_ingestion.yml").write_text(
+        "ingestion:\n  apply_label_exclusions: true\n"
+    )
+    result = run_kedro(["run", "--env", "smoke", "--pipeline", "ingestion"], project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = pd.read_csv(project / "data/02_intermediate/image_manifest.csv")
+    rejected = pd.read_csv(project / "data/02_intermediate/rejected_images.csv")
+    assert set(manifest["path"]) - set(after["path"]) == set(issues["path"])
+    reviewed = rejected[rejected["reason"].str.contains("label review")]
+    assert set(reviewed["path"]) == set(issues["path"])
+    kept = manifest.set_index("path").loc[after["path"], "split"]
+    assert (kept.to_numpy() == after["split"].to_numpy()).all()
 
 
 def test_a_clean_run_raises_no_label_noise(smoke_run):
