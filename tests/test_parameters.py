@@ -126,6 +126,11 @@ def test_the_shipped_parameters_keep_every_rule(env):
             1.0,
             "inference.shift.alpha = 1.0: must be less than 1",
         ),
+        (
+            "ingestion.apply_label_exclusions",
+            1,
+            "ingestion.apply_label_exclusions = 1: must be a valid boolean",
+        ),
     ],
 )
 def test_an_impossible_value_is_named_with_its_key_and_rule(path, value, expected):

@@ -159,6 +159,7 @@ class IngestionParams(_Block):
     split: SplitParams
     duplicates: DuplicatesParams
     blank: BlankParams
+    apply_label_exclusions: Annotated[bool, Field(strict=True)]
     # Largest over smallest class is never below 1.
     imbalance_warning_ratio: Annotated[float, Field(strict=True, ge=1)]
 

@@ -6,19 +6,38 @@ traced once (tracing IRv2 costs tens of seconds on a CPU; the model is in infere
 mode, so padding changes no other row), and its outputs are checked to be softmax
 probabilities. Flip test-time augmentation (an option of both pipelines) is the mean
 of the probabilities of the images and of their mirror images. NumPy only at import:
-the model comes in already loaded.
+the model comes in already loaded, and Keras is imported by the one function that
+builds a model.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from irv2_pipeline.hints import KerasModel
+from irv2_pipeline.images import OpenPolicy
+from irv2_pipeline.inputs import check_pixel_range, image_dataset
+from irv2_pipeline.progress import ProgressLog
+
+logger = logging.getLogger(__name__)
 
 # Softmax rows in float32 sum to 1 within far less than this.
 PROBABILITY_SUM_TOLERANCE = 1e-3
+# The classifier's pooled-feature layer, for each finetune.head.pooling.
+POOLED_LAYERS = ("avg_max_pool", "avg_pool")
+
+
+class ModelOutputs(NamedTuple):
+    """What one streamed pass of the classifier gives, one row per image."""
+
+    probabilities: np.ndarray
+    features: np.ndarray
+    # The flip TTA probabilities, when asked for; else None.
+    tta_probabilities: np.ndarray | None = None
 
 
 def check_model_shape(
@@ -117,3 +136,83 @@ def softmax_rows(
             "pipeline needs a softmax output layer."
         )
     return outputs / sums[:, None]
+
+
+def probabilities_and_features(  # noqa: PLR0913 - the model, its input, and how
+    model: KerasModel,
+    class_names: Sequence[str],
+    paths: Sequence[Any],
+    *,
+    image_size: int,
+    policy: OpenPolicy,
+    batch_size: int,
+    error: type[Exception] = ValueError,
+    what: str = "images predicted",
+    flip_tta: bool = False,
+) -> ModelOutputs:
+    """Probabilities and pooled features of the images at ``paths``, one streamed pass.
+
+    A short last batch is padded to the batch size (one traced graph,
+    :func:`predict_padded`).
+
+    Args:
+        model: The saved classifier (``finetuned_model``), built by ``finetune``.
+        class_names: The model's output order.
+        paths: Image files, in the order of the rows returned.
+        image_size: ``model.image_size``.
+        policy: How images are opened.
+        batch_size: Images per forward pass.
+        error: The exception the calling pipeline raises.
+        what: What the progress log counts.
+        flip_tta: Also predict the mirrored images (flip test-time augmentation).
+
+    Returns:
+        Probabilities ``(images, classes)``, pooled features ``(images, dims)`` of
+        the images as they are and, with ``flip_tta``, the flip-averaged
+        probabilities.
+    """
+    import keras  # noqa: PLC0415 - see the module docstring
+
+    check_model_shape(model, image_size, list(class_names), error)
+    pooled = model.get_layer(_pooled_layer(model, error)).output
+    both = keras.Model(model.input, [model.output, pooled])
+    if not paths:
+        empty = np.empty((0, len(class_names)))
+        return ModelOutputs(
+            empty,
+            np.empty((0, int(pooled.shape[-1]))),
+            empty.copy() if flip_tta else None,
+        )
+    dataset = image_dataset(
+        paths, None, image_size=image_size, batch_size=batch_size, policy=policy
+    )
+    probabilities, features, tta = [], [], []
+    progress = ProgressLog(what, len(paths), logger)
+    for index, batch in enumerate(dataset.as_numpy_iterator()):
+        if index == 0:
+            check_pixel_range(batch)
+        probs, pooled_batch = predict_padded(both, batch, batch_size)
+        probs = softmax_rows(probs, error)
+        probabilities.append(probs)
+        features.append(pooled_batch)
+        if flip_tta:
+            # Through the same two-output model: one traced graph, not two.
+            flipped, _ = predict_padded(both, mirrored(batch), batch_size)
+            tta.append(flip_averaged(probs, softmax_rows(flipped, error)))
+        progress.advance(len(batch))
+    return ModelOutputs(
+        np.concatenate(probabilities),
+        np.concatenate(features),
+        np.concatenate(tta) if flip_tta else None,
+    )
+
+
+def _pooled_layer(model: KerasModel, error: type[Exception]) -> str:
+    names = {layer.name for layer in model.layers}
+    for name in POOLED_LAYERS:
+        if name in names:
+            return name
+    raise error(
+        f"finetuned_model has none of the pooling layers {POOLED_LAYERS}: it was not "
+        "built by `finetune`; rerun `kedro run --pipeline finetune`."
+    )

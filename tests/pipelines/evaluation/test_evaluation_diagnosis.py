@@ -15,6 +15,7 @@ from .conftest import (
     PROJECT_ROOT,
     healthy_history,
     history_frame,
+    noise_estimate,
     shift_profile,
     stages_after,
     stages_frame,
@@ -740,6 +741,7 @@ def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> 
             **{"class": ["blue", "green", "red"]}
         ),
         "image_manifest": manifest,
+        "label_noise_estimate": noise_estimate(),
         "plan_rules": plan_rules,
         "evaluation": evaluation_params,
         **{

@@ -90,6 +90,18 @@ def test_saved_metrics_equal_those_recomputed_from_the_saved_predictions(evaluat
     assert low <= metrics["accuracy"] <= high
 
 
+def test_label_issues_cover_exactly_the_training_images(evaluated):
+    estimate = json.loads(
+        (evaluated / "data/08_reporting/label_noise_estimate.json").read_text()
+    )
+    # Two training images per class, each its own group: two folds.
+    assert estimate["estimated"] is True
+    assert estimate["n_images"] == 6 and estimate["folds"] == 2
+    assert [row["training_images"] for row in estimate["classes"]] == [2, 2, 2]
+    issues = pd.read_csv(evaluated / "data/07_model_output/label_issues.csv")
+    assert set(issues["path"]) <= {f"{c}/{c}_{i}.png" for c in CLASSES for i in (0, 1)}
+
+
 def test_the_report_links_plots_that_exist_next_to_it(evaluated):
     report_path = evaluated / "data/08_reporting/evaluation_report.md"
     report = report_path.read_text()
@@ -101,6 +113,7 @@ def test_the_report_links_plots_that_exist_next_to_it(evaluated):
         "## ImageNet-to-target shift per block",
         "## Shift between the splits",
         "## Transferability of frozen features",
+        "## Training labels",
         "## Dataset",
         "## Where the model looks",
     ):
@@ -138,6 +151,9 @@ def test_kedro_viz_previews_metrics_plots_and_the_report(evaluated):
         "validation_curves_plot": "ImagePreview",
         "occlusion_flips": "TablePreview",
         "grad_cam_plot": "ImagePreview",
+        "label_issues": "TablePreview",
+        "label_noise_estimate": "JSONPreview",
+        "label_issues_plot": "ImagePreview",
         "evaluation_report": "HTMLPreview",
     }
     for name, preview_type in expected.items():

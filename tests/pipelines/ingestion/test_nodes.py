@@ -96,12 +96,18 @@ def make_tree(
     return paths
 
 
-def ingest(root: Path, ingestion: dict | None = None):
-    """Runs scan, grouping and split; returns manifest, rejected and report."""
+def ingest(
+    root: Path, ingestion: dict | None = None, exclusions: list[str] | None = None
+):
+    """Runs scan, grouping and split; returns manifest, rejected and report.
+
+    ``exclusions``: the paths of ``label_exclusions`` (none by default).
+    """
     ingestion = ingestion or params()
     scanned, scan_rejections = scan_images(ImageFolder(root), IMAGES, ingestion)
     grouped, groups = group_duplicates(scanned, ingestion)
-    return split_images(grouped, scan_rejections, groups, ingestion)
+    listed = pd.DataFrame({"path": exclusions or []}, dtype="str")
+    return split_images(grouped, scan_rejections, groups, listed, ingestion)
 
 
 def assert_consistent(manifest: pd.DataFrame) -> None:
@@ -685,3 +691,40 @@ def test_dataset_summary_counts_and_warns(root):
     summary, figure = summarize_dataset(manifest, rejected, report, relaxed)
     plt.close(figure)
     assert summary["warnings"] == []
+
+
+def test_reviewed_training_images_are_excluded_only_when_asked(root, caplog):
+    make_tree(root, {"cat": 12, "dog": 12})
+    manifest, _, _ = ingest(root)
+    train = manifest.loc[manifest["split"] == "train", "path"].to_list()
+    held_out = manifest.loc[manifest["split"] == "test", "path"].iloc[0]
+    listed = [train[0], train[-1], held_out, "cat/not_there.png"]
+
+    kept, rejected, _ = ingest(root, exclusions=listed)
+    pd.testing.assert_frame_equal(kept, manifest)
+    assert not rejected["reason"].str.contains("label review").any()
+
+    with caplog.at_level("WARNING"):
+        excluded, rejected, _ = ingest(
+            root, params(apply_label_exclusions=True), exclusions=listed
+        )
+    assert set(manifest["path"]) - set(excluded["path"]) == {train[0], train[-1]}
+    reviewed = rejected[rejected["reason"].str.contains("label review")]
+    assert sorted(reviewed["path"]) == sorted([train[0], train[-1]])
+    # Every other image keeps its split.
+    remaining = manifest.set_index("path").loc[excluded["path"], "split"]
+    assert (remaining.to_numpy() == excluded["split"].to_numpy()).all()
+    assert held_out in set(excluded["path"])
+    assert "validation or test images and stay" in caplog.text
+    assert "not in the image folder" in caplog.text
+
+
+def test_an_exclusion_list_without_a_path_column_is_refused(root):
+    make_tree(root, {"cat": 6, "dog": 6})
+    ingestion = params(apply_label_exclusions=True)
+    scanned, scan_rejections = scan_images(ImageFolder(root), IMAGES, ingestion)
+    grouped, groups = group_duplicates(scanned, ingestion)
+    with pytest.raises(IngestionError, match="needs a `path` column"):
+        split_images(
+            grouped, scan_rejections, groups, pd.DataFrame({"file": ["x"]}), ingestion
+        )

@@ -41,7 +41,12 @@ def test_pipeline_has_the_four_nodes_and_persisted_outputs():
         "split_images",
         "summarize_dataset",
     ]
-    assert pipeline.inputs() == {"raw_images", "params:images", "params:ingestion"}
+    assert pipeline.inputs() == {
+        "raw_images",
+        "label_exclusions",
+        "params:images",
+        "params:ingestion",
+    }
     assert {
         "image_manifest",
         "rejected_images",

@@ -14,7 +14,8 @@ distort (``feature_distortion``, ``domain_gap``).
 :func:`in_priority` orders the findings by :data:`PRIORITY`, the cause that explains
 the others first, then by severity: ``random_weights`` (no transfer learning: every
 figure after it follows), ``leakage`` and ``label_conflicts`` (the held-out figures
-cannot be trusted), ``unstable_training`` (a diverging loss explains a poor fit),
+cannot be trusted), ``label_noise`` (wrong training labels cap the fit and the test
+figures), ``unstable_training`` (a diverging loss explains a poor fit),
 ``underfitting`` / ``overfitting`` / ``feature_distortion`` (how training fit),
 ``domain_gap``, ``split_shift``, ``validation_test_gap`` (which a split shift
 explains), ``shortcut`` (a cue the test split shares, so it does not lower this test
@@ -44,6 +45,7 @@ PRIORITY = (
     ("random_weights",),
     ("leakage",),
     ("label_conflicts",),
+    ("label_noise",),
     ("unstable_training",),
     ("underfitting", "overfitting", "feature_distortion"),
     ("domain_gap",),
@@ -647,6 +649,64 @@ def label_conflicts(
             else "Relabel the listed images (rejected_images.csv) to use them again."
         ),
         parameters=["ingestion.duplicates.exclude_label_conflicts"] if kept else [],
+        evidence=evidence,
+    )
+
+
+def label_noise(
+    estimate: dict[str, Any], n_classes: int, settings: dict[str, Any]
+) -> Finding | None:
+    """Training labels that confident learning estimates to be wrong.
+
+    A class is noisy when the share of its images filed under another label
+    (``noise_rate``) or the share of the images labelled with it that belong to
+    another class (``mislabelled_share``) reaches ``max_class_noise_rate``, with at
+    least ``min_flagged`` images flagged in all. Not judged when the cross-validated
+    probe's out-of-sample accuracy is less than ``min_skill`` of the way from chance
+    to perfect: its mistakes would then pass for wrong labels.
+
+    Args:
+        estimate: ``label_noise_estimate`` (``find_label_issues``).
+        n_classes: Number of classes.
+        settings: ``max_class_noise_rate``, ``min_flagged``, ``min_skill``.
+    """
+    if not estimate.get("estimated"):
+        return None
+    skill = float(skill_over_chance(estimate["out_of_sample_accuracy"], n_classes))
+    if skill < float(settings["min_skill"]):
+        return None
+    limit = float(settings["max_class_noise_rate"])
+    noisy = [
+        row
+        for row in estimate["classes"]
+        if max(row["noise_rate"], row["mislabelled_share"]) >= limit
+    ]
+    if not noisy or estimate["n_flagged"] < int(settings["min_flagged"]):
+        return None
+    worst = max(max(row["noise_rate"], row["mislabelled_share"]) for row in noisy)
+    evidence = [
+        f"estimated label noise {estimate['estimated_noise_rate']:.1%} of "
+        f"{estimate['n_images']} training images; {estimate['n_flagged']} flagged "
+        "in label_issues (out-of-sample accuracy of the cross-validated probe "
+        f"{estimate['out_of_sample_accuracy']:.3f})"
+    ]
+    evidence += [
+        f"class {row['class']!r}: {row['noise_rate']:.1%} of its images carry "
+        f"another label, {row['mislabelled_share']:.1%} of the images labelled "
+        f"{row['class']!r} belong to another class ({row['flagged']} flagged under this label; "
+        f"limit {limit:.1%})"
+        for row in noisy
+    ]
+    return Finding(
+        rule="label_noise",
+        cause="Some training images probably carry the wrong label, which caps "
+        "what the model can learn and blurs the classes.",
+        severity="high" if worst >= 2 * limit else "medium",
+        suggestion="Review label_issues.csv and label_issues.png, the most suspect "
+        "first: fix the labels in your image folder, or copy the rows you agree with "
+        "to data/01_raw/label_exclusions.csv and set "
+        "ingestion.apply_label_exclusions: true to train without them.",
+        parameters=["ingestion.apply_label_exclusions"],
         evidence=evidence,
     )
 

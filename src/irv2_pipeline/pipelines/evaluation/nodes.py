@@ -21,12 +21,21 @@ from irv2_pipeline.predict import (
     flip_averaged,
     mirrored,
     predict_padded,
+    probabilities_and_features,
     softmax_rows,
 )
 from irv2_pipeline.progress import ProgressLog
 
 from . import diagnosis, plots
 from .attribution import OcclusionSpec, flip_table, grad_cam, occlude, occlusion_masks
+from .label_issues import (
+    ISSUE_COLUMNS,
+    METHOD,
+    check_settings,
+    confident_learning,
+    out_of_sample_probabilities,
+    usable_folds,
+)
 from .metrics import (
     TTA_PREFIX,
     calibration_bins,
@@ -88,12 +97,7 @@ def predict_test_split(
             "image_manifest has no test images: raise ingestion.split.test and rerun "
             "`kedro run --pipeline ingestion`."
         )
-    classes = manifest_classes(image_manifest)
-    if list(class_names) != classes:
-        raise EvaluationError(
-            f"finetuned_model was trained on the classes {list(class_names)} but "
-            f"image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
-        )
+    classes = _checked_classes(class_names, image_manifest)
     image_size = int(model["image_size"])
     check_model_shape(finetuned_model, image_size, classes, EvaluationError)
     batch_size = int(evaluation["batch_size"])
@@ -336,6 +340,145 @@ def plot_grad_cam(
     )
 
 
+def embed_training_images(
+    *,
+    finetuned_model: KerasModel,
+    class_names: list[str],
+    image_manifest: pd.DataFrame,
+    raw_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> dict[str, Any]:
+    """The fine-tuned model's pooled features of every training original, one pass.
+
+    Augmented copies are left out: a copy carries its source's label, so a wrong
+    label is the source's, and embedding the copies would cost a pass per copy.
+
+    Args:
+        finetuned_model: Takes ``[0, 255]`` RGB, outputs softmax probabilities.
+        class_names: The model's output order.
+        image_manifest: The ingestion manifest (``path``, ``label``, ``split``,
+            ``group``).
+        raw_images: The image root.
+        model: The ``model`` parameters (``image_size``).
+        images: The ``images`` parameters.
+        evaluation: The ``evaluation`` parameters (``batch_size``).
+
+    Returns:
+        ``paths``, ``labels`` (class indices), ``groups`` and ``features`` of the
+        training images, in manifest order.
+
+    Raises:
+        EvaluationError: A model whose classes or input size do not match the
+            manifest and parameters, or whose outputs are not probabilities.
+    """
+    classes = _checked_classes(class_names, image_manifest)
+    train = image_manifest[image_manifest["split"] == "train"]
+    features = probabilities_and_features(
+        finetuned_model,
+        classes,
+        [raw_images.path_of(path) for path in train["path"]],
+        image_size=int(model["image_size"]),
+        policy=OpenPolicy.from_params(images),
+        batch_size=int(evaluation["batch_size"]),
+        error=EvaluationError,
+        what="training images embedded",
+    ).features
+    return {
+        "paths": train["path"].to_list(),
+        "labels": label_indices(train["label"], classes),
+        "groups": train["group"].to_list(),
+        "features": features,
+    }
+
+
+def find_label_issues(
+    training_features: dict[str, Any],
+    class_names: list[str],
+    evaluation: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Training images whose label is probably wrong, and the noise rate per class.
+
+    Out-of-sample probabilities from a k-fold cross-validated linear probe on the
+    pooled features, then confident learning (``label_issues`` module).
+
+    Args:
+        training_features: From :func:`embed_training_images`.
+        class_names: The model's output order.
+        evaluation: The ``evaluation`` parameters (``label_issues``: ``folds``,
+            ``c``, ``max_iter``, ``seed``).
+
+    Returns:
+        ``label_issues`` (most suspect first) and ``label_noise_estimate``.
+    """
+    settings = evaluation["label_issues"]
+    check_settings(settings)
+    labels = np.asarray(training_features["labels"])
+    folds = usable_folds(labels, training_features["groups"], int(settings["folds"]))
+    about = {
+        "method": METHOD,
+        "features": "pooled features of finetuned_model, training originals only",
+        "folds": folds,
+        "c": float(settings["c"]),
+        "seed": int(settings["seed"]),
+    }
+    if folds < 2:
+        statement = (
+            "not estimated: a class has a single training image group, and "
+            "cross-validation needs at least two per class"
+        )
+        logger.warning("Label issues %s", statement)
+        empty = pd.DataFrame(columns=ISSUE_COLUMNS)
+        return empty, {**about, "estimated": False, "statement": statement}
+    probabilities = out_of_sample_probabilities(
+        training_features["features"],
+        labels,
+        training_features["groups"],
+        len(class_names),
+        folds=folds,
+        c=float(settings["c"]),
+        max_iter=int(settings["max_iter"]),
+        seed=int(settings["seed"]),
+    )
+    issues, estimates = confident_learning(
+        training_features["paths"], labels, probabilities, class_names
+    )
+    statement = (
+        f"{estimates['n_flagged']} of {estimates['n_images']} training images "
+        "flagged as probably mislabelled; estimated label noise "
+        f"{estimates['estimated_noise_rate']:.1%} (out-of-sample accuracy of the "
+        f"{folds}-fold probe {estimates['out_of_sample_accuracy']:.3f})"
+    )
+    logger.info("Label issues: %s", statement)
+    return issues, {**about, "estimated": True, **estimates, "statement": statement}
+
+
+def plot_label_issues(
+    label_issues: pd.DataFrame,
+    raw_images: ImageFolder,
+    images: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> Figure:
+    """The most suspect training images with their given and suggested labels."""
+    settings = evaluation["label_issues"]["plot"]
+    suspects = label_issues.head(int(settings["max_images"]))
+    policy = OpenPolicy.from_params(images)
+    pixels = [raw_images.load(path, policy).pixels for path in suspects["path"]]
+    titles = [
+        f"{row.given_label} → {row.suggested_label}? ({row.self_confidence:.2f})"
+        for row in suspects.itertuples()
+    ]
+    return plots.image_grid_figure(
+        pixels,
+        titles,
+        int(settings["columns"]),
+        "Training images most probably mislabelled\n"
+        "(given → suggested label, out-of-sample probability of the given label)",
+        "Confident learning flagged no training image.",
+    )
+
+
 def plot_validation_curves(training_history: pd.DataFrame) -> Figure:
     """Validation and training loss and accuracy per epoch, stage by stage."""
     return plots.validation_curves_figure(training_history)
@@ -353,6 +496,7 @@ def diagnose_run(
     duplicate_report: pd.DataFrame,
     dataset_summary: dict[str, Any],
     occlusion_flips: pd.DataFrame,
+    label_noise_estimate: dict[str, Any],
     model: dict[str, Any],
     plan_rules: dict[str, Any],
     evaluation: dict[str, Any],
@@ -372,6 +516,8 @@ def diagnose_run(
         dataset_summary: The ingestion summary.
         occlusion_flips: Per class, the test predictions that masking the border
             and the centre change.
+        label_noise_estimate: Confident learning's estimates on the training
+            images (:func:`find_label_issues`).
         model: The ``model`` parameters (``weights``).
         plan_rules: ``feature_shift.plan_rules``, the learning-rate limits every plan
             must keep.
@@ -389,6 +535,11 @@ def diagnose_run(
             diagnosis.random_weights(weights),
             diagnosis.leakage(image_manifest, thresholds["leakage"]),
             diagnosis.label_conflicts(dataset_summary, duplicate_report),
+            diagnosis.label_noise(
+                label_noise_estimate,
+                len(evaluation_metrics["classes"]),
+                thresholds["label_noise"],
+            ),
             diagnosis.split_shift(split_shift, thresholds["split_shift"]),
             diagnosis.domain_gap(
                 bn_shift_profile, stages, weights, thresholds["domain_gap"]
@@ -453,6 +604,8 @@ def write_report(
     finetune_stages: pd.DataFrame,
     dataset_summary: dict[str, Any],
     occlusion_flips: pd.DataFrame,
+    label_noise_estimate: dict[str, Any],
+    label_issues: pd.DataFrame,
     model: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> str:
@@ -470,6 +623,9 @@ def write_report(
         finetune_stages: The stages ``finetune`` trained, one row each.
         dataset_summary: The ingestion summary.
         occlusion_flips: The occlusion test per class.
+        label_noise_estimate: Confident learning's estimates on the training
+            images.
+        label_issues: The training images flagged as probably mislabelled.
         model: The ``model`` parameters.
         evaluation: The ``evaluation`` parameters (``report.plots`` and
             ``report.upstream_plots``: title to file name of each plot, relative to
@@ -490,6 +646,8 @@ def write_report(
         finetune_stages=finetune_stages,
         dataset_summary=dataset_summary,
         occlusion_flips=occlusion_flips,
+        label_noise=label_noise_estimate,
+        label_issues=label_issues,
         model=model,
         plots=evaluation["report"]["plots"],
         upstream_plots=evaluation["report"]["upstream_plots"],
@@ -512,6 +670,17 @@ def _test_batches(
         policy=OpenPolicy.from_params(images),
     )
     return dataset.as_numpy_iterator()
+
+
+def _checked_classes(class_names: list[str], image_manifest: pd.DataFrame) -> list[str]:
+    """The manifest's classes, which must be the model's, in its output order."""
+    classes = manifest_classes(image_manifest)
+    if list(class_names) != classes:
+        raise EvaluationError(
+            f"finetuned_model was trained on the classes {list(class_names)} but "
+            f"image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
+        )
+    return classes
 
 
 def _train_counts(image_manifest: pd.DataFrame, classes: list[str]) -> dict[str, int]:

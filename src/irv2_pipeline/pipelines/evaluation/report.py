@@ -168,6 +168,45 @@ def occlusion_section(occlusion_flips: pd.DataFrame) -> str:
     )
 
 
+def label_issues_section(
+    estimate: Mapping[str, Any], issues: pd.DataFrame, shown: int = 10
+) -> str:
+    """Confident learning's noise estimates per class and the most suspect images."""
+    lines = [
+        f"{estimate['statement'][0].upper()}{estimate['statement'][1:]}.",
+        "",
+        f"Method: {estimate['method']}; {estimate['features']}; "
+        f"{estimate['folds']} folds, C = {estimate['c']:g}, seed {estimate['seed']}.",
+    ]
+    if not estimate.get("estimated"):
+        return "\n".join(lines)
+    per_class = pd.DataFrame(estimate["classes"]).rename(
+        columns={
+            "training_images": "training images",
+            "noise_rate": "noise rate",
+            "mislabelled_share": "mislabelled share",
+            "flagged": "flagged under this label",
+        }
+    )
+    lines += [
+        "",
+        "Estimated noise per class: the noise rate is the share of the class's "
+        "images filed under another label, the mislabelled share the share of the "
+        "images labelled with it that belong to another class.",
+        "",
+        markdown_table(per_class),
+    ]
+    if len(issues):
+        lines += [
+            "",
+            f"Most suspect training images ({min(shown, len(issues))} of "
+            f"{len(issues)}; all in label_issues.csv):",
+            "",
+            markdown_table(issues.head(shown)),
+        ]
+    return "\n".join(lines)
+
+
 def image(title: str, file_name: str) -> str:
     """A Markdown image linked relative to the report."""
     return f"![{title}]({file_name})"
@@ -186,6 +225,8 @@ def render_report(
     finetune_stages: pd.DataFrame,
     dataset_summary: Mapping[str, Any],
     occlusion_flips: pd.DataFrame,
+    label_noise: Mapping[str, Any],
+    label_issues: pd.DataFrame,
     model: Mapping[str, Any],
     plots: Mapping[str, str],
     upstream_plots: Mapping[str, str],
@@ -204,6 +245,8 @@ def render_report(
         finetune_stages: The stages ``finetune`` trained, one row each.
         dataset_summary: ``dataset_summary`` from ingestion.
         occlusion_flips: The occlusion test per class.
+        label_noise: ``label_noise_estimate``, confident learning's estimates.
+        label_issues: The training images flagged as probably mislabelled.
         model: The ``model`` parameters.
         plots: Plot title to file name, relative to the report.
         upstream_plots: The same for the plots of the pipelines before.
@@ -260,6 +303,8 @@ def render_report(
         markdown_table(split_shift),
         "## Transferability of frozen features",
         markdown_table(transferability),
+        "## Training labels",
+        label_issues_section(label_noise, label_issues),
         "## Dataset",
         dataset_section(dataset_summary),
     ]

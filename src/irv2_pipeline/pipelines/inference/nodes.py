@@ -7,7 +7,6 @@ TensorFlow and Keras are imported inside the nodes that run the model, so that
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -17,26 +16,16 @@ import pandas as pd
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy, fingerprint
-from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.parallel import process_map
 from irv2_pipeline.pipelines.evaluation.metrics import TTA_PREFIX, probability_columns
 from irv2_pipeline.pipelines.feature_shift.twosample import compare
-from irv2_pipeline.predict import (
-    check_model_shape,
-    flip_averaged,
-    mirrored,
-    predict_padded,
-    softmax_rows,
-)
-from irv2_pipeline.progress import ProgressLog
+from irv2_pipeline.predict import probabilities_and_features
 
 from .ood import calibrate_threshold, fit_mahalanobis
 
 logger = logging.getLogger(__name__)
 
 REJECTED_COLUMNS = ["path", "reason"]
-# The classifier's pooled-feature layer, for each finetune.head.pooling.
-POOLED_LAYERS = ("avg_max_pool", "avg_pool")
 OOD_METHOD = (
     "Mahalanobis distance of the pooled features to the nearest class mean of the "
     "training originals, with one Ledoit-Wolf shrunk covariance shared by the classes"
@@ -141,15 +130,13 @@ def reference_features(
             rows = rows.sample(int(limit), random_state=int(model["seed"])).sort_index()
         chosen[split] = rows
     # One pass over both splits: one traced prediction graph, not one per split.
-    features = _run_model(
+    features = probabilities_and_features(
         finetuned_model,
         class_names,
         [raw_images.path_of(path) for rows in chosen.values() for path in rows["path"]],
-        model=model,
-        images=images,
-        inference=inference,
+        **_run_settings(model, images, inference),
         what="training and validation images embedded",
-    )["features"]
+    ).features
     train_count = len(chosen["train"])
     return {
         "train": features[:train_count],
@@ -212,16 +199,17 @@ def predict_new_images(
         ``probabilities`` ``(n, classes)``, pooled ``features`` ``(n, features)`` (of
         the images as they are) and, with flip TTA, ``tta_probabilities``.
     """
-    return _run_model(
+    outputs = probabilities_and_features(
         finetuned_model,
         class_names,
         [new_images.path_of(path) for path in new_image_list["path"]],
-        model=model,
-        images=images,
-        inference=inference,
+        **_run_settings(model, images, inference),
         what="new images predicted",
         flip_tta=bool(inference["test_time_augmentation"]),
     )
+    return {
+        name: value for name, value in outputs._asdict().items() if value is not None
+    }
 
 
 def prediction_table(
@@ -346,72 +334,13 @@ def inference_report(
     }
 
 
-def _pooled_layer(finetuned_model: KerasModel) -> str:
-    names = {layer.name for layer in finetuned_model.layers}
-    for name in POOLED_LAYERS:
-        if name in names:
-            return name
-    raise InferenceError(
-        f"finetuned_model has none of the pooling layers {POOLED_LAYERS}: it was not "
-        "built by `finetune`; rerun `kedro run --pipeline finetune`."
-    )
-
-
-def _run_model(  # noqa: PLR0913 - the model, what to run it on, and how
-    finetuned_model: KerasModel,
-    class_names: Sequence[str],
-    paths: Sequence[Any],
-    *,
-    model: dict[str, Any],
-    images: dict[str, Any],
-    inference: dict[str, Any],
-    what: str,
-    flip_tta: bool = False,
-) -> dict[str, np.ndarray]:
-    """Probabilities and pooled features of ``paths``, one streamed pass.
-
-    A short last batch is padded to the batch size (one traced graph,
-    ``predict.predict_padded``).
-
-    Returns:
-        ``probabilities``, ``features`` and, with ``flip_tta``,
-        ``tta_probabilities``.
-    """
-    import keras  # noqa: PLC0415 - see the module docstring
-
-    image_size = int(model["image_size"])
-    check_model_shape(finetuned_model, image_size, list(class_names), InferenceError)
-    pooled = finetuned_model.get_layer(_pooled_layer(finetuned_model)).output
-    both = keras.Model(finetuned_model.input, [finetuned_model.output, pooled])
-    feature_size = int(pooled.shape[-1])
-    outputs: dict[str, list[np.ndarray]] = {"probabilities": [], "features": []}
-    if flip_tta:
-        outputs["tta_probabilities"] = []
-    if not paths:
-        widths = {"features": feature_size}
-        return {
-            name: np.empty((0, widths.get(name, len(class_names)))) for name in outputs
-        }
-    batch_size = int(inference["batch_size"])
-    dataset = image_dataset(
-        paths,
-        None,
-        image_size=image_size,
-        batch_size=batch_size,
-        policy=OpenPolicy.from_params(images),
-    )
-    progress = ProgressLog(what, len(paths), logger)
-    for index, batch in enumerate(dataset.as_numpy_iterator()):
-        if index == 0:
-            check_pixel_range(batch)
-        probs, pooled_batch = predict_padded(both, batch, batch_size)
-        probs = softmax_rows(probs, InferenceError)
-        outputs["probabilities"].append(probs)
-        outputs["features"].append(pooled_batch)
-        if flip_tta:
-            # Through the same two-output model: one traced graph, not two.
-            flipped, _ = predict_padded(both, mirrored(batch), batch_size)
-            flipped = softmax_rows(flipped, InferenceError)
-            outputs["tta_probabilities"].append(flip_averaged(probs, flipped))
-        progress.advance(len(batch))
-    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+def _run_settings(
+    model: dict[str, Any], images: dict[str, Any], inference: dict[str, Any]
+) -> dict[str, Any]:
+    """The keyword arguments of ``predict.probabilities_and_features`` here."""
+    return {
+        "image_size": int(model["image_size"]),
+        "policy": OpenPolicy.from_params(images),
+        "batch_size": int(inference["batch_size"]),
+        "error": InferenceError,
+    }

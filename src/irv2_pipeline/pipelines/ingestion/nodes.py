@@ -51,6 +51,7 @@ MANIFEST_COLUMNS = [
     "label_conflict",
 ]
 REJECTED_COLUMNS = ["path", "reason"]
+EXCLUDED_REASON = "excluded from training after label review (label_exclusions)"
 DUPLICATE_COLUMNS = ["group", "kind", "size", "labels", "label_conflict", "paths"]
 
 
@@ -187,6 +188,7 @@ def split_images(
     grouped_images: pd.DataFrame,
     scan_rejections: pd.DataFrame,
     duplicate_groups: pd.DataFrame,
+    label_exclusions: pd.DataFrame,
     ingestion: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Assigns every group to train, val or test by a seeded hash of its id.
@@ -194,13 +196,18 @@ def split_images(
     A group never straddles splits and rerunning gives the same split. Each label's
     groups fall into the splits at the configured fractions; a class the hash leaves
     without a split gets the group(s) nearest to it moved in (``_assign_splits``), so
-    adding images moves no existing image of another class.
+    adding images moves no existing image of another class. With
+    ``apply_label_exclusions``, the training images that ``label_exclusions`` lists
+    are left out after the split, so no other image changes split.
 
     Args:
         grouped_images: Images with ``group`` and ``label_conflict``.
         scan_rejections: Files rejected while scanning.
         duplicate_groups: The duplicate report, to which the split is added.
-        ingestion: The ``ingestion`` parameters (``split``, ``duplicates``).
+        label_exclusions: Paths a person reviewed and wants out of training
+            (``path`` column).
+        ingestion: The ``ingestion`` parameters (``split``, ``duplicates``,
+            ``apply_label_exclusions``).
 
     Returns:
         ``image_manifest``, ``rejected_images`` and ``duplicate_report``.
@@ -230,6 +237,11 @@ def split_images(
 
     _check_classes(images)
     images["split"] = _assign_splits(images, int(split["seed"]), fractions)
+    images, excluded = _exclude_reviewed(
+        images, label_exclusions, bool(ingestion["apply_label_exclusions"])
+    )
+    if len(excluded):
+        rejected.append(excluded)
     _check_split_counts(images, fractions, int(split.get("min_images_per_class", 3)))
 
     manifest = images[MANIFEST_COLUMNS].sort_values("path", ignore_index=True)
@@ -307,6 +319,68 @@ def summarize_dataset(
         "warnings": warnings,
     }
     return _json_ready(summary), _class_distribution_plot(counts)
+
+
+def _exclude_reviewed(
+    images: pd.DataFrame, label_exclusions: pd.DataFrame, apply: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Leaves out the training images a person listed after reviewing label_issues.
+
+    Only training images are left out: validation and test labels are the yardstick
+    of every figure, and dropping the images a model disagrees with would flatter
+    it. Listed held-out images and paths not in the folder are named in a warning.
+
+    Args:
+        images: Split images.
+        label_exclusions: The reviewed list (a ``path`` column, relative to the image
+            root as in ``label_issues``).
+        apply: ``ingestion.apply_label_exclusions``.
+
+    Returns:
+        The images left and the rejected rows (``path``, ``reason``).
+
+    Raises:
+        IngestionError: The list has no ``path`` column.
+    """
+    if "path" not in label_exclusions.columns:
+        raise IngestionError(
+            "label_exclusions (data/01_raw/label_exclusions.csv) needs a `path` "
+            f"column, as label_issues.csv has; it has {list(label_exclusions.columns)}"
+        )
+    listed = set(label_exclusions["path"].dropna().astype(str))
+    none = pd.DataFrame(columns=REJECTED_COLUMNS)
+    if not listed:
+        return images, none
+    if not apply:
+        logger.info(
+            "label_exclusions lists %d images; ingestion.apply_label_exclusions is "
+            "false, so none is excluded",
+            len(listed),
+        )
+        return images, none
+    is_listed = images["path"].isin(listed)
+    excluded = is_listed & (images["split"] == "train")
+    held_out = images.loc[is_listed & ~excluded, "path"]
+    if len(held_out):
+        logger.warning(
+            "%d images in label_exclusions are validation or test images and stay "
+            "(only training images are excluded; fix their labels in the folder), "
+            "e.g. %s",
+            len(held_out),
+            held_out.iloc[0],
+        )
+    unknown = sorted(listed - set(images["path"]))
+    if unknown:
+        logger.warning(
+            "%d paths in label_exclusions are not in the image folder (or were "
+            "rejected), e.g. %s",
+            len(unknown),
+            unknown[0],
+        )
+    logger.info("%d training images excluded (label_exclusions)", int(excluded.sum()))
+    return images[~excluded], pd.DataFrame(
+        {"path": images.loc[excluded, "path"], "reason": EXCLUDED_REASON}
+    )
 
 
 def _flag_blank(

@@ -27,6 +27,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "grouped_images",
                     "scan_rejections",
                     "duplicate_groups",
+                    "label_exclusions",
                     "params:ingestion",
                 ],
                 outputs=["image_manifest", "rejected_images", "duplicate_report"],
