@@ -135,7 +135,9 @@ def test_the_report_previews_as_html_with_its_plots_inlined(evaluated):
     html = dataset.preview()
     assert "<h2>Findings</h2>" in html
     assert "<table>" in html
-    assert html.count('src="data:image/png;base64,') == 5
+    # Every plot of evaluation's own is inlined (the upstream ones are links).
+    own_plots = project_parameters("base")["evaluation"]["report"]["plots"]
+    assert html.count('src="data:image/png;base64,') == len(own_plots) == 6
 
 
 def test_kedro_viz_previews_metrics_plots_and_the_report(evaluated):
