@@ -132,6 +132,8 @@ class FinishedCheckpointsHook:
     The ``train_classifier`` node leaves its checkpoint, marked finished, for this
     hook: Kedro saves a node's outputs after the node returns, and a run killed
     while the model is written must find the final weights instead of training again.
+    A counterfactual variant's model (``<variant>.finetuned_model``) clears its own
+    folder (``<checkpoint_dir>/counterfactuals/<variant>``) only.
     """
 
     MODEL_DATASET = "finetuned_model"
@@ -150,14 +152,23 @@ class FinishedCheckpointsHook:
     @hook_impl
     def after_dataset_saved(self, dataset_name: str) -> None:
         """After the model file is saved, deletes finished runs' checkpoints."""
-        if dataset_name != self.MODEL_DATASET or self._checkpoint_dir is None:
+        namespace, _, name = dataset_name.rpartition(".")
+        if name != self.MODEL_DATASET or self._checkpoint_dir is None:
             return
         # Imported here: it imports Keras, which other commands need not load.
+        from irv2_pipeline.pipelines.counterfactuals.variants import (  # noqa: PLC0415
+            variant_folder,
+        )
         from irv2_pipeline.pipelines.finetune.checkpoints import (  # noqa: PLC0415
             remove_finished_checkpoints,
         )
 
-        for folder in remove_finished_checkpoints(self._checkpoint_dir):
+        root = (
+            variant_folder(self._checkpoint_dir, namespace)
+            if namespace
+            else self._checkpoint_dir
+        )
+        for folder in remove_finished_checkpoints(root):
             logger.info("The model is saved; deleted its checkpoints in %s", folder)
 
 
@@ -201,8 +212,9 @@ class ParameterCheckHook:
     not a setting. Every problem is reported at once.
     """
 
-    # Mappings whose keys users may add to (their own augmentation presets).
-    OPEN_MAPPINGS = ("augmentation.presets",)
+    # Mappings whose keys users may add to (their own augmentation presets and
+    # counterfactual variants).
+    OPEN_MAPPINGS = ("augmentation.presets", "counterfactuals.variants")
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict, catalog: DataCatalog) -> None:
