@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,6 +138,7 @@ class FinishedCheckpointsHook:
     """
 
     MODEL_DATASET = "finetuned_model"
+    SUMMARY_DATASET = "counterfactual_summary"
 
     def __init__(self):
         self._checkpoint_dir: str | None = None
@@ -151,7 +153,11 @@ class FinishedCheckpointsHook:
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str) -> None:
-        """After the model file is saved, deletes finished runs' checkpoints."""
+        """After the model file is saved, deletes finished runs' checkpoints; after
+        the counterfactual summary, the features the variants shared."""
+        if dataset_name == self.SUMMARY_DATASET and self._checkpoint_dir is not None:
+            self._remove_shared_features()
+            return
         namespace, _, name = dataset_name.rpartition(".")
         if name != self.MODEL_DATASET or self._checkpoint_dir is None:
             return
@@ -170,6 +176,17 @@ class FinishedCheckpointsHook:
         )
         for folder in remove_finished_checkpoints(root):
             logger.info("The model is saved; deleted its checkpoints in %s", folder)
+
+    def _remove_shared_features(self) -> None:
+        from irv2_pipeline.pipelines.counterfactuals.variants import (  # noqa: PLC0415
+            FEATURE_CACHE,
+            variant_folder,
+        )
+
+        folder = Path(variant_folder(self._checkpoint_dir, FEATURE_CACHE))
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            logger.info("The variants are compared; deleted their shared features")
 
 
 class NodeTimingHook:

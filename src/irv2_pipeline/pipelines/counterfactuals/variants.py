@@ -38,7 +38,10 @@ KINDS = ("reference", "ablation", "textbook")
 STAGE_EDITS = ("drop_head_only", "merge", "edit")
 # Where finetune writes files, not how it trains: a variant may not move them (each
 # variant gets its own folders, below).
-LOCATION_KEYS = ("checkpoint_dir", "tensorboard_dir")
+LOCATION_KEYS = ("checkpoint_dir", "tensorboard_dir", "feature_cache_dir")
+# Variants whose backbone maps images to the same pooled features share them here,
+# under finetune.checkpoint_dir (cached_head.shared_pooled_features).
+FEATURE_CACHE = "feature_cache"
 
 
 class VariantError(ValueError):
@@ -105,8 +108,11 @@ def variant_finetune(
     """
     check_variant(name, variant)
     params = merged(finetune, variant.get("finetune") or {})
-    for key in LOCATION_KEYS:
+    for key in ("checkpoint_dir", "tensorboard_dir"):
         params[key] = variant_folder(finetune.get(key), name)
+    params["feature_cache_dir"] = variant_folder(
+        finetune.get("checkpoint_dir"), FEATURE_CACHE
+    )
     params["stages"] = None
     return params
 

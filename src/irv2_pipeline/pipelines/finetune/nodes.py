@@ -39,7 +39,7 @@ HISTORY_COLUMNS = [
     "seconds",
 ]
 # Parameters that say where files go, not how the model trains: not in the key.
-_LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir")
+_LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir", "feature_cache_dir")
 
 
 def train_classifier(

@@ -10,6 +10,7 @@ frozen backbone every epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -37,7 +38,7 @@ from irv2_pipeline.inputs import (
 from irv2_pipeline.probe import select_probe
 from irv2_pipeline.progress import ProgressLog
 
-from .cached_head import pooled_features
+from .cached_head import pooled_features, shared_pooled_features
 from .checkpoints import (
     CheckpointStore,
     TrainingState,
@@ -100,6 +101,9 @@ class TrainingSettings:
         jit_compile: XLA compilation (``True``, ``False`` or ``"auto"``).
         policy: How images are opened.
         tensorboard_dir: Where TensorBoard logs go (``None``: no logs).
+        feature_cache_dir: Where runs share the pooled features of head-only stages
+            (``cached_head.shared_pooled_features``); ``None``: each run computes
+            its own.
     """
 
     image_size: int
@@ -121,6 +125,7 @@ class TrainingSettings:
     jit_compile: bool | str = False
     policy: OpenPolicy = OpenPolicy()
     tensorboard_dir: Path | None = None
+    feature_cache_dir: Path | None = None
 
     @classmethod
     def from_params(
@@ -171,6 +176,11 @@ class TrainingSettings:
             jit_compile=finetune.get("jit_compile", False),
             policy=OpenPolicy.from_params(images),
             tensorboard_dir=tensorboard_dir,
+            feature_cache_dir=(
+                None
+                if finetune.get("feature_cache_dir") is None
+                else Path(finetune["feature_cache_dir"])
+            ),
         )
 
 
@@ -628,8 +638,14 @@ class _Run:
 
     def _cached_graph(self) -> _StageGraph:
         if self.features is None:
+            cache = self.settings.feature_cache_dir
+            extract = (
+                pooled_features
+                if cache is None
+                else functools.partial(shared_pooled_features, cache_dir=cache)
+            )
             self.features = tuple(
-                pooled_features(
+                extract(
                     self.classifier,
                     examples,
                     image_size=self.settings.image_size,
