@@ -9,7 +9,10 @@ and feature_shift outputs are reused; ``counterfactuals.only`` picks the variant
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -108,6 +111,31 @@ def test_the_report_section_and_chart_are_written(counterfactual_run):
     assert (reporting / "counterfactual_chart.png").read_bytes()[:4] == b"\x89PNG"
     evaluation = (reporting / "evaluation_report.md").read_text()
     assert "[counterfactual_report.md](counterfactual_report.md)" in evaluation
+
+
+def test_viz_previews_the_summary_chart_and_report(counterfactual_run):
+    project, _ = counterfactual_run
+    result = subprocess.run(
+        [sys.executable, "-m", "kedro", "viz", "build", "--include-previews"],
+        cwd=project,
+        env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "KEDRO_ENV": "smoke"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    previews = {}
+    for node_file in (project / "build" / "api" / "nodes").iterdir():
+        node = json.loads(node_file.read_text())
+        name = os.path.basename(str(node.get("filepath") or ""))
+        if name.startswith("counterfactual_") and node.get("preview"):
+            previews[name] = node["preview_type"]
+    assert previews == {
+        "counterfactual_summary.csv": "TablePreview",
+        "counterfactual_chart.png": "ImagePreview",
+        "counterfactual_report.md": "HTMLPreview",
+    }
 
 
 def test_a_resumed_run_trains_only_the_variants_not_done(counterfactual_run, run_kedro):

@@ -215,6 +215,7 @@ def plot_counterfactuals(counterfactual_summary: pd.DataFrame) -> Figure:
         ]
         axis.barh(positions, values, xerr=errors, color=colours, capsize=3)
         axis.axvline(0.0, color="black", linewidth=0.8)
+        axis.margins(x=0.08)
         axis.set_xlabel(f"{metric.replace('_', ' ')} minus {reference}'s")
         axis.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(positions, others["variant"].to_list())
