@@ -9,8 +9,10 @@ run, copied first), it runs side by side, one after the other:
 2. ``kedro run --env smoke --pipeline counterfactuals`` with the variants of
    ``--variants`` (written to the copy's ``conf/local``; ``all``: every variant).
 
-Cost is counted in backbone passes: images through IRv2, from each run's own
-records (``finetune_stages.csv``, the log): a training step is one pass per image
+One training of ours is the ``finetune`` pipeline alone (its test predictions are
+``evaluation``'s); each variant's cost includes its test predictions, which the
+counterfactuals pipeline makes. Cost is counted in backbone passes: images through
+IRv2, from each run's own records (``finetune_stages.csv``, the log): a training step is one pass per image
 (forward and backward), feature extraction, BatchNorm adaptation and test prediction
 one pass per image. Range tests count ``steps x seeds x batch`` training passes.
 Cached pooled features count once per feature set actually computed: the log says
