@@ -24,6 +24,7 @@ from tests.pipelines.finetune.conftest import (
     DEMO_IMAGES,
     IMAGE_SIZE,
     demo_manifest,
+    resized_demo,
 )
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,8 @@ def built(tmp_path_factory) -> dict:
                 image_manifest=manifest,
                 augmented_manifest=variant_copies,
                 finetune_plan=plan,
-                raw_images=ImageFolder(DEMO_IMAGES),
+                resized_manifest=resized_demo()[0],
+                resized_images=ImageFolder(resized_demo()[1]),
                 augmented_images=ImageFolder(tmp / "augmented"),
                 model={"weights": None, "image_size": IMAGE_SIZE, "seed": 7},
                 images={},

@@ -29,6 +29,8 @@ SHARED_INPUTS = {
     "augmented_manifest",
     "finetune_plan",
     "raw_images",
+    "resized_manifest",
+    "resized_images",
     "augmented_images",
 }
 SHARED_PARAMETERS = {
@@ -67,7 +69,8 @@ def variant_pipeline(name: str) -> Pipeline:
                     "image_manifest": "image_manifest",
                     "augmented_manifest": "variant_augmented_manifest",
                     "finetune_plan": "variant_plan",
-                    "raw_images": "raw_images",
+                    "resized_manifest": "resized_manifest",
+                    "resized_images": "resized_images",
                     "augmented_images": "augmented_images",
                     "model": "params:model",
                     "images": "params:images",
