@@ -29,7 +29,9 @@ from irv2_pipeline.pipeline_registry import register_pipelines
 
 PIPELINES = ("ingestion", "augmentation", "feature_shift", "finetune", "evaluation")
 # Registered, run on their own, not part of __default__.
-STANDALONE = ("inference", "export")
+STANDALONE = ("inference", "export", "counterfactuals")
+# The nodes of each counterfactual variant's namespace.
+VARIANT_TASKS = {"configure_variant", "train_classifier", "predict_test_split"}
 # Top to bottom, as DESIGN.md's catalog places the datasets.
 LAYERS = ["raw", "intermediate", "model_input", "models", "reporting"]
 # One dataset of each layer, from the catalog.
@@ -212,6 +214,24 @@ def test_the_api_selects_one_pipeline(viz, pipeline):
     tasks = {n["name"] for n in selected["nodes"] if n["type"] == "task"}
     assert tasks == node_names(pipeline)
     assert all(pipeline in n["pipelines"] for n in selected["nodes"])
+
+
+def test_the_counterfactual_variants_fold_into_groups(viz):
+    variants = {
+        node.namespace
+        for node in register_pipelines()["counterfactuals"].nodes
+        if node.namespace
+    }
+    selected = get_json(f"{viz}/api/pipelines/counterfactuals")
+    groups = selected["modular_pipelines"]
+    assert set(groups) - {"__root__"} == variants
+    folded = {n["name"] for n in selected["nodes"] if n["type"] == "modularPipeline"}
+    assert folded == variants
+    tasks = {n["id"]: n for n in selected["nodes"] if n["type"] == "task"}
+    for name in variants:
+        members = [c["id"] for c in groups[name]["children"] if c["type"] == "task"]
+        assert {tasks[i]["name"] for i in members} == VARIANT_TASKS
+        assert all(tasks[i]["modular_pipelines"] == [name] for i in members)
 
 
 def test_the_browser_draws_the_whole_dag_in_its_layers(viz, tmp_path):

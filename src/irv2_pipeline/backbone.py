@@ -127,18 +127,46 @@ def _load_local_weights(path: Path, shape: tuple[int, int, int]) -> keras.Model:
     return model
 
 
-def preprocessing_layer() -> keras.layers.Layer:
+# How the model maps its [0, 255] RGB input before IRv2 (``finetune.input_scaling``):
+#   minus_one_to_one: x / 127.5 - 1, IRv2's own preprocessing (ImageNet weights
+#                     were trained on it);
+#   zero_to_one:      x / 255, the textbook mistake, kept to measure what it costs
+#                     (the counterfactuals pipeline).
+INPUT_SCALINGS = {
+    "minus_one_to_one": (1.0 / 127.5, -1.0),
+    "zero_to_one": (1.0 / 255.0, 0.0),
+}
+
+
+def check_input_scaling(input_scaling: str) -> str:
+    """Returns ``input_scaling`` if it is one of :data:`INPUT_SCALINGS`, else raises."""
+    if input_scaling not in INPUT_SCALINGS:
+        raise ValueError(
+            f"finetune.input_scaling = {input_scaling!r}; use one of "
+            f"{', '.join(INPUT_SCALINGS)}"
+        )
+    return input_scaling
+
+
+def preprocessing_layer(
+    input_scaling: str = "minus_one_to_one",
+) -> keras.layers.Layer:
     """IRv2's own preprocessing, ``[0, 255]`` RGB to ``[-1, 1]``, as a layer.
 
     It sits inside every model this project saves, so nobody can feed it ``1/255``
     images again. It computes in float32 whatever the dtype policy: under
     ``mixed_bfloat16`` the pixels would be rounded to 8 significant bits first, and
     neighbouring values (254 and 255) would come out equal.
+
+    Args:
+        input_scaling: A key of :data:`INPUT_SCALINGS`; ``zero_to_one`` builds the
+            textbook ``1/255`` scaling instead, for the counterfactual runs.
     """
     import keras  # noqa: PLC0415 - see the module docstring
 
+    scale, offset = INPUT_SCALINGS[check_input_scaling(input_scaling)]
     return keras.layers.Rescaling(
-        scale=1.0 / 127.5, offset=-1.0, name=PREPROCESS_LAYER, dtype="float32"
+        scale=scale, offset=offset, name=PREPROCESS_LAYER, dtype="float32"
     )
 
 
@@ -189,20 +217,25 @@ def group_of(unit: str) -> str:
     return unit.rsplit("_", 1)[0] if unit.startswith("block") else unit
 
 
-def set_trainable_from(backbone: keras.Model, unfreeze_from: str | None) -> int:
+def set_trainable_from(backbone: keras.Model, unfreeze_from: str | int | None) -> int:
     """Freezes the backbone below ``unfreeze_from`` and unfreezes it from there on.
 
     Args:
         backbone: IRv2 from :func:`load_irv2`.
-        unfreeze_from: A unit name (``block8_1``, ``mixed_7a``, ...), or ``None`` to
-            freeze the whole backbone (head-only training).
+        unfreeze_from: A unit name (``block8_1``, ``mixed_7a``, ...), a layer index
+            (``500``: ``backbone.layers[500:]`` train, the textbook recipes' way,
+            which may cut a block in two), or ``None`` to freeze the whole backbone
+            (head-only training).
 
     Returns:
         The number of trainable weights' scalars in the backbone.
 
     Raises:
-        ValueError: ``unfreeze_from`` is not a unit of IRv2; the message lists them.
+        ValueError: ``unfreeze_from`` is not a unit of IRv2 (the message lists them)
+            or not an index of its layers.
     """
+    if isinstance(unfreeze_from, int) and not isinstance(unfreeze_from, bool):
+        return _set_trainable_from_index(backbone, unfreeze_from)
     units = unit_map(backbone)
     order = unit_order(backbone)
     if unfreeze_from is not None and unfreeze_from not in order:
@@ -215,6 +248,18 @@ def set_trainable_from(backbone: keras.Model, unfreeze_from: str | None) -> int:
     backbone.trainable = True
     for layer in backbone.layers:
         layer.trainable = position[units[layer.name]] >= first
+    return sum(int(w.numpy().size) for w in backbone.trainable_weights)
+
+
+def _set_trainable_from_index(backbone: keras.Model, index: int) -> int:
+    if not 0 <= index < len(backbone.layers):
+        raise ValueError(
+            f"unfreeze_from = {index} is not an index of IRv2's "
+            f"{len(backbone.layers)} layers"
+        )
+    backbone.trainable = True
+    for position, layer in enumerate(backbone.layers):
+        layer.trainable = position >= index
     return sum(int(w.numpy().size) for w in backbone.trainable_weights)
 
 
@@ -249,7 +294,11 @@ def batchnorm_layers(backbone: keras.Model) -> list[keras.layers.BatchNormalizat
     ]
 
 
-def adapt_batchnorm(backbone: keras.Model, batches: Iterable) -> int:
+def adapt_batchnorm(
+    backbone: keras.Model,
+    batches: Iterable,
+    input_scaling: str = "minus_one_to_one",
+) -> int:
     """AdaBN: re-estimates every BatchNorm layer's moving statistics on images.
 
     The backbone runs in training mode over the batches; each BN layer's moving mean
@@ -264,6 +313,7 @@ def adapt_batchnorm(backbone: keras.Model, batches: Iterable) -> int:
         batches: Batches of ``[0, 255]`` RGB images (arrays or tensors), or
             ``(images, labels)`` pairs; shuffled, so that each batch is a sample of
             all of them.
+        input_scaling: How the model scales pixels (:data:`INPUT_SCALINGS`).
 
     Returns:
         The number of images seen.
@@ -275,7 +325,7 @@ def adapt_batchnorm(backbone: keras.Model, batches: Iterable) -> int:
 
     layers = batchnorm_layers(backbone)
     saved = [(layer.trainable, layer.momentum) for layer in layers]
-    preprocess = preprocessing_layer()
+    preprocess = preprocessing_layer(input_scaling)
     moments = [_Moments() for _ in layers]
     try:
         for layer in layers:

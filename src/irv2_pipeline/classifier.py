@@ -97,6 +97,7 @@ class Classifier:
     head: keras.Model
     backbone: keras.Model
     pooling: tuple[keras.layers.Layer, ...]
+    input_scaling: str = "minus_one_to_one"
 
 
 def build_classifier(
@@ -104,6 +105,7 @@ def build_classifier(
     class_names: Sequence[str],
     head: HeadSpec,
     seed: int,
+    input_scaling: str = "minus_one_to_one",
 ) -> Classifier:
     """Assembles the classifier around an IRv2 backbone.
 
@@ -112,6 +114,8 @@ def build_classifier(
         class_names: The classes, in output order (``inputs.class_names``).
         head: The head's layout.
         seed: Seed of the head's initial weights and dropout masks.
+        input_scaling: How pixels are scaled before IRv2
+            (``backbone.INPUT_SCALINGS``; only the counterfactual runs change it).
 
     Returns:
         The classifier; its softmax output is float32 under mixed precision too.
@@ -121,7 +125,7 @@ def build_classifier(
     size = backbone.input_shape[1]
     pixels = keras.Input((size, size, 3), name="pixels")
     pooling = _pooling_layers(head.pooling)
-    features = _pool(pooling, backbone(preprocessing_layer()(pixels)))
+    features = _pool(pooling, backbone(preprocessing_layer(input_scaling)(pixels)))
     head_model = _head(int(features.shape[-1]), len(class_names), head, seed)
     return Classifier(
         model=keras.Model(pixels, head_model(features), name="irv2_classifier"),
@@ -129,6 +133,7 @@ def build_classifier(
         head=head_model,
         backbone=backbone,
         pooling=pooling,
+        input_scaling=input_scaling,
     )
 
 
@@ -235,7 +240,7 @@ def training_model(classifier: Classifier, bn_policy: str) -> keras.Model:
         )
     size = classifier.backbone.input_shape[1]
     pixels = keras.Input((size, size, 3), name="pixels")
-    scaled = preprocessing_layer()(pixels)
+    scaled = preprocessing_layer(classifier.input_scaling)(pixels)
     maps = InferenceMode(classifier.backbone, name="backbone_inference_mode")(scaled)
     outputs = classifier.head(_pool(classifier.pooling, maps))
     return keras.Model(pixels, outputs, name=f"irv2_classifier_bn_{bn_policy}")

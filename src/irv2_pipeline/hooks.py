@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,9 +133,12 @@ class FinishedCheckpointsHook:
     The ``train_classifier`` node leaves its checkpoint, marked finished, for this
     hook: Kedro saves a node's outputs after the node returns, and a run killed
     while the model is written must find the final weights instead of training again.
+    A counterfactual variant's model (``<variant>.finetuned_model``) clears its own
+    folder (``<checkpoint_dir>/counterfactuals/<variant>``) only.
     """
 
     MODEL_DATASET = "finetuned_model"
+    SUMMARY_DATASET = "counterfactual_summary"
 
     def __init__(self):
         self._checkpoint_dir: str | None = None
@@ -149,16 +153,40 @@ class FinishedCheckpointsHook:
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str) -> None:
-        """After the model file is saved, deletes finished runs' checkpoints."""
-        if dataset_name != self.MODEL_DATASET or self._checkpoint_dir is None:
+        """After the model file is saved, deletes finished runs' checkpoints; after
+        the counterfactual summary, the features the variants shared."""
+        if dataset_name == self.SUMMARY_DATASET and self._checkpoint_dir is not None:
+            self._remove_shared_features()
+            return
+        namespace, _, name = dataset_name.rpartition(".")
+        if name != self.MODEL_DATASET or self._checkpoint_dir is None:
             return
         # Imported here: it imports Keras, which other commands need not load.
+        from irv2_pipeline.pipelines.counterfactuals.variants import (  # noqa: PLC0415
+            variant_folder,
+        )
         from irv2_pipeline.pipelines.finetune.checkpoints import (  # noqa: PLC0415
             remove_finished_checkpoints,
         )
 
-        for folder in remove_finished_checkpoints(self._checkpoint_dir):
+        root = (
+            variant_folder(self._checkpoint_dir, namespace)
+            if namespace
+            else self._checkpoint_dir
+        )
+        for folder in remove_finished_checkpoints(root):
             logger.info("The model is saved; deleted its checkpoints in %s", folder)
+
+    def _remove_shared_features(self) -> None:
+        from irv2_pipeline.pipelines.counterfactuals.variants import (  # noqa: PLC0415
+            FEATURE_CACHE,
+            variant_folder,
+        )
+
+        folder = Path(variant_folder(self._checkpoint_dir, FEATURE_CACHE))
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            logger.info("The variants are compared; deleted their shared features")
 
 
 class NodeTimingHook:
@@ -201,8 +229,9 @@ class ParameterCheckHook:
     not a setting. Every problem is reported at once.
     """
 
-    # Mappings whose keys users may add to (their own augmentation presets).
-    OPEN_MAPPINGS = ("augmentation.presets",)
+    # Mappings whose keys users may add to (their own augmentation presets and
+    # counterfactual variants).
+    OPEN_MAPPINGS = ("augmentation.presets", "counterfactuals.variants")
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict, catalog: DataCatalog) -> None:

@@ -1,7 +1,8 @@
 """The rules every fine-tuning plan keeps, whoever wrote it.
 
 A plan is a list of stages: dicts with ``name``, ``unfreeze_from`` (``None`` for the
-head only, or an IRv2 unit name such as ``block8_1``), ``epochs``, ``learning_rate``,
+head only, an IRv2 unit name such as ``block8_1``, or an index into Keras's list of
+IRv2's layers, ``500`` for the textbook ``layers[500:]``), ``epochs``, ``learning_rate``,
 ``bn_policy`` (one of ``backbone.BN_POLICIES``) and optionally ``warmup_epochs`` and
 ``weight_decay``. Every plan, whether ``feature_shift`` measured it or a user wrote it
 in ``finetune.stages``, must pass :func:`validate_stages` and keep the learning-rate
@@ -82,10 +83,16 @@ def validate_stages(
                 f"{', '.join(OPTIONAL_KEYS)})"
             )
         start = stage["unfreeze_from"]
-        if start is not None and units is not None and start not in units:
+        if isinstance(start, int) and not isinstance(start, bool):
+            if start < 0:
+                raise PlanError(
+                    f"{label}.unfreeze_from = {start}: a layer index must not be "
+                    "negative"
+                )
+        elif start is not None and units is not None and start not in units:
             raise PlanError(
                 f"{label}.unfreeze_from = {start!r} is not an IRv2 block; use null "
-                f"(head only) or one of {', '.join(units)}"
+                f"(head only), a layer index, or one of {', '.join(units)}"
             )
         if stage["bn_policy"] not in BN_POLICIES:
             raise PlanError(

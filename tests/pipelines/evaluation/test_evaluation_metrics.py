@@ -11,11 +11,14 @@ from sklearn import metrics as skm
 
 from irv2_pipeline.pipelines.evaluation.metrics import (
     PredictionTableError,
+    accuracy,
     bootstrap_interval,
     classes_of,
     classification_metrics,
     expected_calibration_error,
     label_indices,
+    macro_f1,
+    paired_bootstrap_difference,
     prediction_table,
 )
 from irv2_pipeline.pipelines.evaluation.nodes import score_predictions
@@ -200,3 +203,54 @@ def test_tta_figures_are_reported_separately(small_table, evaluation_params):
     assert with_tta["accuracy"] == plain["accuracy"] == pytest.approx(4 / 6)
     assert with_tta["tta"]["accuracy"] == pytest.approx(5 / 6)
     assert "tta" not in plain
+
+
+def test_paired_difference_of_identical_predictions_is_exactly_zero():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, size=50)
+    predicted = rng.integers(0, 3, size=50)
+    for metric in (accuracy, macro_f1):
+        assert paired_bootstrap_difference(
+            truth, predicted, predicted.copy(), metric, resamples=300, seed=1
+        ) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("n", [20, 200])
+def test_one_flipped_image_is_a_difference_of_one_over_n_within_noise(n):
+    truth = np.zeros(n, dtype=int)
+    reference = truth.copy()
+    worse = truth.copy()
+    worse[n // 2] = 1  # one image the variant gets wrong and the reference right
+    difference, low, high = paired_bootstrap_difference(
+        truth, worse, reference, accuracy, resamples=2000, seed=3
+    )
+    assert difference == pytest.approx(-1 / n)
+    # Every resample differs by (times the image was drawn) / n: never above 0, and
+    # about a third of resamples miss the image ((1 - 1/n)^n), so 0 is in the interval.
+    assert high == 0.0
+    assert low < 0 and low == pytest.approx(round(low * n) / n)
+    # Unpaired, each model's own interval is far wider than the paired difference's.
+    own_low, own_high = bootstrap_interval(
+        truth, worse, accuracy, resamples=2000, seed=3
+    )
+    assert own_high - own_low >= high - low
+
+
+def test_paired_difference_needs_the_same_images():
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap_difference(
+            np.zeros(3), np.zeros(3), np.zeros(4), accuracy, resamples=10, seed=0
+        )
+
+
+def test_macro_f1_and_accuracy_equal_scikit_learns_on_random_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, k = int(rng.integers(1, 30)), int(rng.integers(1, 6))
+        truth, predicted = rng.integers(0, k, n), rng.integers(0, k, n)
+        present = np.union1d(truth, predicted)
+        expected = skm.f1_score(
+            truth, predicted, labels=present, average="macro", zero_division=0
+        )
+        assert macro_f1(truth, predicted) == pytest.approx(expected, abs=1e-12)
+        assert accuracy(truth, predicted) == skm.accuracy_score(truth, predicted)

@@ -107,6 +107,7 @@ def test_the_report_links_plots_that_exist_next_to_it(evaluated):
     report = report_path.read_text()
     for heading in (
         "## Findings",
+        "## What each fix was worth on your data",
         "## Test metrics",
         "## Training",
         "## Fine-tuning plan",
@@ -125,6 +126,7 @@ def test_the_report_links_plots_that_exist_next_to_it(evaluated):
     for link in own:
         assert (report_path.parent / link).is_file(), link
     assert "| accuracy | 0.8333 | [" in report
+    assert "[counterfactual_report.md](counterfactual_report.md)" in report
     assert "**small_test_set** (low)" in report
 
 

@@ -451,10 +451,11 @@ def domain_gap(
     if not shifted:
         return None
     shallowest = shifted[0]
+    # Stages given by layer index (``unfreeze_from: 500``) name no unit to compare.
     starts = [
         GROUPS.index(group_of(stage["unfreeze_from"]))
         for stage in stages
-        if stage["unfreeze_from"]
+        if isinstance(stage["unfreeze_from"], str)
     ]
     covered = bool(starts) and min(starts) <= GROUPS.index(shallowest)
     per_block = ", ".join(f"{block} {shift:.3g}" for block, shift in shifts.items())

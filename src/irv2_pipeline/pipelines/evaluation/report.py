@@ -21,6 +21,19 @@ METRIC_LABELS = {
 }
 
 
+COUNTERFACTUALS_HEADING = "## What each fix was worth on your data"
+# The measurement is a pipeline of its own (it trains every variant again), so the
+# default DAG never waits for it; this section says where its result is.
+COUNTERFACTUALS_POINTER = (
+    "The findings say which causes are present, not what each one cost. "
+    "`kedro run --pipeline counterfactuals` measures that: it trains the textbook "
+    "recipes and ours with one thing changed at a time, on these splits, and "
+    "compares each with ours on the same test images (paired differences, 95% "
+    "intervals, which differences are within noise), in "
+    "[counterfactual_report.md](counterfactual_report.md) next to this report."
+)
+
+
 def cell(value: Any) -> str:
     """One table cell: numbers with 4 significant digits, pipes escaped."""
     if value is None:
@@ -264,6 +277,8 @@ def render_report(
         f"({', '.join(classes)}).",
         "## Findings",
         findings_section(findings),
+        COUNTERFACTUALS_HEADING,
+        COUNTERFACTUALS_POINTER,
         "## Test metrics",
         "Intervals are 95% percentile-bootstrap intervals over the test images.",
         markdown_table(metrics_table(metrics)),

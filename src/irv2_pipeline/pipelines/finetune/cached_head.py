@@ -10,12 +10,16 @@ backbone pass instead of E. The head is ``classifier.head``, the very layers of
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import keras
 import numpy as np
 
+from irv2_pipeline.atomic import replaced_atomically
 from irv2_pipeline.classifier import Classifier
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import batch_sizes, image_dataset
@@ -65,6 +69,74 @@ def pooled_features(
         features.shape[-1],
     )
     return np.asarray(features)
+
+
+def shared_pooled_features(
+    classifier: Classifier,
+    examples: Examples,
+    *,
+    cache_dir: Path,
+    image_size: int,
+    policy: OpenPolicy,
+    batch_size: int,
+    replicas: int = 1,
+) -> np.ndarray:
+    """:func:`pooled_features`, computed once for every run that needs the same ones.
+
+    Runs whose frozen backbones map the same images to the same features (the
+    counterfactual variants with a frozen backbone, e.g. a textbook recipe and ours'
+    head stage with BatchNorm frozen) share one file in ``cache_dir``, named by a hash
+    of everything the features depend on: the backbone's weights and BatchNorm
+    statistics, the input scaling, the pooling, the image size, how images are opened
+    and each image file (path, size, modification time).
+
+    Args:
+        classifier: As for :func:`pooled_features`.
+        examples: The images.
+        cache_dir: Where the shared features are kept.
+        image_size: Input side in pixels.
+        policy: How images are opened.
+        batch_size: Images per forward pass (all replicas together).
+        replicas: Replicas the passes are split across.
+
+    Returns:
+        One row of pooled features per image.
+    """
+    path = (
+        Path(cache_dir)
+        / f"{_features_key(classifier, examples, image_size, policy)}.npy"
+    )
+    if path.is_file():
+        logger.info("Pooled features of %d images read from %s", len(examples), path)
+        return np.load(path)
+    features = pooled_features(
+        classifier,
+        examples,
+        image_size=image_size,
+        policy=policy,
+        batch_size=batch_size,
+        replicas=replicas,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path) as temporary, open(temporary, "wb") as file:
+        np.save(file, features)
+    return features
+
+
+def _features_key(
+    classifier: Classifier, examples: Examples, image_size: int, policy: OpenPolicy
+) -> str:
+    digest = hashlib.sha256()
+    for array in classifier.features.get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    pooling = [layer.name for layer in classifier.pooling]
+    digest.update(
+        repr((classifier.input_scaling, pooling, image_size, policy)).encode()
+    )
+    for image, generated in zip(examples.paths, examples.generated, strict=True):
+        stat = os.stat(image)
+        digest.update(f"{image}|{generated}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
 
 
 class _PredictProgress(keras.callbacks.Callback):

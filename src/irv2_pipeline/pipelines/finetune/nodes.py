@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 import irv2_pipeline
-from irv2_pipeline.backbone import load_irv2, unit_order
+from irv2_pipeline.backbone import check_input_scaling, load_irv2, unit_order
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.inputs import class_names
@@ -39,7 +39,7 @@ HISTORY_COLUMNS = [
     "seconds",
 ]
 # Parameters that say where files go, not how the model trains: not in the key.
-_LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir")
+_LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir", "feature_cache_dir")
 
 
 def train_classifier(
@@ -133,7 +133,11 @@ def train_classifier(
             finetune_plan, finetune, plan_rules, unit_order(backbone)
         )
         classifier = build_classifier(
-            backbone, classes, HeadSpec.from_params(finetune.get("head") or {}), seed
+            backbone,
+            classes,
+            HeadSpec.from_params(finetune.get("head") or {}),
+            seed,
+            check_input_scaling(finetune.get("input_scaling", "minus_one_to_one")),
         )
         key = checkpoint_key(
             {k: v for k, v in finetune.items() if k not in _LOCATION_PARAMETERS},

@@ -16,7 +16,10 @@ import keras
 
 from irv2_pipeline.backbone import GROUPS, group_of, unit_map
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "adam")
+# warmup_cosine: linear warm-up, then cosine decay (ours); constant: the stage's rate
+# throughout, no schedule (the textbook recipes).
+LR_SCHEDULES = ("warmup_cosine", "constant")
 
 
 class _LayerwiseUpdates:
@@ -113,7 +116,25 @@ def make_optimizer(
     weight_decay: float,
     lr_multipliers: Mapping[str, float],
 ) -> keras.optimizers.Optimizer:
-    """The stage's optimizer: ``adamw`` (default) or ``sgd`` (momentum 0.9, Nesterov)."""
+    """The stage's optimizer: ``adamw`` (default), ``sgd`` (momentum 0.9, Nesterov)
+    or ``adam`` (Keras's plain Adam, as the textbook recipes use it: no weight decay,
+    one learning rate for every layer).
+
+    Args:
+        name: One of :data:`OPTIMIZERS`.
+        schedule: The learning rate: a schedule, or a number for a constant rate.
+        weight_decay: Decoupled weight decay (``adam`` takes none).
+        lr_multipliers: Variable path to learning-rate factor (``adam``: all 1).
+    """
+    if name == "adam":
+        uneven = sorted({f for f in lr_multipliers.values() if f != 1.0})
+        if weight_decay or uneven:
+            raise ValueError(
+                "finetune.optimizer = 'adam' is plain Adam: set the stages' "
+                f"weight_decay to 0 (got {weight_decay}) and finetune."
+                f"layerwise_lr_decay to 1 (factors {uneven}), or use adamw"
+            )
+        return keras.optimizers.Adam(learning_rate=schedule)
     common = {
         "learning_rate": schedule,
         "lr_multipliers": lr_multipliers,
@@ -156,4 +177,26 @@ def warmup_cosine(
         alpha=final_fraction,
         warmup_target=learning_rate,
         warmup_steps=warmup_steps,
+    )
+
+
+def stage_schedule(
+    kind: str,
+    learning_rate: float,
+    *,
+    epochs: int,
+    warmup_epochs: int,
+    steps_per_epoch: int,
+    final_fraction: float,
+) -> keras.optimizers.schedules.LearningRateSchedule | float:
+    """A stage's learning rate: :func:`warmup_cosine`, or the plain number for
+    ``constant`` (one of :data:`LR_SCHEDULES`; the other arguments as there)."""
+    if kind == "constant":
+        return float(learning_rate)
+    if kind == "warmup_cosine":
+        return warmup_cosine(
+            learning_rate, epochs, warmup_epochs, steps_per_epoch, final_fraction
+        )
+    raise ValueError(
+        f"finetune.lr_schedule = {kind!r}; use one of {', '.join(LR_SCHEDULES)}"
     )

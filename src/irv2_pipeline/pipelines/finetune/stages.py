@@ -1,13 +1,14 @@
 """The stages to train: from ``finetune_plan`` or ``finetune.stages``, checked first.
 
 A stage trains the head and the backbone from ``unfreeze_from`` on (``None``: the
-head only), for ``epochs`` epochs at a peak ``learning_rate`` reached after
+head only; a unit name, or a layer index for Keras's ``layers[index:]``), for ``epochs`` epochs at a peak ``learning_rate`` reached after
 ``warmup_epochs`` of linear warm-up and followed by cosine decay, with decoupled
 ``weight_decay`` and a BatchNorm policy (``backbone.BN_POLICIES``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,7 +25,7 @@ class Stage:
     """One training stage (see the module docstring)."""
 
     name: str
-    unfreeze_from: str | None
+    unfreeze_from: str | int | None
     epochs: int
     learning_rate: float
     bn_policy: str
@@ -117,9 +118,22 @@ def _order_problems(stages: Sequence[Stage], units: list[str]) -> list[str]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         problems.append(f"stage names must be unique; repeated: {repeated}")
-    depth = len(units)  # head only: nothing of the backbone is unfrozen
+    by_index = {type(s.unfreeze_from) for s in stages if not s.head_only}
+    if len(by_index) > 1:
+        # A layer index and a unit name only compare on the built network.
+        return [
+            *problems,
+            "stages unfreeze by unit name and by layer index at once; use one kind",
+        ]
+    depth = math.inf  # head only: nothing of the backbone is unfrozen
     for before, stage in zip([None, *stages[:-1]], stages, strict=True):
-        start = len(units) if stage.head_only else units.index(stage.unfreeze_from)
+        start = (
+            math.inf
+            if stage.head_only
+            else stage.unfreeze_from
+            if isinstance(stage.unfreeze_from, int)
+            else units.index(stage.unfreeze_from)
+        )
         if start > depth:
             problems.append(
                 f"stage {stage.name!r} unfreezes from {stage.unfreeze_from or 'nothing (head only)'}, "

@@ -10,6 +10,7 @@ frozen backbone every epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -37,7 +38,7 @@ from irv2_pipeline.inputs import (
 from irv2_pipeline.probe import select_probe
 from irv2_pipeline.progress import ProgressLog
 
-from .cached_head import pooled_features
+from .cached_head import pooled_features, shared_pooled_features
 from .checkpoints import (
     CheckpointStore,
     TrainingState,
@@ -53,9 +54,10 @@ from .lr_find import (
     suggest_over_seeds,
 )
 from .optimizer import (
+    LR_SCHEDULES,
     layerwise_multipliers,
     make_optimizer,
-    warmup_cosine,
+    stage_schedule,
 )
 from .stages import Stage
 
@@ -77,7 +79,8 @@ class TrainingSettings:
         image_size: Input side in pixels.
         seed: Seed of every shuffle.
         batch_size: Images per batch on each replica.
-        optimizer: ``adamw`` or ``sgd``.
+        optimizer: ``adamw``, ``sgd`` or ``adam`` (plain, for the textbook recipes).
+        lr_schedule: ``warmup_cosine`` (ours) or ``constant`` (no schedule).
         layerwise_lr_decay: Learning-rate factor per block group away from the head.
         final_lr_fraction: The cosine schedule ends at this fraction of the peak.
         label_smoothing: Of the cross-entropy loss.
@@ -98,12 +101,16 @@ class TrainingSettings:
         jit_compile: XLA compilation (``True``, ``False`` or ``"auto"``).
         policy: How images are opened.
         tensorboard_dir: Where TensorBoard logs go (``None``: no logs).
+        feature_cache_dir: Where runs share the pooled features of head-only stages
+            (``cached_head.shared_pooled_features``); ``None``: each run computes
+            its own.
     """
 
     image_size: int
     seed: int
     batch_size: int
     optimizer: str = "adamw"
+    lr_schedule: str = "warmup_cosine"
     layerwise_lr_decay: float = 1.0
     final_lr_fraction: float = 0.0
     label_smoothing: float = 0.0
@@ -118,6 +125,7 @@ class TrainingSettings:
     jit_compile: bool | str = False
     policy: OpenPolicy = OpenPolicy()
     tensorboard_dir: Path | None = None
+    feature_cache_dir: Path | None = None
 
     @classmethod
     def from_params(
@@ -140,11 +148,18 @@ class TrainingSettings:
                 f"finetune.linear_head.solver = {solver!r}; use one of "
                 f"{', '.join(HEAD_SOLVERS)}"
             )
+        lr_schedule = str(finetune.get("lr_schedule", cls.lr_schedule))
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"finetune.lr_schedule = {lr_schedule!r}; use one of "
+                f"{', '.join(LR_SCHEDULES)}"
+            )
         return cls(
             image_size=int(model["image_size"]),
             seed=int(model["seed"]),
             batch_size=batch_size,
             optimizer=str(finetune.get("optimizer", "adamw")),
+            lr_schedule=lr_schedule,
             layerwise_lr_decay=float(finetune.get("layerwise_lr_decay", 1.0)),
             final_lr_fraction=float(finetune.get("final_lr_fraction", 0.0)),
             label_smoothing=float(finetune.get("label_smoothing", 0.0)),
@@ -161,6 +176,11 @@ class TrainingSettings:
             jit_compile=finetune.get("jit_compile", False),
             policy=OpenPolicy.from_params(images),
             tensorboard_dir=tensorboard_dir,
+            feature_cache_dir=(
+                None
+                if finetune.get("feature_cache_dir") is None
+                else Path(finetune["feature_cache_dir"])
+            ),
         )
 
 
@@ -178,7 +198,8 @@ class _StageGraph:
     val: tf.data.Dataset
     cached: bool
     optimizer: keras.optimizers.Optimizer | None = None
-    schedule: keras.optimizers.schedules.LearningRateSchedule | None = None
+    # A number for a constant rate (finetune.lr_schedule: constant).
+    schedule: keras.optimizers.schedules.LearningRateSchedule | float | None = None
 
 
 def run_stages(
@@ -583,6 +604,7 @@ class _Run:
         seen = adapt_batchnorm(
             self.classifier.backbone,
             self._images(self.adapt_on, shuffle_seed=self.settings.seed),
+            self.classifier.input_scaling,
         )
         self.features = None
         logger.info("BatchNorm statistics re-estimated (adapt) on %d images", seen)
@@ -616,8 +638,14 @@ class _Run:
 
     def _cached_graph(self) -> _StageGraph:
         if self.features is None:
+            cache = self.settings.feature_cache_dir
+            extract = (
+                pooled_features
+                if cache is None
+                else functools.partial(shared_pooled_features, cache_dir=cache)
+            )
             self.features = tuple(
-                pooled_features(
+                extract(
                     self.classifier,
                     examples,
                     image_size=self.settings.image_size,
@@ -650,12 +678,13 @@ class _Run:
         )
 
     def _compile(self, graph: _StageGraph, stage: Stage) -> None:
-        graph.schedule = warmup_cosine(
+        graph.schedule = stage_schedule(
+            self.settings.lr_schedule,
             stage.learning_rate,
-            stage.epochs,
-            stage.warmup_epochs,
-            len(self.train_batches),
-            self.settings.final_lr_fraction,
+            epochs=stage.epochs,
+            warmup_epochs=stage.warmup_epochs,
+            steps_per_epoch=len(self.train_batches),
+            final_fraction=self.settings.final_lr_fraction,
         )
         graph.optimizer = make_optimizer(
             self.settings.optimizer,
@@ -797,9 +826,13 @@ def _class_weight(train: Examples, classes: int) -> dict[int, float]:
 
 
 def _mean_rate(
-    schedule: keras.optimizers.schedules.LearningRateSchedule, first: int, end: int
+    schedule: keras.optimizers.schedules.LearningRateSchedule | float,
+    first: int,
+    end: int,
 ) -> float:
     """The mean learning rate of the steps ``first`` to ``end - 1``."""
+    if isinstance(schedule, float):
+        return schedule
     rates = [float(keras.ops.convert_to_numpy(schedule(s))) for s in range(first, end)]
     return float(np.mean(rates)) if rates else float("nan")
 
