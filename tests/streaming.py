@@ -1,6 +1,6 @@
 """Instruments a node's input pipeline to show whether it streams its images.
 
-:class:`DecodeCounter` stands in for ``inputs.load_image`` and counts the images
+:class:`DecodeCounter` stands in for ``inputs.load_resized`` and counts the images
 decoded; :class:`CountingModel` wraps the model a node predicts with and records, at
 each ``predict_on_batch``, how many images had been decoded by then. An image decoded
 but not yet handed to the model waits in memory (in tf.data's buffers, or in a list
@@ -8,7 +8,7 @@ when a node materialises its data set), so the largest lead of decoding over
 prediction bounds the decoded images alive at once. A streaming node keeps that lead
 to a few batches, however many images there are; one that loads every image first
 has decoded all of them before its first prediction. (Users' images, which both
-nodes read, are decoded by ``load_image``; copies this project wrote are decoded by
+nodes read, are decoded by ``load_resized``; copies this project wrote are decoded by
 TensorFlow and not counted.)
 """
 
@@ -39,10 +39,10 @@ def images_to_stream(batch_size: int) -> int:
 
 
 class DecodeCounter:
-    """Wraps ``load_image`` and counts the images decoded (thread-safe).
+    """Wraps ``load_resized`` and counts the images decoded (thread-safe).
 
     Args:
-        load: The real ``load_image``.
+        load: The real ``load_resized``.
     """
 
     def __init__(self, load: Callable[..., Any]):
@@ -64,7 +64,7 @@ class CountingModel:
 
     Args:
         model: The model the node predicts with.
-        decoded: The counter that replaced ``load_image``.
+        decoded: The counter that replaced ``load_resized``.
     """
 
     def __init__(self, model: Any, decoded: DecodeCounter):

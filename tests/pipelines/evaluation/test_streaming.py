@@ -55,8 +55,8 @@ def test_test_images_are_decoded_once_and_in_step_with_the_model(
     params = pipeline_parameters()
     count = images_to_stream(BATCH_SIZE)
     folder, manifest = write_test_split(tmp_path / "images", count)
-    decoded = DecodeCounter(inputs.load_image)
-    monkeypatch.setattr(inputs, "load_image", decoded)
+    decoded = DecodeCounter(inputs.load_resized)
+    monkeypatch.setattr(inputs, "load_resized", decoded)
     model = CountingModel(colour_model, decoded)
 
     predictions = predict_test_split(

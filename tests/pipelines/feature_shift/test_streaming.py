@@ -70,8 +70,8 @@ def test_images_are_decoded_once_in_step_with_the_probe_and_no_map_is_kept(
     tmp_path, monkeypatch, irv2_probe
 ):
     folder, sample = training_sample(tmp_path / "images", images_to_stream(BATCH_SIZE))
-    decoded = DecodeCounter(inputs.load_image)
-    monkeypatch.setattr(inputs, "load_image", decoded)
+    decoded = DecodeCounter(inputs.load_resized)
+    monkeypatch.setattr(inputs, "load_resized", decoded)
     probe = CountingModel(ProbeStandIn(irv2_probe.layout), decoded)
     # The session's IRv2: building it again costs seconds.
     monkeypatch.setattr(backbone, "load_irv2", lambda *_: irv2_probe.backbone)
