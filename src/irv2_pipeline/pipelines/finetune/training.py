@@ -719,11 +719,25 @@ class _Run:
             ),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
             jit_compile=self.settings.jit_compile,
-            steps_per_execution=self.settings.steps_per_execution,
+            steps_per_execution=self._steps_per_execution(),
         )
         # Built before fit: creating its variables inside the first traced step makes
         # TensorFlow trace the whole training step twice.
         graph.optimizer.build(graph.trainee.trainable_variables)
+
+    def _steps_per_execution(self) -> int:
+        """``steps_per_execution``, or 1 under a distribution strategy: Keras 3.15's
+        multi-step loop fails there ("You must feed a value for placeholder tensor",
+        keras-team/keras#19246)."""
+        steps = self.settings.steps_per_execution
+        if steps > 1 and tf.distribute.has_strategy():
+            logger.info(
+                "steps_per_execution %d is 1 under a distribution strategy "
+                "(keras-team/keras#19246): the loss is read after every step",
+                steps,
+            )
+            return 1
+        return steps
 
     def _resume(
         self, state: TrainingState, graph: _StageGraph
