@@ -14,6 +14,7 @@ from irv2_pipeline.pipelines.finetune.checkpoints import (
     TrainingState,
     changing_variables,
 )
+from irv2_pipeline.pipelines.finetune.training import TrainingSettings
 
 from .conftest import demo_examples, mini_classifier, stage, train
 
@@ -124,3 +125,23 @@ def test_a_background_write_that_fails_raises_and_keeps_the_last_checkpoint(
         store.wait()
     assert (store.folder / "state.json").read_text() == before
     store.wait()  # reported once
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"checkpoint_every_epochs": None, "checkpoint_every_minutes": None},
+            "both null",
+        ),
+        ({"checkpoint_every_epochs": 0}, "must be at least 1"),
+        ({"checkpoint_every_minutes": 0}, "above 0"),
+        ({"steps_per_execution": 0}, "steps_per_execution = 0"),
+    ],
+)
+def test_checkpoint_and_execution_settings_are_checked(settings, message):
+    finetune = {"batch_size": 4, **settings}
+    with pytest.raises(ValueError, match=message):
+        TrainingSettings.from_params(
+            finetune, {"image_size": 75, "seed": 0}, {}, tensorboard_dir=None
+        )
