@@ -8,7 +8,8 @@ air-gapped machines), so loading them runs as it would with the real file.
 
 It costs minutes at 299 px on 2 cores, so the images are few (``IMAGES_PER_CLASS``)
 and ``OVERRIDES`` lowers only what would take too long: the epochs of the plan's
-stages, and the learning-rate range test to one seed of a few steps.
+stages, its backbone stages to one, and the learning-rate range test to one seed of
+a few steps.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ OVERRIDES = {
     "feature_shift.plan.head.epochs": 1,
     "feature_shift.plan.backbone.epochs": 2,
     "feature_shift.plan.backbone.warmup_epochs": 1,
+    # conf/base steps down [block8_1, block17_1, block35_1]: on these images the plan
+    # trains from block8_1 and then mixed_7a, the same code twice.
+    "feature_shift.plan.unfreeze_steps": "[block8_1]",
     # conf/base: seeds [0, 1, 2] of 100 steps: 300 training steps at 299 px.
     "finetune.lr_find.seeds": "[0]",
     "finetune.lr_find.steps": 4,
