@@ -56,6 +56,7 @@ def write_notop_weights(path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.base_run
 def test_conf_base_runs_the_whole_dag_on_cpu(project_copy, run_kedro):
     images = project_copy / "data/01_raw/images"
     for folder in images.iterdir():
