@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--val-per-class", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=75)
+    parser.add_argument(
+        "--steps-per-execution", type=int, default=32, help="conf/base's: 32"
+    )
     args = parser.parse_args()
 
     manifest = with_sha256(
@@ -102,6 +105,7 @@ def main() -> None:
                 # Epochs of the optimizer, the way this bench compares; the default
                 # L-BFGS head costs one backbone pass and no epochs at all.
                 head_solver="minibatch",
+                steps_per_execution=args.steps_per_execution,
             )
             started = time.perf_counter()
             state = run_stages(
@@ -136,6 +140,7 @@ def main() -> None:
     plain_steady = steady(results[False]["epochs"], args.epochs)
     figures = {
         "epochs": args.epochs,
+        "steps_per_execution": args.steps_per_execution,
         "image_size": args.image_size,
         "train_images": len(train),
         "val_images": len(val),

@@ -16,6 +16,7 @@ loads, and importing Keras (with TensorFlow) costs seconds.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Iterable
@@ -248,7 +249,8 @@ def set_trainable_from(backbone: keras.Model, unfreeze_from: str | int | None) -
     backbone.trainable = True
     for layer in backbone.layers:
         layer.trainable = position[units[layer.name]] >= first
-    return sum(int(w.numpy().size) for w in backbone.trainable_weights)
+    # From the shapes: reading the values would copy every weight to the host.
+    return sum(math.prod(w.shape) for w in backbone.trainable_weights)
 
 
 def _set_trainable_from_index(backbone: keras.Model, index: int) -> int:

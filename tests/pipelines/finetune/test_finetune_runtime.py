@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -82,3 +83,22 @@ def test_the_train_step_bench_trains_the_pipelines_model(tmp_path):
     figures = bench.measure(trainee, batch_size=2, warmup_steps=1, steps=2)
     assert figures["images_per_second"] > 0
     assert not np.array_equal(before, backbone.get_layer("conv_7b").kernel.numpy())
+
+
+def test_the_train_step_bench_counts_flops_from_the_first_trainable_layer_on():
+    spec = importlib.util.spec_from_file_location(
+        "train_step_bench", PROJECT_ROOT / "bench" / "train_step.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pixels = keras.Input((8, 8, 3))
+    frozen = keras.layers.Conv2D(4, 3, padding="same", trainable=False)
+    trained = keras.layers.Conv2D(5, 1)
+    logits = keras.layers.Dense(2)
+    x = trained(frozen(pixels))
+    model = keras.Model(pixels, logits(keras.layers.GlobalAveragePooling2D()(x)))
+    macs = {"frozen": 8 * 8 * 3 * 3 * 3 * 4, "trained": 8 * 8 * 4 * 5, "dense": 5 * 2}
+    training, forward = bench.model_flops_per_image(model)
+    assert forward == 2 * sum(macs.values())
+    # Input and weight gradients of the trained layers; none below them.
+    assert training == forward + 4 * (macs["trained"] + macs["dense"])

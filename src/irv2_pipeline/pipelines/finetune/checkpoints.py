@@ -1,4 +1,4 @@
-"""Per-epoch checkpoints, so a killed run resumes where it was.
+"""Checkpoints during training, so a killed run resumes where it was.
 
 A run's checkpoints live in ``<checkpoint_dir>/<key>/``, where the key hashes
 everything that shapes the training (parameters, stages, manifests, class names, the
@@ -10,6 +10,14 @@ resumes with its final weights instead of training again.
 The folder holds ``state.json`` and the weight files it names. Every file is written
 under a temporary name and renamed into place, and ``state.json`` last, so a run
 killed at any moment leaves the previous consistent checkpoint.
+
+What a checkpoint costs the training thread: within a stage only the variables the
+stage can change are saved (:func:`changing_variables`; the rest is in ``base``,
+saved when the stage began), a role that holds the same arrays as another (the best
+epoch being the latest) shares its file, and :meth:`CheckpointStore.save_in_background`
+writes off the training thread: the caller hands over arrays already copied to the
+host, and the next save waits for this one. Only the latest checkpoint and the files
+it names are kept.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +135,8 @@ class CheckpointStore:
 
     def __init__(self, root: str | os.PathLike, key: str):
         self.folder = Path(root) / key
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def load(self) -> TrainingState | None:
         """The saved state, or ``None`` when there is nothing to resume."""
@@ -154,33 +165,84 @@ class CheckpointStore:
     ) -> None:
         """Writes new weight files, then ``state.json``, then drops files it no longer names.
 
+        Waits for a save still being written in the background first.
+
         Args:
             state: The state to save; its ``files`` are updated.
             arrays: Role to arrays for the roles that changed (``base``: the whole
-                model; ``progress``: the weights being trained; ``best``: their best
-                so far; ``optimizer``: the optimizer's variables; ``selected``: the
-                whole model as the best stage so far left it). Roles not given keep
-                their earlier file; a role given as an empty list is dropped.
+                model; ``progress``: the stage's :func:`changing_variables`;
+                ``best``: their best so far; ``optimizer``: the optimizer's
+                variables; ``selected``: the whole model as the best stage so far
+                left it). Roles not given keep their earlier file; a role given as an
+                empty list is dropped; roles given the same list object share one
+                file.
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.wait()
+        self._write(state.saves + 1, json.loads(json.dumps(asdict(state))), arrays)
+        self._record(state, arrays)
+
+    def save_in_background(
+        self,
+        state: TrainingState,
+        arrays: Mapping[str, Sequence[np.ndarray]],
+    ) -> None:
+        """:meth:`save` on a writer thread; returns once the previous save is done.
+
+        ``state`` is copied now and ``arrays`` must not change until the save is
+        written (pass arrays copied to the host, e.g. by :func:`host_copy`). A run
+        killed before the write ends resumes from the previous checkpoint. Errors
+        surface at the next :meth:`wait`, :meth:`save` or background save.
+        """
+        self.wait()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending = self._writer.submit(
+            self._write, state.saves + 1, json.loads(json.dumps(asdict(state))), arrays
+        )
+        self._record(state, arrays)
+
+    def wait(self) -> None:
+        """Waits for the background save; raises what it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _record(
+        self, state: TrainingState, arrays: Mapping[str, Sequence[np.ndarray]]
+    ) -> None:
+        """Updates ``state`` as :meth:`_write` updates the copy it saves."""
         state.saves += 1
-        # A new name per save: the file state.json names is never overwritten.
-        tag = f"{state.saves:05d}-s{state.stage_index}e{state.epochs_done}"
+        state.files = _named_files(
+            state.saves, state.stage_index, state.epochs_done, state.files, arrays
+        )
+
+    def _write(
+        self,
+        saves: int,
+        saved: dict[str, Any],
+        arrays: Mapping[str, Sequence[np.ndarray]],
+    ) -> None:
+        """Writes the files of ``arrays``, then ``saved`` (a state as a dict) as
+        ``state.json``, then drops files it no longer names."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        saved["saves"] = saves
+        saved["files"] = _named_files(
+            saves, saved["stage_index"], saved["epochs_done"], saved["files"], arrays
+        )
+        written: set[int] = set()
         for role, values in arrays.items():
-            if not values:
-                state.files.pop(role, None)
-                continue
-            name = f"{role}-{tag}.npz"
-            _write_npz(self.folder / name, values)
-            state.files[role] = name
-        _write_text(self.folder / STATE_FILE, json.dumps(asdict(state), indent=1))
-        named = set(state.files.values()) | {STATE_FILE}
+            if values and id(values) not in written:
+                _write_npz(self.folder / saved["files"][role], values)
+                written.add(id(values))
+        _write_text(self.folder / STATE_FILE, json.dumps(saved, indent=1))
+        named = set(saved["files"].values()) | {STATE_FILE}
         for path in self.folder.iterdir():
             if path.name not in named:
                 path.unlink()
 
     def arrays(self, state: TrainingState, role: str) -> list[np.ndarray] | None:
         """The arrays saved for ``role``, or ``None``."""
+        self.wait()
         name = state.files.get(role)
         if name is None:
             return None
@@ -188,9 +250,75 @@ class CheckpointStore:
             return [saved[f"a{i}"] for i in range(len(saved.files))]
 
 
+def _named_files(
+    saves: int,
+    stage_index: int,
+    epochs_done: int,
+    files: Mapping[str, str],
+    arrays: Mapping[str, Sequence[np.ndarray]],
+) -> dict[str, str]:
+    """Role to file name after a save: a new name per save and written list (the
+    file state.json names is never overwritten), none for a dropped role."""
+    named = dict(files)
+    tag = f"{saves:05d}-s{stage_index}e{epochs_done}"
+    first_role: dict[int, str] = {}
+    for role, values in arrays.items():
+        if not values:
+            named.pop(role, None)
+            continue
+        owner = first_role.setdefault(id(values), role)
+        named[role] = f"{owner}-{tag}.npz"
+    return named
+
+
+def changing_variables(model: keras.Model) -> list[keras.Variable]:
+    """The variables of ``model`` that training can change, in a fixed order.
+
+    Those of its trainable layers: their trainable weights and their state
+    (BatchNorm's moving statistics, which ``bn_policy: train`` updates). A frozen
+    layer's weights stay as they were when the stage began, so a checkpoint within a
+    stage saves only these; at the IRv2 top stage (from ``block8_1``) that is 43% of
+    the model.
+    """
+    variables = []
+    for layer in _leaf_layers(model):
+        if layer.trainable:
+            variables.extend(layer.weights)
+    return variables
+
+
+def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    leaves = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            leaves.extend(_leaf_layers(layer))
+        else:
+            leaves.append(layer)
+    return leaves
+
+
+def host_copy(variables: Sequence[keras.Variable]) -> list[np.ndarray]:
+    """The variables' values as new host arrays (training may go on changing them)."""
+    return [keras.ops.convert_to_numpy(v) for v in variables]
+
+
+def restore_variables(
+    variables: Sequence[keras.Variable], arrays: Sequence[np.ndarray], what: str
+) -> None:
+    """Assigns :func:`host_copy`'s arrays back, refusing ones saved by other code."""
+    shapes = [tuple(v.shape) for v in variables]
+    if [tuple(a.shape) for a in arrays] != shapes:
+        raise RuntimeError(
+            f"The checkpoint's {what} ({len(arrays)} arrays) do not match the "
+            f"model's {len(variables)} variables: it was saved by other code."
+        )
+    for variable, value in zip(variables, arrays, strict=True):
+        variable.assign(value)
+
+
 def optimizer_arrays(optimizer: keras.optimizers.Optimizer) -> list[np.ndarray]:
     """The optimizer's variables (step count, moments, ...) as arrays."""
-    return [keras.ops.convert_to_numpy(v) for v in optimizer.variables]
+    return host_copy(optimizer.variables)
 
 
 def restore_optimizer(

@@ -38,8 +38,15 @@ HISTORY_COLUMNS = [
     "cached_features",
     "seconds",
 ]
-# Parameters that say where files go, not how the model trains: not in the key.
-_LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir", "feature_cache_dir")
+# Parameters that say where and how often files are written, not how the model
+# trains: not in the key (a run resumes whatever they are).
+_LOCATION_PARAMETERS = (
+    "checkpoint_dir",
+    "checkpoint_every_epochs",
+    "checkpoint_every_minutes",
+    "tensorboard_dir",
+    "feature_cache_dir",
+)
 
 
 def train_classifier(

@@ -1,10 +1,17 @@
 """Staged training: each stage unfreezes, sets BatchNorm, and trains epoch by epoch.
 
 Every epoch is one ``fit`` call on a dataset shuffled with a seed derived from the
-run's seed, the stage and the epoch, followed by a checkpoint; so a run killed
-anywhere resumes at the last finished epoch of its stage. Head-only stages train the
-head on pooled features computed once (``cached_head``) instead of running the
-frozen backbone every epoch.
+run's seed, the stage and the epoch, followed by a checkpoint (every
+``checkpoint_every_epochs`` epochs or ``checkpoint_every_minutes`` minutes, written
+off the training thread); so a run killed anywhere resumes at the last checkpointed
+epoch of its stage and ends with the same weights. Head-only stages train the head on
+pooled features computed once (``cached_head``) instead of running the frozen
+backbone every epoch.
+
+The host reads the training loss once per ``steps_per_execution`` steps (Keras runs
+that many steps per call and its callbacks see the logs after each call): NaN
+detection and progress work from those logs, so no step waits for the device to
+hand its loss to Python.
 """
 
 from __future__ import annotations
@@ -42,8 +49,11 @@ from .cached_head import pooled_features, shared_pooled_features
 from .checkpoints import (
     CheckpointStore,
     TrainingState,
+    changing_variables,
+    host_copy,
     optimizer_arrays,
     restore_optimizer,
+    restore_variables,
 )
 from .examples import Examples
 from .lr_find import (
@@ -99,6 +109,12 @@ class TrainingSettings:
             suggestion (within ``feature_shift.plan_rules``) replaces the stage's
             rate; ``None``: off.
         jit_compile: XLA compilation (``True``, ``False`` or ``"auto"``).
+        steps_per_execution: Training steps per call into the compiled step; the
+            host reads the loss (NaN check, progress) once per call.
+        checkpoint_every_epochs: Checkpoint after this many epochs since the last
+            one; ``None``: only by time.
+        checkpoint_every_minutes: Checkpoint at the end of the first epoch this many
+            minutes after the last one; ``None``: only by epochs.
         policy: How images are opened.
         tensorboard_dir: Where TensorBoard logs go (``None``: no logs).
         feature_cache_dir: Where runs share the pooled features of head-only stages
@@ -123,6 +139,9 @@ class TrainingSettings:
     head_max_iter: int = 1000
     lr_find: RangeTestSettings | None = None
     jit_compile: bool | str = False
+    steps_per_execution: int = 1
+    checkpoint_every_epochs: int | None = 1
+    checkpoint_every_minutes: float | None = None
     policy: OpenPolicy = OpenPolicy()
     tensorboard_dir: Path | None = None
     feature_cache_dir: Path | None = None
@@ -154,6 +173,27 @@ class TrainingSettings:
                 f"finetune.lr_schedule = {lr_schedule!r}; use one of "
                 f"{', '.join(LR_SCHEDULES)}"
             )
+        every_epochs = finetune.get("checkpoint_every_epochs", 1)
+        every_minutes = finetune.get("checkpoint_every_minutes")
+        if every_epochs is None and every_minutes is None:
+            raise ValueError(
+                "finetune.checkpoint_every_epochs and checkpoint_every_minutes are "
+                "both null: set at least one (a killed run resumes from the last "
+                "checkpoint)"
+            )
+        if (every_epochs is not None and int(every_epochs) < 1) or (
+            every_minutes is not None and float(every_minutes) <= 0
+        ):
+            raise ValueError(
+                f"finetune.checkpoint_every_epochs = {every_epochs} must be at least 1 "
+                f"and checkpoint_every_minutes = {every_minutes} above 0 (or null)"
+            )
+        steps_per_execution = int(finetune.get("steps_per_execution", 1))
+        if steps_per_execution < 1:
+            raise ValueError(
+                f"finetune.steps_per_execution = {steps_per_execution} must be at "
+                "least 1"
+            )
         return cls(
             image_size=int(model["image_size"]),
             seed=int(model["seed"]),
@@ -174,6 +214,11 @@ class TrainingSettings:
             head_max_iter=int(linear_head.get("max_iter", cls.head_max_iter)),
             lr_find=RangeTestSettings.from_params(finetune.get("lr_find")),
             jit_compile=finetune.get("jit_compile", False),
+            steps_per_execution=steps_per_execution,
+            checkpoint_every_epochs=None if every_epochs is None else int(every_epochs),
+            checkpoint_every_minutes=(
+                None if every_minutes is None else float(every_minutes)
+            ),
             policy=OpenPolicy.from_params(images),
             tensorboard_dir=tensorboard_dir,
             feature_cache_dir=(
@@ -249,12 +294,16 @@ def run_stages(
         adapt_on=train.originals() if adapt_on is None else adapt_on,
         plan_rules=plan_rules,
     )
-    state = run.start(stages)
-    for index, stage in enumerate(stages):
-        if index >= state.stage_index:
-            run.train_stage(index, stage, state)
-    if not state.finished:
-        run.finish(state)
+    try:
+        state = run.start(stages)
+        for index, stage in enumerate(stages):
+            if index >= state.stage_index:
+                run.train_stage(index, stage, state)
+        if not state.finished:
+            run.finish(state)
+    finally:
+        # Whatever stopped the run, the checkpoint being written is finished first.
+        store.wait()
     return state
 
 
@@ -376,18 +425,16 @@ class _Run:
                 "seconds": round(time.monotonic() - started, 1),
             }
         )
+        weights = self.classifier.model.get_weights()
         self.store.save(
             state,
             {
-                "base": self.classifier.model.get_weights(),
+                "base": weights,
                 "progress": [],
                 "best": [],
                 "optimizer": [],
-                **(
-                    {"selected": self.classifier.model.get_weights()}
-                    if selected
-                    else {}
-                ),
+                # The same list: one file for both roles.
+                **({"selected": weights} if selected else {}),
             },
         )
 
@@ -429,7 +476,7 @@ class _Run:
                 callbacks=[*tensorboard, *self.callbacks],
             )
         if best is not None:
-            graph.holder.set_weights(best)
+            restore_variables(changing_variables(graph.holder), best, "best weights")
 
     def _find_rate(
         self, index: int, stage: Stage, graph: _StageGraph, state: TrainingState
@@ -701,10 +748,25 @@ class _Run:
             ),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
             jit_compile=self.settings.jit_compile,
+            steps_per_execution=self._steps_per_execution(),
         )
         # Built before fit: creating its variables inside the first traced step makes
         # TensorFlow trace the whole training step twice.
         graph.optimizer.build(graph.trainee.trainable_variables)
+
+    def _steps_per_execution(self) -> int:
+        """``steps_per_execution``, or 1 under a distribution strategy: Keras 3.15's
+        multi-step loop fails there ("You must feed a value for placeholder tensor",
+        keras-team/keras#19246)."""
+        steps = self.settings.steps_per_execution
+        if steps > 1 and tf.distribute.has_strategy():
+            logger.info(
+                "steps_per_execution %d is 1 under a distribution strategy "
+                "(keras-team/keras#19246): the loss is read after every step",
+                steps,
+            )
+            return 1
+        return steps
 
     def _resume(
         self, state: TrainingState, graph: _StageGraph
@@ -712,7 +774,11 @@ class _Run:
         """Loads a stage's saved progress; returns its best weights so far."""
         if state.epochs_done == 0:
             return None
-        graph.holder.set_weights(self.store.arrays(state, "progress"))
+        restore_variables(
+            changing_variables(graph.holder),
+            self.store.arrays(state, "progress"),
+            "weights",
+        )
         restore_optimizer(graph.optimizer, self.store.arrays(state, "optimizer"))
         return self.store.arrays(state, "best")
 
@@ -726,37 +792,31 @@ class _Run:
         best: list[np.ndarray] | None,
         callbacks: list[keras.callbacks.Callback],
     ) -> list[np.ndarray] | None:
-        """Trains the stage's remaining epochs in one ``fit``; returns the best weights.
+        """Trains the stage's remaining epochs; returns the best weights.
 
-        One ``fit`` for all epochs, not one per epoch: each call has a fixed cost
-        (iterators, callbacks), as large as a whole epoch of the head on cached
-        features. Each epoch still comes in its own seeded order (the same on a
-        resumed run as on the first), and :class:`_EpochRecord` records and
-        checkpoints it as it ends.
+        One ``fit`` per epoch, on that epoch's own seeded order (the same on a
+        resumed run as on the first): with several steps per execution, one ``fit``
+        over all epochs would run the last execution of an epoch into the next
+        epoch's batches; ending each ``fit`` with its epoch's data ends the
+        execution there. :class:`_EpochRecord` records and checkpoints each epoch as
+        it ends.
         """
-        first = state.epochs_done
-        seed = self.settings.seed
-        train = graph.train(epoch_seed(seed, index, first))
-        for epoch in range(first + 1, stage.epochs):
-            train = train.concatenate(graph.train(epoch_seed(seed, index, epoch)))
         record = _EpochRecord(self, index, stage, graph, state, best=best)
-        graph.trainee.fit(
-            train,
-            validation_data=graph.val,
-            initial_epoch=first,
-            epochs=stage.epochs,
-            # Keras keeps one iterator across epochs when this is given.
-            steps_per_epoch=len(self.train_batches),
-            shuffle=False,
-            class_weight=self.class_weight,
-            callbacks=[
-                _StopOnNonFiniteLoss(stage.name),
-                _EpochProgress(stage, self.train_batches),
-                record,
-                *callbacks,
-            ],
-            verbose=0,
-        )
+        progress = _EpochProgress(stage, self.train_batches)
+        stop = _StopOnNonFiniteLoss(stage.name)
+        for epoch in range(state.epochs_done, stage.epochs):
+            graph.trainee.fit(
+                graph.train(epoch_seed(self.settings.seed, index, epoch)),
+                validation_data=graph.val,
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                shuffle=False,
+                class_weight=self.class_weight,
+                callbacks=[stop, progress, record, *callbacks],
+                verbose=0,
+            )
+            if _stopped_early(state, self.settings):
+                break
         return record.best
 
 
@@ -833,8 +893,11 @@ def _mean_rate(
     """The mean learning rate of the steps ``first`` to ``end - 1``."""
     if isinstance(schedule, float):
         return schedule
-    rates = [float(keras.ops.convert_to_numpy(schedule(s))) for s in range(first, end)]
-    return float(np.mean(rates)) if rates else float("nan")
+    if end <= first:
+        return float("nan")
+    # One read of all the steps' rates, not one per step.
+    rates = keras.ops.stack([schedule(step) for step in range(first, end)])
+    return float(np.mean(keras.ops.convert_to_numpy(rates)))
 
 
 def _log_epoch(row: Mapping[str, Any], epochs: int) -> None:
@@ -882,8 +945,13 @@ def _stopped_early(state: TrainingState, settings: TrainingSettings) -> bool:
 
 
 class _EpochRecord(keras.callbacks.Callback):
-    """As each epoch ends: its history row, the best weights, the checkpoint, and
-    early stopping."""
+    """As each epoch ends: its history row, the best weights, the checkpoint when
+    one is due, and early stopping.
+
+    Weights are copied to the host on the training thread only when an epoch is the
+    best so far or a checkpoint is due, and only the stage's changing variables; the
+    checkpoint is written in the background (``CheckpointStore.save_in_background``).
+    """
 
     def __init__(
         self,
@@ -901,7 +969,12 @@ class _EpochRecord(keras.callbacks.Callback):
         self._stage = stage
         self._graph = graph
         self._state = state
+        self._changing = changing_variables(graph.holder)
         self.best = best
+        # A resumed stage's best weights came from its checkpoint.
+        self._best_saved = best is not None
+        self._checkpointed_epochs = state.epochs_done
+        self._checkpointed_at = time.monotonic()
         self._started = 0.0
         self._first_step = 0
 
@@ -929,23 +1002,47 @@ class _EpochRecord(keras.callbacks.Callback):
         _log_epoch(row, self._stage.epochs)
         state.history.append(row)
         state.epochs_done = epoch + 1
-        saved = {
-            "progress": graph.holder.get_weights(),
-            "optimizer": optimizer_arrays(graph.optimizer),
-        }
-        if state.best_val_loss is None or logs["val_loss"] < (
+        due = self._checkpoint_due(epoch + 1)
+        improved = state.best_val_loss is None or logs["val_loss"] < (
             state.best_val_loss - settings.min_delta
-        ):
+        )
+        weights = host_copy(self._changing) if due or improved else None
+        if improved:
             state.best_val_loss = logs["val_loss"]
             state.best_val_accuracy = logs["val_accuracy"]
             state.best_epoch = epoch + 1
             state.epochs_without_improvement = 0
-            self.best = saved["best"] = saved["progress"]
+            self.best, self._best_saved = weights, False
         else:
             state.epochs_without_improvement += 1
-        self._run.store.save(state, saved)
+        if due:
+            saved = {
+                "progress": weights,
+                "optimizer": optimizer_arrays(graph.optimizer),
+            }
+            if not self._best_saved:
+                # The same list as progress when this epoch is the best: one file.
+                saved["best"] = self.best
+                self._best_saved = True
+            self._run.store.save_in_background(state, saved)
+            self._checkpointed_epochs = epoch + 1
+            self._checkpointed_at = time.monotonic()
         if _stopped_early(state, settings):
             self.model.stop_training = True
+
+    def _checkpoint_due(self, epochs_done: int) -> bool:
+        settings = self._run.settings
+        every_epochs, every_minutes = (
+            settings.checkpoint_every_epochs,
+            settings.checkpoint_every_minutes,
+        )
+        return (
+            every_epochs is not None
+            and epochs_done - self._checkpointed_epochs >= every_epochs
+        ) or (
+            every_minutes is not None
+            and time.monotonic() - self._checkpointed_at >= every_minutes * 60
+        )
 
 
 def _steps_done(optimizer: keras.optimizers.Optimizer) -> int:
@@ -953,7 +1050,13 @@ def _steps_done(optimizer: keras.optimizers.Optimizer) -> int:
 
 
 class _StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Raises :class:`TrainingDivergedError` at the first NaN or infinite loss."""
+    """Raises :class:`TrainingDivergedError` at the first NaN or infinite loss.
+
+    It reads Keras's logs after each execution (``steps_per_execution`` steps):
+    their loss is the epoch's running mean, which a NaN or infinite step leaves
+    non-finite, so no step goes unchecked. Keras has already turned the logs into
+    Python numbers; nothing here reads a tensor.
+    """
 
     def __init__(self, stage: str):
         super().__init__()
@@ -964,9 +1067,9 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
         self._epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = float(keras.ops.convert_to_numpy((logs or {}).get("loss", 0.0)))
+        loss = (logs or {}).get("loss", 0.0)
         if not math.isfinite(loss):
-            self._fail("loss", loss, f", batch {batch + 1}")
+            self._fail("loss", loss, f", by batch {batch + 1}")
 
     def on_epoch_end(self, epoch, logs=None):
         # Before _EpochRecord (the next callback) checkpoints the epoch.
@@ -984,13 +1087,18 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 
 class _EpochProgress(keras.callbacks.Callback):
-    """Logs images trained in the epoch, their rate and the time left."""
+    """Logs images trained in the epoch, their rate and the time left.
+
+    Counts from the batch index Keras gives after each execution (its last step),
+    never from a tensor.
+    """
 
     def __init__(self, stage: Stage, batches: Sequence[int]):
         super().__init__()
         self._stage = stage
         self._batches = batches
         self._log: ProgressLog | None = None
+        self._done = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._log = ProgressLog(
@@ -999,6 +1107,10 @@ class _EpochProgress(keras.callbacks.Callback):
             sum(self._batches),
             logger,
         )
+        self._done = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._log.advance(self._batches[batch % len(self._batches)])
+        # The last execution of an epoch may stop short of its last step's index.
+        done = min(batch + 1, len(self._batches))
+        self._log.advance(sum(self._batches[self._done : done]))
+        self._done = done
