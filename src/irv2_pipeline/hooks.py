@@ -108,11 +108,11 @@ class RunLockHook:
     ) -> None:
         """Takes the lock, or stops with a message naming the run that holds it."""
         path = Path(run_params["project_path"]) / self.LOCK_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         role = training_role(catalog)
         if role is not None and not role.is_chief:
             self._check_holder(path, role)
             return
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+")
         try:
             _lock_exclusive(handle, self.PATIENCE_S)
@@ -136,7 +136,10 @@ class RunLockHook:
 
     def _check_holder(self, path: Path, role: ClusterRole) -> None:
         """Raises when a run other than this worker's cluster holds the lock."""
-        with path.open("a+") as handle:
+        if not path.is_file():
+            return
+        # Read-only: this worker writes nothing under data/, not even the lock file.
+        with path.open() as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
