@@ -28,9 +28,6 @@ from . import child_run
 CHILD = Path(child_run.__file__)
 # Bounds on every process of these tests: a worker that hangs fails the test.
 RUN_TIMEOUT_S = 900
-# A worker whose peer died must notice within this (TensorFlow's health check probes
-# every 30 s, three tries of 10 s).
-PEER_DEATH_TIMEOUT_S = 240
 
 
 def free_ports(count: int) -> list[int]:
@@ -207,23 +204,20 @@ def test_a_worker_killed_in_stage_two_resumes_from_the_chiefs_checkpoint(tmp_pat
     state = json.loads(state_file.read_text())
     assert (state["stage_index"], state["epochs_done"]) == (1, 1), state
 
+    trained_before = (folders[0] / "epochs.log").read_text().splitlines()
     again = launch({}, "again")
     codes = finish(again, RUN_TIMEOUT_S)
     logs = [(folder / "again.log").read_text() for folder in folders]
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     for log in logs:
-        assert (
-            "Resuming from" in log and "stage 2 of 2 (top), 1 of its epochs done" in log
-        )
+        assert "stage 2 of 2 (top), 1 of its epochs done" in log, log[-3000:]
     result = json.loads((folders[0] / "result.json").read_text())
     epochs = [(row["stage"], row["epoch"]) for row in result["history"]]
     assert epochs == [("head", 1), ("top", 1), ("top", 2), ("top", 3)]
-    # The restart trained only the two epochs left.
-    restarted = (folders[0] / "epochs.log").read_text().splitlines()
-    assert (
-        restarted[-2:] == ["top_training 1", "top_training 2"]
-        or len([line for line in restarted if line.endswith((" 1", " 2"))]) >= 2
-    )
+    # The restart trained only the two epochs left (counted from 0).
+    trained = (folders[0] / "epochs.log").read_text().splitlines()
+    model = trained_before[-1].split()[0]
+    assert trained[len(trained_before) :] == [f"{model} 1", f"{model} 2"]
     # Only the chief wrote checkpoints: one run's folder, still there (the model
     # file is saved by the catalog, not by this node).
     assert [p.name for p in checkpoints.iterdir()] == [state_file.parent.name]
