@@ -79,7 +79,7 @@ def distribution_strategy(
     Args:
         setting: One of :data:`DISTRIBUTIONS`.
         cluster_timeout_s: ``multi_worker``: how long to wait for every worker to
-            join before failing with :class:`ClusterTimeoutError`.
+            join before the process stops, naming the workers that do not answer.
     """
     if setting not in DISTRIBUTIONS:
         raise ValueError(
