@@ -7,9 +7,9 @@ stage from ``block8_1``), at the same global batch, run
 - by two worker processes on 127.0.0.1 (``multi_worker``: ``TF_CONFIG``, the
   project's ``runtime.Workers`` sharding and Keras fixes), each with half the batch.
 
-The all-reduce share is the time of one all-reduce of as many floats as the stage
-trains (the gradients each step all-reduces), measured alone on the same two-worker
-cluster, over the time of one training step. On a machine with few cores the two
+The all-reduce share is the time of one all-reduce of as many float32 values as the
+stage trains (the gradients each step all-reduces), in a graph as in a training step,
+measured alone on the same two-worker cluster, over the time of one training step. On a machine with few cores the two
 workers share the same cores: the figure shows the overhead of the collectives, not
 a speed-up, which needs one machine (or GPU) per worker.
 
@@ -69,11 +69,21 @@ def worker(args: argparse.Namespace) -> dict:
         allreduce_s = 0.0
         if multi:
             count = sum(int(np.prod(v.shape)) for v in trainee.trainable_variables)
-            gradients = np.ones(count, dtype=np.float32)
-            workers.from_chief([gradients])  # warm-up
+            gradients = tf.ones([count], tf.float32)
+
+            # As a training step all-reduces its gradients: in a graph, in float32.
+            @tf.function
+            def all_reduce():
+                return strategy.run(
+                    lambda: tf.distribute.get_replica_context().all_reduce(
+                        "SUM", gradients
+                    )
+                )
+
+            strategy.experimental_local_results(all_reduce())[0].numpy()  # trace
             started = time.perf_counter()
             for _ in range(args.allreduce_repeats):
-                workers.from_chief([gradients])
+                strategy.experimental_local_results(all_reduce())[0].numpy()
             allreduce_s = (time.perf_counter() - started) / args.allreduce_repeats
     return {
         "images_per_second": args.batch_size / step_s,
