@@ -15,6 +15,7 @@ from kedro.pipeline import Node, Pipeline
 from kedro_datasets.pandas import CSVDataset
 
 from irv2_pipeline.hooks import (
+    ChiefOnlyOutputsHook,
     ConcurrentRunError,
     FinishedCheckpointsHook,
     MissingInputError,
@@ -74,6 +75,63 @@ def test_a_second_run_is_refused_until_the_first_ends(tmp_path):
     second.on_pipeline_error()
 
 
+def _cluster_catalog(monkeypatch, index: int, ports=(2222, 2223)) -> DataCatalog:
+    """The catalog and TF_CONFIG of worker ``index`` of a two-worker run."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+    )
+    finetune = {"distribution": "multi_worker"}
+    return DataCatalog({"params:finetune": MemoryDataset(finetune)})
+
+
+def test_the_workers_of_one_cluster_share_the_lock_but_no_other_run(
+    tmp_path, monkeypatch
+):
+    params = {"project_path": str(tmp_path), "run_id": "cluster"}
+    chief = RunLockHook()
+    chief.before_pipeline_run(params, _cluster_catalog(monkeypatch, 0))
+    # Its other worker starts (it writes nothing under data/)...
+    RunLockHook().before_pipeline_run(params, _cluster_catalog(monkeypatch, 1))
+    # ...an unrelated run does not, nor a worker of another cluster.
+    with pytest.raises(ConcurrentRunError, match="already writing.*cluster"):
+        RunLockHook().before_pipeline_run({**params, "run_id": "single"})
+    other = _cluster_catalog(monkeypatch, 1, ports=(3333, 3334))
+    with pytest.raises(ConcurrentRunError, match="not this worker's chief"):
+        RunLockHook().before_pipeline_run(params, other)
+    chief.after_pipeline_run()
+
+
+def test_a_worker_starts_before_its_chief_but_not_beside_another_run(
+    tmp_path, monkeypatch
+):
+    params = {"project_path": str(tmp_path), "run_id": "early"}
+    RunLockHook().before_pipeline_run(params, _cluster_catalog(monkeypatch, 1))
+    single = RunLockHook()
+    single.before_pipeline_run({**params, "run_id": "single"})
+    with pytest.raises(ConcurrentRunError, match="run single.*not this worker's"):
+        RunLockHook().before_pipeline_run(params, _cluster_catalog(monkeypatch, 1))
+    single.on_pipeline_error()
+
+
+def test_only_the_chief_saves_the_outputs(tmp_path, monkeypatch):
+    pipeline = Pipeline([Node(_identity, "raw", "copies", name="copy")])
+
+    def catalog(index: int) -> DataCatalog:
+        built = _cluster_catalog(monkeypatch, index)
+        built["raw"] = MemoryDataset(pd.DataFrame({"a": [1]}))
+        built["copies"] = CSVDataset(filepath=str(tmp_path / f"copies_{index}.csv"))
+        return built
+
+    for index in (0, 1):
+        built = catalog(index)
+        ChiefOnlyOutputsHook().before_pipeline_run(pipeline, built)
+        built.save("copies", built.load("raw"))
+    assert (tmp_path / "copies_0.csv").is_file()
+    assert not (tmp_path / "copies_1.csv").exists()
+
+
 def test_each_node_logs_its_duration(caplog):
     node = Node(_identity, "a", "b", name="scan_images")
     hook = NodeTimingHook()
@@ -129,6 +187,22 @@ def test_checkpoints_of_finished_runs_go_once_the_model_is_saved(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["done", "killed"]
     hook.after_dataset_saved(dataset_name="finetuned_model")
     assert [p.name for p in root.iterdir()] == ["killed"]
+
+
+def test_a_worker_that_is_not_the_chief_leaves_the_chiefs_checkpoints(
+    tmp_path, monkeypatch
+):
+    root = tmp_path / "checkpoints"
+    (root / "done").mkdir(parents=True)
+    (root / "done" / "state.json").write_text(json.dumps({"finished": True}))
+    catalog = _cluster_catalog(monkeypatch, 1)
+    catalog["params:finetune"] = MemoryDataset(
+        {**catalog.load("params:finetune"), "checkpoint_dir": str(root)}
+    )
+    hook = FinishedCheckpointsHook()
+    hook.before_pipeline_run(catalog=catalog)
+    hook.after_dataset_saved(dataset_name="finetuned_model")
+    assert [p.name for p in root.iterdir()] == ["done"]
 
 
 def test_unknown_keys_and_impossible_values_are_named_with_their_file(tmp_path):

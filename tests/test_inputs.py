@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from irv2_pipeline import inputs
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import (
     PixelRangeError,
+    ReplicaShard,
     batch_sizes,
     check_pixel_range,
     class_names,
@@ -208,3 +210,74 @@ def test_datasets_cut_their_batches_for_the_replicas(coloured_files):
         np.arange(9.0)[:, None], list(range(9)), batch_size=8, replicas=2
     )
     assert [len(y) for _, y in features.as_numpy_iterator()] == [4, 5]
+
+
+@pytest.mark.parametrize(("workers", "local"), [(2, 1), (3, 1), (2, 2)])
+@pytest.mark.parametrize("count", [8, 9, 13, 21, 40])
+def test_worker_shards_split_every_global_batch_and_take_the_same_steps(
+    workers, local, count
+):
+    batch = 4 * workers * local
+    plans = [
+        ReplicaShard(worker, workers, local).plan(count, batch)
+        for worker in range(workers)
+    ]
+    masks = np.stack([mask for mask, _ in plans])
+    # Each example is read by exactly one worker.
+    assert (masks.sum(axis=0) == 1).all()
+    global_batches = batch_sizes(count, batch, workers * local)
+    for mask, sizes in plans:
+        # One per-replica batch per local replica per global step, on every
+        # worker: the same number of steps (a mismatch deadlocks the all-reduce).
+        assert len(sizes) == local * len(global_batches)
+        assert sum(sizes) == mask.sum()
+        assert min(sizes) >= 1
+
+
+def test_shards_concatenated_per_step_give_the_examples_back_in_order():
+    # Keras concatenates the replicas' predictions worker by worker within each
+    # step (one replica per worker here): the shards must follow that order.
+    features = np.arange(13.0)[:, None]
+    shards = [
+        [
+            x[:, 0].tolist()
+            for x, _ in feature_dataset(
+                features,
+                list(range(13)),
+                batch_size=4,
+                replicas=2,
+                shuffle_seed=3,
+                shard=ReplicaShard(worker, 2),
+            ).as_numpy_iterator()
+        ]
+        for worker in range(2)
+    ]
+    whole = [
+        x[:, 0].tolist()
+        for x, _ in feature_dataset(
+            features, list(range(13)), batch_size=4, replicas=2, shuffle_seed=3
+        ).as_numpy_iterator()
+    ]
+    assert len(shards[0]) == len(shards[1]) == len(whole)
+    assert [a + b for a, b in zip(*shards, strict=True)] == whole
+
+
+def test_a_worker_opens_only_its_own_images(coloured_files, monkeypatch):
+    paths, _ = coloured_files
+    opened = []
+    real = inputs.load_image
+
+    def recording(path, policy):
+        opened.append(path)
+        return real(path, policy)
+
+    monkeypatch.setattr(inputs, "load_image", recording)
+    shard = ReplicaShard(1, 2)
+    images = image_dataset(
+        paths, None, image_size=8, batch_size=4, policy=OpenPolicy(), shard=shard
+    )
+    list(images.as_numpy_iterator())
+    mask, _ = shard.plan(len(paths), 4)
+    assert sorted(opened) == sorted(
+        str(p) for p, m in zip(paths, mask, strict=True) if m
+    )

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 from kedro.framework.hooks import hook_impl
-from kedro.io import DataCatalog
+from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
+from irv2_pipeline.cluster import ClusterRole, cluster_role
 from irv2_pipeline.parameters import MODELLED_BLOCKS, parameter_problems
 
 logger = logging.getLogger(__name__)
@@ -72,29 +73,52 @@ class ConcurrentRunError(RuntimeError):
     """Another run holds this project's data folder."""
 
 
+def training_role(catalog: DataCatalog | None) -> ClusterRole | None:
+    """This process's place in a multi-worker training cluster; ``None`` for a run
+    on one machine (``finetune.distribution`` is not ``multi_worker``)."""
+    if catalog is None or "params:finetune" not in catalog:
+        return None
+    finetune = catalog.load("params:finetune")
+    if (finetune or {}).get("distribution") != "multi_worker":
+        return None
+    return cluster_role()
+
+
 class RunLockHook:
     """Lets one ``kedro run`` at a time write a project's outputs.
 
     The lock is an ``flock`` on ``data/.kedro_run.lock``: the operating system drops it
-    when the process ends, so a killed run never leaves a stale lock behind.
+    when the process ends, so a killed run never leaves a stale lock behind. In a
+    multi-worker run the chief takes it, naming its cluster. The other workers write
+    nothing under ``data/`` and take no lock (their project folder may be the
+    chief's, or a copy of their own on another machine): they start unless another
+    run, not their chief, holds it.
     """
 
     LOCK_FILE = "data/.kedro_run.lock"
+    CLUSTER_TAG = "cluster "
+    # A worker's look at the lock holds it for an instant: the chief retries this long.
+    PATIENCE_S = 0.5
 
     def __init__(self):
         self._handle = None
 
     @hook_impl(tryfirst=True)
-    def before_pipeline_run(self, run_params: dict) -> None:
+    def before_pipeline_run(
+        self, run_params: dict, catalog: DataCatalog | None = None
+    ) -> None:
         """Takes the lock, or stops with a message naming the run that holds it."""
         path = Path(run_params["project_path"]) / self.LOCK_FILE
+        role = training_role(catalog)
+        if role is not None and not role.is_chief:
+            self._check_holder(path, role)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(handle, self.PATIENCE_S)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = _holder(handle)
             handle.close()
             raise ConcurrentRunError(
                 f"Another `kedro run` is already writing this project's outputs "
@@ -103,12 +127,32 @@ class RunLockHook:
             ) from None
         handle.seek(0)
         handle.truncate()
+        cluster = "" if role is None else f", {self.CLUSTER_TAG}{role.key} chief"
         handle.write(
-            f"pid {os.getpid()}, run {run_params.get('run_id')}, "
+            f"pid {os.getpid()}, run {run_params.get('run_id')}{cluster}, "
             f"started {datetime.now(UTC).isoformat(timespec='seconds')}"
         )
         handle.flush()
         self._handle = handle
+
+    def _check_holder(self, path: Path, role: ClusterRole) -> None:
+        """Raises when a run other than this worker's cluster holds the lock."""
+        if not path.is_file():
+            return
+        # Read-only: this worker writes nothing under data/, not even the lock file.
+        with path.open() as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(handle)
+                if f"{self.CLUSTER_TAG}{role.key} " not in holder:
+                    raise ConcurrentRunError(
+                        f"Another `kedro run` is writing this project's outputs "
+                        f"({holder}), not this worker's chief "
+                        f"({role.addresses[0]}). Wait for it to finish."
+                    ) from None
+            else:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @hook_impl
     def after_pipeline_run(self) -> None:
@@ -125,6 +169,53 @@ class RunLockHook:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+def _lock_exclusive(handle, patience_s: float) -> None:
+    """Takes the lock, trying for ``patience_s``: a waiting worker's look at the
+    lock holds it shared for an instant."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _holder(handle) -> str:
+    handle.seek(0)
+    return handle.read().strip() or "another process"
+
+
+class ChiefOnlyOutputsHook:
+    """In a multi-worker run, only the chief saves the pipeline's outputs.
+
+    Every worker runs the same nodes (training needs all of them in its
+    all-reduces), and so would save the same files. On the other workers this hook
+    turns every output of the run into a ``MemoryDataset`` before any node runs:
+    their results stay in memory and go with the process, and nothing of theirs
+    lands under ``data/``.
+    """
+
+    @hook_impl
+    def before_pipeline_run(self, pipeline: Pipeline, catalog: DataCatalog) -> None:
+        """On a non-chief worker, keeps every output of the run in memory."""
+        role = training_role(catalog)
+        if role is None or role.is_chief:
+            return
+        for name in sorted(pipeline.all_outputs()):
+            # Assigned, not copied: a Keras model cannot be deep-copied.
+            catalog[name] = MemoryDataset(copy_mode="assign")
+        logger.info(
+            "Worker %d of cluster %s: not the chief, so this run saves no outputs "
+            "(%s stay in memory)",
+            role.worker_index,
+            role.key,
+            ", ".join(sorted(pipeline.all_outputs())),
+        )
 
 
 class FinishedCheckpointsHook:
@@ -145,11 +236,15 @@ class FinishedCheckpointsHook:
 
     @hook_impl
     def before_pipeline_run(self, catalog: DataCatalog) -> None:
-        """Notes ``finetune.checkpoint_dir`` of this run."""
+        """Notes ``finetune.checkpoint_dir`` of this run (none on a worker that is
+        not the chief: the checkpoints are the chief's)."""
         finetune = (
             catalog.load("params:finetune") if "params:finetune" in catalog else {}
         )
-        self._checkpoint_dir = finetune.get("checkpoint_dir")
+        role = training_role(catalog)
+        self._checkpoint_dir = (
+            finetune.get("checkpoint_dir") if role is None or role.is_chief else None
+        )
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str) -> None:

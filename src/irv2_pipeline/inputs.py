@@ -15,6 +15,7 @@ TensorFlow is imported by the functions that build datasets: ``class_names`` and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,6 +79,62 @@ def batch_sizes(count: int, batch_size: int, replicas: int = 1) -> list[int]:
     return [first, count - first]
 
 
+@dataclass(frozen=True)
+class ReplicaShard:
+    """The part of every global batch one worker of a multi-worker run reads.
+
+    Each global batch (cut by :func:`batch_sizes`) is split into one contiguous chunk
+    per replica, as evenly as possible. Chunk ``k`` belongs to local replica
+    ``k // workers`` of worker ``k % workers``: the order in which Keras concatenates
+    the replicas' predictions under ``MultiWorkerMirroredStrategy``, so predicting
+    over the shards gives the examples back in their order. Every worker cuts the
+    same global batches, so all run the same number of steps (a worker with one step
+    more would wait forever in its all-reduce).
+
+    Attributes:
+        worker: This worker's index (the chief is 0).
+        workers: Workers in the cluster.
+        local_replicas: Replicas on each worker.
+    """
+
+    worker: int
+    workers: int
+    local_replicas: int = 1
+
+    @property
+    def replicas(self) -> int:
+        """Replicas in sync, all workers together."""
+        return self.workers * self.local_replicas
+
+    def plan(self, count: int, batch_size: int) -> tuple[np.ndarray, list[int]]:
+        """Which of ``count`` ordered examples this worker reads, and how it batches them.
+
+        Args:
+            count: Examples in one pass.
+            batch_size: The global batch size.
+
+        Returns:
+            A mask over the examples' positions, and this worker's per-replica batch
+            sizes, in the order its replicas take them (one per local replica per
+            global batch).
+        """
+        mask = np.zeros(count, dtype=bool)
+        sizes = []
+        offset = 0
+        for size in batch_sizes(count, batch_size, self.replicas):
+            parts = [
+                size // self.replicas + (k < size % self.replicas)
+                for k in range(self.replicas)
+            ]
+            starts = np.concatenate([[0], np.cumsum(parts)]) + offset
+            for local in range(self.local_replicas):
+                chunk = local * self.workers + self.worker
+                mask[starts[chunk] : starts[chunk + 1]] = True
+                sizes.append(parts[chunk])
+            offset += size
+        return mask, sizes
+
+
 def class_names(manifest: pd.DataFrame) -> list[str]:
     """The class names in index order (sorted labels): one order for every pipeline."""
     return sorted(manifest["label"].unique())
@@ -93,6 +150,7 @@ def image_dataset(
     shuffle_seed: int | None = None,
     generated: Sequence[bool] | None = None,
     replicas: int = 1,
+    shard: ReplicaShard | None = None,
 ) -> tf.data.Dataset:
     """A batched, prefetched dataset of ``(images, labels)`` (or images alone).
 
@@ -107,6 +165,9 @@ def image_dataset(
         generated: For each path, whether this project wrote the file (an augmented
             copy), so TensorFlow may decode it; ``None``: none of them.
         replicas: Replicas the batches are split across (see :func:`batch_sizes`).
+        shard: In a multi-worker run, this worker's part: only its images are
+            opened, and the batches are its replicas' shares of each global batch
+            of ``batch_size`` (``replicas`` is then the shard's).
 
     Returns:
         A ``tf.data.Dataset`` of ``float32`` images of shape
@@ -116,6 +177,8 @@ def image_dataset(
 
     paths = [str(path) for path in paths]
     index = _example_order(tf.data.Dataset.range(len(paths)), shuffle_seed)
+    # Sharded before the images are opened: each worker reads its own images only.
+    index = _kept(index, len(paths), batch_size, shard)
     flags = [False] * len(paths) if generated is None else [bool(g) for g in generated]
     if len(flags) != len(paths):
         raise ValueError(f"{len(flags)} generated flags for {len(paths)} paths")
@@ -170,7 +233,7 @@ def image_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    return _batched(examples, len(paths), batch_size, replicas)
+    return _batched(examples, len(paths), batch_size, replicas, shard)
 
 
 def feature_dataset(
@@ -180,6 +243,7 @@ def feature_dataset(
     batch_size: int,
     shuffle_seed: int | None = None,
     replicas: int = 1,
+    shard: ReplicaShard | None = None,
 ) -> tf.data.Dataset:
     """A batched dataset of ``(features, labels)`` from arrays in memory.
 
@@ -193,6 +257,7 @@ def feature_dataset(
         batch_size: Examples per batch.
         shuffle_seed: As in :func:`image_dataset`.
         replicas: As in :func:`image_dataset`.
+        shard: As in :func:`image_dataset`.
     """
     import tensorflow as tf  # noqa: PLC0415 - see the module docstring
 
@@ -203,15 +268,49 @@ def feature_dataset(
     pairs = _example_order(
         tf.data.Dataset.from_tensor_slices((features, label_array)), shuffle_seed
     )
-    return _batched(pairs, len(features), batch_size, replicas)
+    pairs = _kept(pairs, len(features), batch_size, shard)
+    return _batched(pairs, len(features), batch_size, replicas, shard)
+
+
+def _kept(
+    examples: tf.data.Dataset,
+    count: int,
+    batch_size: int,
+    shard: ReplicaShard | None,
+) -> tf.data.Dataset:
+    """The examples of ``shard`` (all of them without one), in their order."""
+    if shard is None:
+        return examples
+    import tensorflow as tf  # noqa: PLC0415 - see the module docstring
+
+    mask = tf.constant(shard.plan(count, batch_size)[0])
+    return (
+        examples.enumerate()
+        .filter(lambda position, _: tf.gather(mask, position))
+        .map(lambda _, example: example)
+    )
 
 
 def _batched(
-    examples: tf.data.Dataset, count: int, batch_size: int, replicas: int
+    examples: tf.data.Dataset,
+    count: int,
+    batch_size: int,
+    replicas: int,
+    shard: ReplicaShard | None = None,
 ) -> tf.data.Dataset:
-    """Batches as :func:`batch_sizes` cuts them, prefetched."""
+    """Batches as :func:`batch_sizes` cuts them (or the shard's share), prefetched."""
     import tensorflow as tf  # noqa: PLC0415 - see the module docstring
 
+    if shard is not None:
+        sizes = shard.plan(count, batch_size)[1]
+        if not sizes:
+            return examples.batch(1).prefetch(tf.data.AUTOTUNE)
+        return (
+            examples.batch(max(sizes))
+            .rebatch(sizes)
+            .apply(tf.data.experimental.assert_cardinality(len(sizes)))
+            .prefetch(tf.data.AUTOTUNE)
+        )
     batches = examples.batch(batch_size)
     sizes = batch_sizes(count, batch_size, replicas)
     if sizes != batch_sizes(count, batch_size):

@@ -3,6 +3,7 @@
 from importlib.util import find_spec
 
 from irv2_pipeline.hooks import (
+    ChiefOnlyOutputsHook,
     FinishedCheckpointsHook,
     MissingInputsHook,
     NodeTimingHook,
@@ -16,6 +17,7 @@ HOOKS = (
     RunLockHook(),
     ParameterCheckHook(),
     MissingInputsHook(),
+    ChiefOnlyOutputsHook(),
     NodeTimingHook(),
     FinishedCheckpointsHook(),
 )

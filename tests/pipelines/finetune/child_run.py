@@ -5,11 +5,13 @@ Usage::
 
     python tests/pipelines/finetune/child_run.py WORKDIR [--kill-at STAGE:EPOCH]
         [--logical-cpus N] [--distribution mirrored] [--top-epochs N]
-        [--head-solver lbfgs|minibatch]
+        [--head-solver lbfgs|minibatch] [--checkpoints DIR] [--cluster-timeout-s S]
 
 ``--kill-at 1:1`` sends SIGKILL to this process during the first batch of the second
 epoch of the second stage (both counted from 0): after the first epoch's checkpoint,
-like a machine that dies. Every epoch that starts is appended to
+like a machine that dies. With ``--distribution multi_worker`` the process is one
+worker of the cluster its ``TF_CONFIG`` describes, and the workers share
+``--checkpoints``. Every epoch that starts is appended to
 ``WORKDIR/epochs.log``; the node's history, stage records and class names go to ``WORKDIR/result.json``.
 """
 
@@ -67,15 +69,20 @@ def main() -> None:
         distribution=args.distribution,
         top_epochs=args.top_epochs,
         head_solver=args.head_solver,
+        checkpoints=args.checkpoints,
+        cluster_timeout_s=args.cluster_timeout_s,
     )
 
 
 def run(
     workdir: Path,
+    *,
     kill_at: str | None = None,
     distribution: str = "none",
     top_epochs: int = 3,
     head_solver: str = "minibatch",
+    checkpoints: str | None = None,
+    cluster_timeout_s: float = 300.0,
 ) -> dict:
     """Runs the node on the demo images with ``mini_irv2``; returns what it wrote."""
     import keras  # noqa: PLC0415 - after the device set-up
@@ -106,7 +113,8 @@ def run(
         stages=[head, {**top, "epochs": top_epochs}],
         batch_size=4,
         distribution=distribution,
-        checkpoint_dir=str(workdir / "checkpoints"),
+        cluster_timeout_s=cluster_timeout_s,
+        checkpoint_dir=checkpoints or str(workdir / "checkpoints"),
         tensorboard_dir=None,
         # minibatch: the head stage has epochs, for the kill tests to stop in.
         linear_head={**finetune["linear_head"], "solver": head_solver},
@@ -153,6 +161,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--distribution", default="none")
     parser.add_argument("--top-epochs", type=int, default=3)
     parser.add_argument("--head-solver", default="minibatch")
+    parser.add_argument("--checkpoints")
+    parser.add_argument("--cluster-timeout-s", type=float, default=300.0)
     return parser.parse_args()
 
 

@@ -26,6 +26,7 @@ from irv2_pipeline.inputs import batch_sizes, image_dataset
 from irv2_pipeline.progress import ProgressLog
 
 from .examples import Examples
+from .runtime import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def pooled_features(
     policy: OpenPolicy,
     batch_size: int,
     replicas: int = 1,
+    workers: Workers | None = None,
 ) -> np.ndarray:
     """Runs the frozen backbone once over the images, in their order.
 
@@ -48,18 +50,23 @@ def pooled_features(
         policy: How images are opened.
         batch_size: Images per forward pass (all replicas together).
         replicas: Replicas the passes are split across.
+        workers: In a multi-worker run, each worker runs the backbone over its
+            shard of the images; every worker gets all the features back, in order.
 
     Returns:
         One row of pooled features per image.
     """
-    images = image_dataset(
-        examples.paths,
-        None,
-        image_size=image_size,
-        batch_size=batch_size,
-        policy=policy,
-        generated=examples.generated,
-        replicas=replicas,
+    images = (workers or Workers()).dataset(
+        lambda shard: image_dataset(
+            examples.paths,
+            None,
+            image_size=image_size,
+            batch_size=batch_size,
+            policy=policy,
+            generated=examples.generated,
+            replicas=replicas,
+            shard=shard,
+        )
     )
     progress = _PredictProgress(batch_sizes(len(examples), batch_size, replicas))
     features = classifier.features.predict(images, verbose=0, callbacks=[progress])

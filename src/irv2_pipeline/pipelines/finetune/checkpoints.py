@@ -240,6 +240,22 @@ class CheckpointStore:
             if path.name not in named:
                 path.unlink()
 
+    def copy_to(self, root: str | os.PathLike) -> CheckpointStore:
+        """A store under ``root`` that starts from this one's checkpoint.
+
+        A multi-worker run's other workers resume from the chief's checkpoint but
+        write their own to a temporary folder: only the chief writes under the
+        project's ``checkpoint_dir``.
+        """
+        copy = CheckpointStore(root, self.folder.name)
+        state = self.load()
+        if state is not None:
+            copy.folder.mkdir(parents=True, exist_ok=True)
+            for name in state.files.values():
+                shutil.copy2(self.folder / name, copy.folder / name)
+            _write_text(copy.folder / STATE_FILE, json.dumps(asdict(state), indent=1))
+        return copy
+
     def arrays(self, state: TrainingState, role: str) -> list[np.ndarray] | None:
         """The arrays saved for ``role``, or ``None``."""
         self.wait()

@@ -8,6 +8,8 @@ TensorFlow costs seconds and most of a gigabyte to import.
 from __future__ import annotations
 
 import logging
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from matplotlib.figure import Figure
 
 import irv2_pipeline
 from irv2_pipeline.backbone import check_input_scaling, load_irv2, unit_order
+from irv2_pipeline.cluster import cluster_role
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.inputs import class_names
@@ -38,14 +41,15 @@ HISTORY_COLUMNS = [
     "cached_features",
     "seconds",
 ]
-# Parameters that say where and how often files are written, not how the model
-# trains: not in the key (a run resumes whatever they are).
+# Parameters that say where and how often files are written or how long to wait,
+# not how the model trains: not in the key (a run resumes whatever they are).
 _LOCATION_PARAMETERS = (
     "checkpoint_dir",
     "checkpoint_every_epochs",
     "checkpoint_every_minutes",
     "tensorboard_dir",
     "feature_cache_dir",
+    "cluster_timeout_s",
 )
 
 
@@ -94,9 +98,11 @@ def train_classifier(
     from .checkpoints import CheckpointStore, checkpoint_key  # noqa: PLC0415
     from .lr_find import curves_table  # noqa: PLC0415
     from .runtime import (  # noqa: PLC0415
+        Workers,
         distribution_strategy,
         dtype_policy,
         gpu_capabilities,
+        keras_multi_worker_fixes,
         precision_policy,
     )
     from .training import TrainingSettings, found_curves, run_stages  # noqa: PLC0415
@@ -127,13 +133,23 @@ def train_classifier(
         len(val),
         len(classes),
     )
-    strategy = distribution_strategy(str(finetune.get("distribution", "none")))
+    distribution = str(finetune.get("distribution", "none"))
+    strategy = distribution_strategy(
+        distribution, float(finetune.get("cluster_timeout_s", 300))
+    )
+    workers = Workers(
+        strategy, cluster_role() if distribution == "multi_worker" else None
+    )
     precision = precision_policy(
         str(finetune.get("mixed_precision", "auto")), gpu_capabilities()
     )
     logger.info("Dtype policy: %s", precision)
     seed = int(model["seed"])
-    with dtype_policy(precision), strategy.scope():
+    with ExitStack() as context:
+        context.enter_context(dtype_policy(precision))
+        context.enter_context(strategy.scope())
+        if workers.role is not None:
+            context.enter_context(keras_multi_worker_fixes())
         keras.utils.set_random_seed(seed)
         backbone = load_irv2(model["weights"], int(model["image_size"]))
         stages = resolve_stages(
@@ -160,6 +176,14 @@ def train_classifier(
         )
         store = CheckpointStore(finetune["checkpoint_dir"], key)
         logs = finetune.get("tensorboard_dir")
+        if not workers.is_chief:
+            # TensorFlow's rule: only the chief writes checkpoints and logs; the
+            # others resume from the chief's and write to a folder removed at the end.
+            scratch = context.enter_context(
+                tempfile.TemporaryDirectory(prefix="irv2-worker-")
+            )
+            store = store.copy_to(scratch)
+            logs = None
         settings = TrainingSettings.from_params(
             finetune, model, images, None if logs is None else Path(logs) / key
         )
@@ -173,6 +197,7 @@ def train_classifier(
             replicas=strategy.num_replicas_in_sync,
             adapt_on=adapt_on,
             plan_rules=plan_rules,
+            workers=workers,
         )
     # The checkpoint stays until the model file is saved (hooks.FinishedCheckpointsHook).
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)

@@ -33,10 +33,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from irv2_pipeline.backbone import adapt_batchnorm, set_trainable_from
+from irv2_pipeline.backbone import (
+    adapt_batchnorm,
+    batchnorm_layers,
+    set_trainable_from,
+)
 from irv2_pipeline.classifier import Classifier, training_model
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import (
+    ReplicaShard,
     batch_sizes,
     check_pixel_range,
     feature_dataset,
@@ -69,6 +74,7 @@ from .optimizer import (
     make_optimizer,
     stage_schedule,
 )
+from .runtime import Workers
 from .stages import Stage
 
 logger = logging.getLogger(__name__)
@@ -235,12 +241,14 @@ class _StageGraph:
 
     ``trainee`` is what ``fit`` runs; ``holder`` the model whose weights the
     checkpoints and early stopping keep (the head alone on cached features).
+    ``train`` takes the epoch's shuffle seed, and both take the worker's shard in a
+    multi-worker run (``None`` otherwise): see ``runtime.Workers``.
     """
 
     trainee: keras.Model
     holder: keras.Model
-    train: Callable[[int], tf.data.Dataset]
-    val: tf.data.Dataset
+    train: Callable[[int | None, ReplicaShard | None], tf.data.Dataset]
+    val: Callable[[ReplicaShard | None], tf.data.Dataset]
     cached: bool
     optimizer: keras.optimizers.Optimizer | None = None
     # A number for a constant rate (finetune.lr_schedule: constant).
@@ -259,6 +267,7 @@ def run_stages(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     adapt_on: Examples | None = None,
     plan_rules: Mapping[str, Any] | None = None,
+    workers: Workers | None = None,
 ) -> TrainingState:
     """Trains the stages in order, resuming from ``store`` when it holds a checkpoint.
 
@@ -276,6 +285,8 @@ def run_stages(
             whose statistics the augmentation shifted).
         plan_rules: ``feature_shift.plan_rules``, the limits the range test's
             suggestions are kept within (needed when ``settings.lr_find`` is set).
+        workers: A multi-worker run's sharing of input and results among its
+            workers; ``None``: one machine.
 
     Returns:
         The final state: history rows and one record per stage.
@@ -293,6 +304,7 @@ def run_stages(
         callbacks=callbacks,
         adapt_on=train.originals() if adapt_on is None else adapt_on,
         plan_rules=plan_rules,
+        workers=workers or Workers(),
     )
     try:
         state = run.start(stages)
@@ -328,6 +340,7 @@ class _Run:
         callbacks: Sequence[keras.callbacks.Callback],
         adapt_on: Examples,
         plan_rules: Mapping[str, Any] | None,
+        workers: Workers,
     ):
         if settings.lr_find is not None and plan_rules is None:
             raise ValueError("The learning-rate range test needs the plan_rules")
@@ -338,6 +351,7 @@ class _Run:
         self.val = val
         self.settings = settings
         self.store = store
+        self.workers = workers
         self.batch = settings.batch_size * replicas
         self.replicas = replicas
         # Raises here, before any work, when a split cannot feed every replica.
@@ -355,6 +369,11 @@ class _Run:
         """Checks the input, then loads the checkpoint or starts afresh."""
         self._check_first_batch()
         state = self.store.load()
+        self.workers.check_same_checkpoint(
+            (-1, -1, -1)
+            if state is None
+            else (state.stage_index, state.epochs_done, state.saves)
+        )
         if state is None:
             if self.settings.tensorboard_dir is not None:
                 shutil.rmtree(self.settings.tensorboard_dir, ignore_errors=True)
@@ -493,7 +512,11 @@ class _Run:
                 lambda seed: range_test(
                     graph.trainee,
                     # Shuffled with seeds no epoch uses (epochs count from 0).
-                    graph.train(epoch_seed(self.settings.seed, index, -1 - seed)),
+                    self.workers.local(
+                        lambda shard, seed=seed: graph.train(
+                            epoch_seed(self.settings.seed, index, -1 - seed), shard
+                        )
+                    ),
                     min_lr=finder.min_lr,
                     max_lr=finder.max_lr,
                     steps=finder.steps,
@@ -588,14 +611,24 @@ class _Run:
             ),
         )
         logits = self.classifier.head.get_layer("logits")
+        # Every worker fits the same features; the chief's head is kept by all, so
+        # that no rounding difference between machines splits the replicas.
         logits.set_weights(
-            [
-                probe.kernel.astype(logits.kernel.dtype),
-                probe.bias.astype(logits.bias.dtype),
-            ]
+            self.workers.from_chief(
+                [
+                    probe.kernel.astype(logits.kernel.dtype),
+                    probe.bias.astype(logits.bias.dtype),
+                ]
+            )
         )
-        fitted = graph.trainee.evaluate(graph.train(None), verbose=0, return_dict=True)
-        checked = graph.trainee.evaluate(graph.val, verbose=0, return_dict=True)
+        fitted = graph.trainee.evaluate(
+            self.workers.dataset(lambda shard: graph.train(None, shard)),
+            verbose=0,
+            return_dict=True,
+        )
+        checked = graph.trainee.evaluate(
+            self.workers.dataset(graph.val), verbose=0, return_dict=True
+        )
         row = {
             "stage": stage.name,
             "epoch": 1,
@@ -653,6 +686,20 @@ class _Run:
             self._images(self.adapt_on, shuffle_seed=self.settings.seed),
             self.classifier.input_scaling,
         )
+        # Each worker estimated them alone (the same images): all keep the chief's.
+        statistics = [
+            variable
+            for layer in batchnorm_layers(self.classifier.backbone)
+            for variable in (layer.moving_mean, layer.moving_variance)
+        ]
+        for variable, value in zip(
+            statistics,
+            self.workers.from_chief(
+                [keras.ops.convert_to_numpy(v) for v in statistics]
+            ),
+            strict=True,
+        ):
+            variable.assign(value)
         self.features = None
         logger.info("BatchNorm statistics re-estimated (adapt) on %d images", seen)
 
@@ -663,7 +710,9 @@ class _Run:
         if self.settings.cache_head_features and stage.head_only:
             return self._cached_graph()
 
-        def images(examples: Examples, seed: int | None) -> tf.data.Dataset:
+        def images(
+            examples: Examples, seed: int | None, shard: ReplicaShard | None
+        ) -> tf.data.Dataset:
             return image_dataset(
                 examples.paths,
                 examples.labels,
@@ -673,13 +722,14 @@ class _Run:
                 shuffle_seed=seed,
                 generated=examples.generated,
                 replicas=self.replicas,
+                shard=shard,
             ).map(self._one_hot)
 
         return _StageGraph(
             trainee=training_model(self.classifier, stage.bn_policy),
             holder=self.classifier.model,
-            train=lambda seed: images(self.train, seed),
-            val=images(self.val, None),
+            train=lambda seed, shard: images(self.train, seed, shard),
+            val=lambda shard: images(self.val, None, shard),
             cached=False,
         )
 
@@ -699,6 +749,7 @@ class _Run:
                     policy=self.settings.policy,
                     batch_size=self.batch,
                     replicas=self.replicas,
+                    workers=self.workers,
                 )
                 for examples in (self.train, self.val)
             )
@@ -708,18 +759,20 @@ class _Run:
             # A new model on the head's layers: compiling it leaves `head` uncompiled.
             trainee=keras.Model(head.inputs, head.outputs, name="head_on_features"),
             holder=head,
-            train=lambda seed: feature_dataset(
+            train=lambda seed, shard: feature_dataset(
                 train_features,
                 self.train.labels,
                 batch_size=self.batch,
                 shuffle_seed=seed,
                 replicas=self.replicas,
+                shard=shard,
             ).map(self._one_hot),
-            val=feature_dataset(
+            val=lambda shard: feature_dataset(
                 val_features,
                 self.val.labels,
                 batch_size=self.batch,
                 replicas=self.replicas,
+                shard=shard,
             ).map(self._one_hot),
             cached=True,
         )
@@ -805,9 +858,10 @@ class _Run:
         progress = _EpochProgress(stage, self.train_batches)
         stop = _StopOnNonFiniteLoss(stage.name)
         for epoch in range(state.epochs_done, stage.epochs):
+            seed = epoch_seed(self.settings.seed, index, epoch)
             graph.trainee.fit(
-                graph.train(epoch_seed(self.settings.seed, index, epoch)),
-                validation_data=graph.val,
+                self.workers.dataset(functools.partial(graph.train, seed)),
+                validation_data=self.workers.dataset(graph.val),
                 initial_epoch=epoch,
                 epochs=epoch + 1,
                 shuffle=False,
