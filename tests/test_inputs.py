@@ -265,13 +265,13 @@ def test_shards_concatenated_per_step_give_the_examples_back_in_order():
 def test_a_worker_opens_only_its_own_images(coloured_files, monkeypatch):
     paths, _ = coloured_files
     opened = []
-    real = inputs.load_image
+    real = inputs.load_resized
 
-    def recording(path, policy):
+    def recording(path, *args, **kwargs):
         opened.append(path)
-        return real(path, policy)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(inputs, "load_image", recording)
+    monkeypatch.setattr(inputs, "load_resized", recording)
     shard = ReplicaShard(1, 2)
     images = image_dataset(
         paths, None, image_size=8, batch_size=4, policy=OpenPolicy(), shard=shard
