@@ -3,7 +3,7 @@
 Every demo image (``data/01_raw/images``, 240) stands for a test image; the model is
 the classifier ``finetune`` builds (``classifier.build_classifier``, IRv2 with random
 weights, ``--size`` px). Side by side in one process, alternating for ``--rounds``
-rounds (medians), each over images already in memory:
+rounds (medians), each over images already in memory but the label-issue pass:
 
 - ``predict``: one plain forward pass over the images (``predict.predict_padded``),
   the unit: one backbone pass;
@@ -14,12 +14,19 @@ rounds (medians), each over images already in memory:
   of conf/base (8 + 2 x 3 = 14 here);
 - ``grad_cam_all``: Grad-CAM on every image, the cost per image of a forward and
   backward pass (the pipeline does not run it; it prices a heatmap per test image);
-- ``label_issues``: the label-issue pass: out-of-sample probabilities from a k-fold
-  linear head (``probe.fit_probe``, ``--folds``) on pooled backbone features. The
-  label-issue pipeline is built on another branch; until it is merged this times
-  :func:`kfold_probe_on_cached_features`, a stand-in with the probe it is to use,
-  and the features come from one backbone pass (the cache ``finetune`` already
-  makes), so its backbone passes are 0 beyond that cache.
+- ``label_issues``: what ``embed_training_images`` and ``find_label_issues`` run,
+  every image standing for a training original (its own duplicate group): one
+  streamed forward pass over the files for the pooled features
+  (``predict.probabilities_and_features``), the k-fold cross-validated probe
+  (``label_issues.out_of_sample_probabilities``) and confident learning by cleanlab
+  (``label_issues.confident_learning``), with ``evaluation.label_issues`` of
+  conf/base; its three parts are timed within the same calls (``label_issues_embed``,
+  ``label_issues_probe``, ``label_issues_cleanlab``). The embedding reads and decodes
+  the files, as the node does; the other passes run on pixels in memory.
+  ``probabilities_and_features`` builds its two-output model (probabilities and
+  pooled features) on each call, so each call traces it anew, as each node does once;
+- ``predict_with_features``: that two-output model built once, in memory, traced
+  before timing: what the embedding costs without the files and the tracing.
 
 Backbone passes are counted as image-passes over the images divided by their number
 (a backward pass counted apart). The last line printed is one JSON object.
@@ -52,32 +59,59 @@ from irv2_pipeline.pipelines.evaluation.attribution import (  # noqa: E402
     occlude,
     occlusion_masks,
 )
-from irv2_pipeline.predict import predict_padded  # noqa: E402
-from irv2_pipeline.probe import fit_probe  # noqa: E402
+from irv2_pipeline.pipelines.evaluation.label_issues import (  # noqa: E402
+    confident_learning,
+    out_of_sample_probabilities,
+)
+from irv2_pipeline.predict import (  # noqa: E402
+    POOLED_LAYERS,
+    predict_padded,
+    probabilities_and_features,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 ROOT = PROJECT / "data" / "01_raw" / "images"
 EVALUATION = PROJECT / "conf" / "base" / "parameters_evaluation.yml"
 
 
-def kfold_probe_on_cached_features(
-    features: np.ndarray, labels: np.ndarray, classes: int, folds: int, seed: int
-) -> np.ndarray:
-    """Stand-in for the label-issue pass: k-fold out-of-sample class probabilities.
-
-    Each image's probabilities come from a probe fitted on the other folds (no
-    backbone pass: the features are the cached ones). To be replaced by the
-    label-issue pipeline's own function once that branch is merged.
-    """
-    order = np.random.default_rng(seed).permutation(len(labels))
-    probabilities = np.zeros((len(labels), classes))
-    for held_out in np.array_split(order, folds):
-        kept = np.setdiff1d(order, held_out)
-        probe = fit_probe(
-            features[kept], labels[kept], classes, c=1.0, max_iter=200, seed=seed
-        )
-        probabilities[held_out] = np.exp(probe.log_probabilities(features[held_out]))
-    return probabilities
+def label_issue_pass(
+    model: keras.Model,
+    paths: list[Path],
+    labels: np.ndarray,
+    names: list[str],
+    *,
+    settings: dict,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """The label-issue pass of the evaluation pipeline, timed by part (seconds)."""
+    started = time.perf_counter()
+    features = probabilities_and_features(
+        model,
+        names,
+        paths,
+        image_size=args.size,
+        policy=OpenPolicy(),
+        batch_size=args.batch_size,
+    ).features
+    embedded = time.perf_counter()
+    probabilities = out_of_sample_probabilities(
+        features,
+        labels,
+        [path.name for path in paths],
+        len(names),
+        folds=args.folds,
+        c=float(settings["c"]),
+        max_iter=int(settings["max_iter"]),
+        seed=int(settings["seed"]),
+    )
+    probed = time.perf_counter()
+    confident_learning([str(path) for path in paths], labels, probabilities, names)
+    finished = time.perf_counter()
+    return {
+        "label_issues_embed": embedded - started,
+        "label_issues_probe": probed - embedded,
+        "label_issues_cleanlab": finished - probed,
+    }
 
 
 def timed(function) -> float:
@@ -95,11 +129,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=75)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--folds", type=int, help="default: evaluation.label_issues.folds of conf/base"
+    )
     args = parser.parse_args()
 
     evaluation = yaml.safe_load(EVALUATION.read_text())["evaluation"]
     settings = evaluation["attribution"]
+    if args.folds is None:
+        args.folds = int(evaluation["label_issues"]["folds"])
     paths = sorted(ROOT.rglob("*.png"))
     names = sorted({path.parent.name for path in paths})
     labels = np.array([names.index(path.parent.name) for path in paths])
@@ -126,15 +164,19 @@ def main() -> None:
             for mask in masks:
                 predict_padded(model, occlude(batch, mask, fill), args.batch_size)
 
-    features: list[np.ndarray] = []
+    layer_names = {layer.name for layer in model.layers}
+    pooled = next(name for name in POOLED_LAYERS if name in layer_names)
+    with_features = keras.Model(
+        model.input, [model.output, model.get_layer(pooled).output]
+    )
 
-    def cache_features() -> None:
-        features.clear()
+    def plain_with_features() -> None:
         for batch in batches(pixels, args.batch_size):
-            features.extend(predict_padded(classifier.features, batch, args.batch_size))
+            predict_padded(with_features, batch, args.batch_size)
 
     passes = {
         "predict": plain,
+        "predict_with_features": plain_with_features,
         "occlusion": occlusion,
         "grad_cam_plot": lambda: grad_cam(
             model, layer, pixels[:shown], targets[:shown], args.batch_size
@@ -143,26 +185,40 @@ def main() -> None:
             model, layer, pixels, targets, args.batch_size
         ),
     }
-    # Tracing and TensorFlow's start-up go to a first untimed call of each pass.
-    for run in (*passes.values(), cache_features):
+    parts: dict[str, list[float]] = {}
+
+    def label_issues() -> None:
+        timed_parts = label_issue_pass(
+            model, paths, labels, names, settings=evaluation["label_issues"], args=args
+        )
+        for name, value in timed_parts.items():
+            parts.setdefault(name, []).append(value)
+
+    passes["label_issues"] = label_issues
+    # Tracing, TensorFlow's and cleanlab's start-up go to a first untimed call of
+    # each pass.
+    for run in passes.values():
         run()
-    cached = np.concatenate(features)
-    passes["label_issues"] = lambda: kfold_probe_on_cached_features(
-        cached, labels, len(names), args.folds, seed=0
-    )
+    parts.clear()
     times: dict[str, list[float]] = {name: [] for name in passes}
     for _ in range(args.rounds):
         for name, run in passes.items():
             times[name].append(timed(run))
-    seconds = {name: float(np.median(values)) for name, values in times.items()}
+    seconds = {
+        name: float(np.median(values)) for name, values in (times | parts).items()
+    }
     images = len(pixels)
     # Image-passes through the backbone per image: forward, backward.
     backbone_passes = {
         "predict": (1.0, 0.0),
+        "predict_with_features": (1.0, 0.0),
         "occlusion": (2.0, 0.0),
         "grad_cam_plot": (shown / images, shown / images),
         "grad_cam_all": (1.0, 1.0),
-        "label_issues": (0.0, 0.0),
+        "label_issues": (1.0, 0.0),
+        "label_issues_embed": (1.0, 0.0),
+        "label_issues_probe": (0.0, 0.0),
+        "label_issues_cleanlab": (0.0, 0.0),
     }
 
     print(
@@ -171,12 +227,13 @@ def main() -> None:
     )
     print(
         f"{images} images, {len(names)} classes, {args.size} px, Grad-CAM at {layer}, "
-        f"{shown} images in the plot, keras {keras.__version__}"
+        f"{shown} images in the plot, {args.folds}-fold probe, keras "
+        f"{keras.__version__}"
     )
-    print(f"{'pass':<15}{'forward':>9}{'backward':>9}{'seconds':>9}{'x predict':>10}")
+    print(f"{'pass':<23}{'forward':>9}{'backward':>9}{'seconds':>9}{'x predict':>10}")
     for name, (forward, backward) in backbone_passes.items():
         print(
-            f"{name:<15}{forward:>9.3f}{backward:>9.3f}{seconds[name]:>9.2f}"
+            f"{name:<23}{forward:>9.3f}{backward:>9.3f}{seconds[name]:>9.2f}"
             f"{seconds[name] / seconds['predict']:>10.2f}"
         )
     figures = {
@@ -195,7 +252,7 @@ def main() -> None:
             name: round(value / seconds["predict"], 2)
             for name, value in seconds.items()
         },
-        "label_issues_is_stand_in": True,
+        "label_issue_folds": args.folds,
         "cores": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }

@@ -66,6 +66,20 @@ def test_the_whole_dag_writes_every_output(smoke_run):
     print(f"smoke run: {seconds:.0f} s")  # noqa: T201 - the figure the README quotes
 
 
+def test_a_clean_run_flags_no_blank_image(smoke_run):
+    # The demo images (Fashion-MNIST) have content: none is blank (issue 16). The clean run's
+    # other new findings are checked next to their planted causes:
+    # test_label_noise_planted.py and test_shortcut_planted.py.
+    project, _, _ = smoke_run
+    manifest = pd.read_csv(project / "data/02_intermediate/image_manifest.csv")
+    summary = json.loads(
+        (project / "data/08_reporting/dataset_summary.json").read_text()
+    )
+    assert not manifest["blank"].any(), manifest[manifest["blank"]]
+    assert summary["blank_images"] == []
+    assert not any("blank" in warning for warning in summary["warnings"])
+
+
 def test_evaluation_runs_alone_from_persisted_outputs(smoke_run):
     project, _, _ = smoke_run
     result = kedro(["run", "--env", "smoke", "--pipeline", "evaluation"], cwd=project)

@@ -484,8 +484,13 @@ def test_class_imbalance_fires_on_low_recall_and_advises_class_weights(threshold
         "0.333), 0.89 of the way from chance to perfect below them (> 0.3) and more "
         "than test noise (0.167 for 10 test images); 20 training images",
         "training images per class: from 20 ('dog') to 300 ('cat'), 15.0x above 1.5x",
+        "classes with under 1/1.5 of 'cat''s training images: 'dog' (20 training "
+        "images, test recall 0.300 on 10)",
     ]
     assert "finetune.class_weights" in finding.parameters
+    assert finding.suggestion.endswith(
+        "add training images of the rare classes ('dog')."
+    )
 
 
 def test_class_imbalance_with_balanced_training_points_at_the_confusion(thresholds):
@@ -559,7 +564,12 @@ def test_class_imbalance_from_an_imbalanced_training_set_advises_class_weights(
     assert finding.evidence == [
         "accuracy 0.860 vs balanced accuracy 0.650 (gap 0.210 > 0.05)",
         "training images per class: from 40 ('dog') to 400 ('cat'), 10.0x above 1.5x",
+        # Both rare classes, though the recall of neither singles it out.
+        "classes with under 1/1.5 of 'cat''s training images: 'dog' (40 training "
+        "images, test recall 0.500 on 10), 'eel' (40 training images, test recall "
+        "0.500 on 10)",
     ]
+    assert "rare classes ('dog', 'eel')" in finding.suggestion
     assert finding.parameters == [
         "finetune.class_weights",
         "augmentation.balance.enabled",

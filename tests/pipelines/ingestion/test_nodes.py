@@ -348,12 +348,13 @@ def near(phash: str, other: str) -> bool:
     return bits <= INGESTION["duplicates"]["max_hamming"]
 
 
-def add_blank_pair(root: Path) -> list[str]:
-    """A flat red CMYK JPEG in cat and an all-black PNG in dog: equal pHashes."""
+def add_blank_pair(root: Path, labels: tuple[str, str] = ("cat", "dog")) -> list[str]:
+    """A flat red CMYK JPEG in one class, an all-black PNG in another: equal pHashes."""
     red = Image.new("CMYK", (64, 64), (0, 255, 255, 0))
+    black = Image.new("RGB", (48, 48))
     return [
-        write(root / "cat" / "red_cmyk.jpg", encode(red, "JPEG")),
-        write(root / "dog" / "black.png", encode(Image.new("RGB", (48, 48)), "PNG")),
+        write(root / labels[0] / "red_cmyk.jpg", encode(red, "JPEG")),
+        write(root / labels[1] / "black.png", encode(black, "PNG")),
     ]
 
 

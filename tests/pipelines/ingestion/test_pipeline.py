@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from irv2_pipeline.pipelines.ingestion import create_pipeline
+from tests.pipelines.ingestion.test_nodes import add_blank_pair
 
 # DESIGN.md's key columns of image_manifest.
 MANIFEST_COLUMNS = {
@@ -98,4 +99,49 @@ def test_manifest_covers_the_demo_images(ingested):
 
 def test_raw_images_are_left_untouched(ingested, folder_digest):
     project, before = ingested
+    assert folder_digest(project / "data" / "01_raw") == before
+
+
+@pytest.fixture(scope="module")
+def ingested_with_blanks(
+    project_copy_factory, run_kedro, folder_digest
+) -> tuple[Path, list[str], str]:
+    """Ingestion of the demo images plus a flat red CMYK JPEG among the bags and an
+    all-black PNG among the trousers.
+
+    Returns:
+        The project, the two blank images' manifest paths and the raw tree's digest
+        before the run.
+    """
+    project = project_copy_factory("ingestion_blanks")
+    blank = add_blank_pair(project / "data/01_raw/images", ("bag", "trouser"))
+    before = folder_digest(project / "data" / "01_raw")
+    result = run_kedro(["run", "--env", "smoke", "--pipeline", "ingestion"], project)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return project, blank, before
+
+
+def test_blank_images_are_flagged_not_a_label_conflict(ingested_with_blanks):
+    # Issue 16: their pHashes are equal (pHash ignores colour and the DC term), and
+    # they used to be grouped as near duplicates, reported as a label conflict and
+    # dropped from training.
+    project, blank, _ = ingested_with_blanks
+    data = project / "data"
+    manifest = pd.read_csv(data / "02_intermediate/image_manifest.csv")
+    rejected = pd.read_csv(data / "02_intermediate/rejected_images.csv")
+    duplicates = pd.read_csv(data / "02_intermediate/duplicate_report.csv")
+    summary = json.loads((data / "08_reporting/dataset_summary.json").read_text())
+    assert sorted(manifest.loc[manifest["blank"], "path"]) == sorted(blank)
+    assert not manifest["label_conflict"].any()
+    assert set(blank).isdisjoint(rejected["path"])
+    grouped = duplicates["paths"].str.split("; ").explode()
+    assert set(blank).isdisjoint(grouped), duplicates
+    assert not duplicates["label_conflict"].any()
+    assert summary["blank_images"] == sorted(blank)
+    assert summary["label_conflict_groups"] == 0
+    assert any("2 blank or near-constant images" in w for w in summary["warnings"])
+
+
+def test_raw_images_with_blanks_are_left_untouched(ingested_with_blanks, folder_digest):
+    project, _, before = ingested_with_blanks
     assert folder_digest(project / "data" / "01_raw") == before

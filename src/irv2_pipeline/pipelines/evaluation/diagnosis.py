@@ -747,6 +747,23 @@ def weak_classes(
     return scored[weak]
 
 
+def describe_rare_class(
+    name: str, classification_report: pd.DataFrame, train_counts: dict[str, int]
+) -> str:
+    """A rare class's training images and test recall, as evidence quotes them."""
+    tested = classification_report[
+        (classification_report["class"] == name)
+        & (classification_report["support"] > 0)
+    ]
+    if tested.empty:
+        return f"{name!r} ({train_counts[name]} training images, no test images)"
+    row = tested.iloc[0]
+    return (
+        f"{name!r} ({train_counts[name]} training images, test recall "
+        f"{row['recall']:.3f} on {int(row['support'])})"
+    )
+
+
 def class_imbalance(
     metrics: dict[str, Any],
     classification_report: pd.DataFrame,
@@ -759,7 +776,11 @@ def class_imbalance(
     decide what the finding says: an imbalance, with class weights as advice, when
     the training set is imbalanced (largest over smallest class above
     ``max_train_imbalance_ratio``); classes that are hard to tell apart, with more
-    varied images of them as advice, when it is not.
+    varied images of them as advice, when it is not. An imbalanced finding names
+    every rare class (fewer training images than the largest class's over
+    ``max_train_imbalance_ratio``) with its test recall: a class of a dozen images has
+    one or two test images, too few for its own recall to single it out, yet the
+    imbalance concerns it as much as the smallest.
     """
     max_gap = float(settings["max_balanced_accuracy_gap"])
     min_skill_gap = float(settings["min_skill_gap"])
@@ -796,6 +817,19 @@ def class_imbalance(
         + ("above" if imbalanced else "within")
         + f" {limit}x"
     )
+    # Classes whose largest-over-them ratio alone crosses the limit.
+    rare = sorted(
+        name
+        for name, count in train_counts.items()
+        if count * limit < train_counts[largest]
+    )
+    if rare:
+        evidence.append(
+            f"classes with under 1/{limit:g} of {largest!r}'s training images: "
+            + ", ".join(
+                describe_rare_class(name, classes, train_counts) for name in rare
+            )
+        )
     names = ", ".join(repr(name) for name in weak["class"]) or "the weaker classes"
     return Finding(
         rule="class_imbalance",
@@ -809,7 +843,9 @@ def class_imbalance(
         suggestion=(
             "Weight the loss by class (finetune.class_weights: true) or give rare "
             "classes more augmented copies (augmentation.balance.enabled: true), and "
-            f"add training images of the smaller classes, e.g. {smallest!r}."
+            "add training images of the rare classes ("
+            + ", ".join(repr(name) for name in rare)
+            + ")."
             if imbalanced
             else f"See in the confusion matrix which classes {names} are taken for; "
             "add more varied training images of them and write more augmented copies."
