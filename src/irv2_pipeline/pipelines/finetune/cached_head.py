@@ -87,6 +87,7 @@ def shared_pooled_features(
     policy: OpenPolicy,
     batch_size: int,
     replicas: int = 1,
+    workers: Workers | None = None,
 ) -> np.ndarray:
     """:func:`pooled_features`, computed once for every run that needs the same ones.
 
@@ -105,6 +106,7 @@ def shared_pooled_features(
         policy: How images are opened.
         batch_size: Images per forward pass (all replicas together).
         replicas: Replicas the passes are split across.
+        workers: As for :func:`pooled_features`; only the chief writes the file.
 
     Returns:
         One row of pooled features per image.
@@ -123,7 +125,10 @@ def shared_pooled_features(
         policy=policy,
         batch_size=batch_size,
         replicas=replicas,
+        workers=workers,
     )
+    if workers is not None and not workers.is_chief:
+        return features
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path) as temporary, open(temporary, "wb") as file:
         np.save(file, features)
