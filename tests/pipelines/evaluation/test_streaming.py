@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from irv2_pipeline import inputs
+from irv2_pipeline import inputs, predict
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.pipelines.evaluation.nodes import predict_test_split
 from tests.streaming import (
@@ -58,6 +58,15 @@ def test_test_images_are_decoded_once_and_in_step_with_the_model(
     decoded = DecodeCounter(inputs.load_resized)
     monkeypatch.setattr(inputs, "load_resized", decoded)
     model = CountingModel(colour_model, decoded)
+    # The node predicts through predict.py's two-output view of the model: note the
+    # decoded count there, at every batch handed to the model.
+    real_predict = predict.predict_padded
+
+    def counted(view, batch, batch_size):
+        model.decoded_at_batch.append(decoded.count)
+        return real_predict(view, batch, batch_size)
+
+    monkeypatch.setattr(predict, "predict_padded", counted)
 
     predictions = predict_test_split(
         finetuned_model=model,

@@ -12,14 +12,11 @@ from matplotlib.figure import Figure
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy
-from irv2_pipeline.inputs import check_pixel_range, image_dataset
 from irv2_pipeline.inputs import class_names as manifest_classes
+from irv2_pipeline.inputs import image_dataset
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
 from irv2_pipeline.plan_rules import learning_rate_problems
 from irv2_pipeline.predict import (
-    check_model_shape,
-    flip_averaged,
-    mirrored,
     predict_padded,
     probabilities_and_features,
     softmax_rows,
@@ -98,29 +95,24 @@ def predict_test_split(
             "`kedro run --pipeline ingestion`."
         )
     classes = _checked_classes(class_names, image_manifest)
-    image_size = int(model["image_size"])
-    check_model_shape(finetuned_model, image_size, classes, EvaluationError)
-    batch_size = int(evaluation["batch_size"])
-    dataset = image_dataset(
+    outputs = probabilities_and_features(
+        finetuned_model,
+        classes,
         [raw_images.path_of(path) for path in test["path"]],
-        None,
-        image_size=image_size,
-        batch_size=batch_size,
+        image_size=int(model["image_size"]),
         policy=OpenPolicy.from_params(images),
+        batch_size=int(evaluation["batch_size"]),
+        error=EvaluationError,
+        what="test images predicted",
+        flip_tta=bool(evaluation["test_time_augmentation"]),
     )
-    with_tta = bool(evaluation["test_time_augmentation"])
-    plain, flipped = [], []
-    progress = ProgressLog("test images predicted", len(test), logger)
-    for index, batch in enumerate(dataset.as_numpy_iterator()):
-        if index == 0:
-            check_pixel_range(batch)
-        plain.append(_probabilities(finetuned_model, batch, batch_size))
-        if with_tta:
-            flipped.append(_probabilities(finetuned_model, mirrored(batch), batch_size))
-        progress.advance(len(batch))
-    probabilities = np.concatenate(plain)
-    tta = flip_averaged(probabilities, np.concatenate(flipped)) if with_tta else None
-    return prediction_table(test["path"], test["label"], classes, probabilities, tta)
+    return prediction_table(
+        test["path"],
+        test["label"],
+        classes,
+        outputs.probabilities,
+        outputs.tta_probabilities,
+    )
 
 
 def score_predictions(
