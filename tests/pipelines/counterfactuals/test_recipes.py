@@ -170,7 +170,9 @@ def test_recipe_1_freezes_the_whole_backbone_under_a_1024_unit_head(built):
         False,
     )
     assert run["trainee"].optimizer.weight_decay is None
+    # Keras's fit: no early stopping, the model is the last epoch's.
     assert run["run"].settings.patience is None
+    assert run["run"].settings.restore_best_weights is False
     # Frozen backbone: its head trains on features computed once.
     assert run["cached"] and run["records"]["cached_features"].tolist() == [True]
     assert run["records"]["augmented_images"].tolist() == [6]
@@ -191,6 +193,8 @@ def test_recipe_2_scales_by_1_255_trains_layers_500_on_with_batch_statistics(bui
         float(np.float32(1e-4)),
         False,
     )
+    assert run["run"].settings.patience is None
+    assert run["run"].settings.restore_best_weights is False
     assert run["records"]["augmented_images"].tolist() == [0]
     assert_batchnorm_in_training_mode(run["trainee"], model)
 
@@ -211,6 +215,8 @@ def test_recipe_3_trains_layers_500_on_at_1e_2_under_a_thin_head(built):
     )
     assert run["run"].settings.patience == 5
     assert run["run"].settings.min_delta == 0.0
+    # EarlyStopping's default: the model is the epoch it stopped at, not the best.
+    assert run["run"].settings.restore_best_weights is False
     assert run["records"]["augmented_images"].tolist() == [6]
     assert_batchnorm_in_training_mode(run["trainee"], model)
 

@@ -129,32 +129,47 @@ def test_a_save_that_fails_leaves_the_previous_model_whole(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
 
 
-def test_early_stopping_ends_the_stage_and_restores_its_best_epoch(tmp_path):
+@pytest.mark.parametrize(
+    ("restore_best_weights", "kept_epoch"), [(True, 1), (False, 2)]
+)
+def test_early_stopping_ends_the_stage_with_its_best_or_its_last_epoch(
+    tmp_path, restore_best_weights, kept_epoch
+):
+    """Ours restores the best epoch; the textbook recipes keep the last, as Keras."""
     classifier = mini_classifier()
     initial = classifier.head.get_weights()
+    # Raised for the first class only (a shift of every logit alike changes nothing).
+    scrambled = [
+        (w + 5.0 * (np.arange(w.shape[-1]) == 0)).astype(w.dtype) for w in initial
+    ]
 
-    class ScrambleAfterSecondEpoch(keras.callbacks.Callback):
-        # Runs after the epoch's validation: the epoch's val_loss is the unscrambled
-        # one, but the weights the stage ends with are garbage unless restored.
-        def on_epoch_end(self, epoch, logs=None):
+    class ScrambleBeforeSecondEpoch(keras.callbacks.Callback):
+        # Epoch 2 trains (at rate 0) and is validated with these weights: its
+        # val_loss is worse than epoch 1's, and patience 1 stops the stage there.
+        def on_epoch_begin(self, epoch, logs=None):
             if epoch == 1:
-                classifier.head.set_weights([w + 5.0 for w in initial])
+                classifier.head.set_weights(scrambled)
 
-    # A learning rate of 0: val_loss never improves after the first epoch.
     state = train(
         classifier,
         [stage("head", None, epochs=5, learning_rate=0.0)],
         demo_examples(2, 1),
         tmp_path,
-        callbacks=(ScrambleAfterSecondEpoch(),),
+        callbacks=(ScrambleBeforeSecondEpoch(),),
         patience=1,
-        head_solver="minibatch",
+        # The whole model trains, so the callback's weights are the ones trained.
+        cache_head_features=False,
+        restore_best_weights=restore_best_weights,
     )
     record = state.stage_records[0]
-    assert (record["epochs_trained"], record["best_epoch"]) == (2, 1)
+    first, second = (row["val_loss"] for row in state.history)
+    assert second > first
+    assert (record["epochs_trained"], record["best_epoch"]) == (2, kept_epoch)
     assert record["stopped_early"]
-    for restored, start in zip(classifier.head.get_weights(), initial, strict=True):
-        np.testing.assert_array_equal(restored, start)
+    assert record["best_val_loss"] == (first, second)[kept_epoch - 1]
+    expected = (initial, scrambled)[kept_epoch - 1]
+    for kept, weights in zip(classifier.head.get_weights(), expected, strict=True):
+        np.testing.assert_array_equal(kept, weights)
 
 
 class _Interrupted(Exception):

@@ -52,10 +52,13 @@ class TrainingState:
         stage_index: The stage being trained (all before it are done).
         epochs_done: Epochs of that stage done.
         adapted: Whether the stage's BatchNorm adaptation (``adapt``) is done.
-        best_val_loss: The stage's best validation loss so far.
+        best_val_loss: The validation loss of the epoch whose weights the stage
+            keeps: its lowest so far, or its last with
+            ``early_stopping.restore_best_weights`` false.
         best_val_accuracy: The validation accuracy of that epoch.
-        best_epoch: The epoch (1-based) that reached it; 0 for none yet.
-        epochs_without_improvement: For early stopping.
+        best_epoch: That epoch (1-based); 0 for none yet.
+        lowest_val_loss: The stage's lowest validation loss so far.
+        epochs_without_improvement: Epochs since it last fell (early stopping).
         history: One dict per epoch trained, all stages.
         stage_records: One dict per finished stage.
         selected_stage: The finished stage with the lowest validation loss so far,
@@ -77,6 +80,7 @@ class TrainingState:
     best_val_loss: float | None = None
     best_val_accuracy: float | None = None
     best_epoch: int = 0
+    lowest_val_loss: float | None = None
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stage_records: list[dict[str, Any]] = field(default_factory=list)
@@ -96,6 +100,7 @@ class TrainingState:
         self.best_val_loss = None
         self.best_val_accuracy = None
         self.best_epoch = 0
+        self.lowest_val_loss = None
         self.epochs_without_improvement = 0
 
 

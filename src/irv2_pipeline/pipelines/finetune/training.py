@@ -104,6 +104,9 @@ class TrainingSettings:
         patience: Epochs without improvement of ``val_loss`` before a stage stops;
             ``None`` never stops early.
         min_delta: The least decrease of ``val_loss`` that counts as improvement.
+        restore_best_weights: A stage ends with the weights of its epoch of lowest
+            ``val_loss``; ``False``: with its last epoch's, as Keras's
+            ``fit`` (and ``EarlyStopping``'s default) leaves them.
         cache_head_features: Train head-only stages on cached pooled features.
         head_solver: ``lbfgs``: a linear head on cached features is fitted to
             convergence as ``probe.select_probe`` does, its L2 strength chosen on
@@ -139,6 +142,7 @@ class TrainingSettings:
     class_weights: bool = False
     patience: int | None = None
     min_delta: float = 0.0
+    restore_best_weights: bool = True
     cache_head_features: bool = True
     head_solver: str = "lbfgs"
     head_c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
@@ -212,6 +216,9 @@ class TrainingSettings:
             class_weights=bool(finetune.get("class_weights", False)),
             patience=None if patience is None else int(patience),
             min_delta=float(stopping.get("min_delta", 0.0)),
+            restore_best_weights=bool(
+                stopping.get("restore_best_weights", cls.restore_best_weights)
+            ),
             cache_head_features=bool(finetune.get("cache_head_features", True)),
             head_solver=solver,
             head_c_grid=tuple(
@@ -400,7 +407,7 @@ class _Run:
         return state
 
     def train_stage(self, index: int, stage: Stage, state: TrainingState) -> None:
-        """Trains one stage to its end, restores its best epoch, checkpoints."""
+        """Trains one stage to its end, restores the epoch it keeps, checkpoints."""
         started = time.monotonic()
         set_trainable_from(self.classifier.backbone, stage.unfreeze_from)
         if stage.bn_policy == "adapt" and not state.adapted:
@@ -480,7 +487,7 @@ class _Run:
     def _train(
         self, index: int, stage: Stage, graph: _StageGraph, state: TrainingState
     ) -> None:
-        """The stage's remaining epochs, then its best epoch's weights restored."""
+        """The stage's remaining epochs, then the weights of the epoch it keeps."""
         best = self._resume(state, graph)
         tensorboard = _tensorboard(self.settings, stage)
         if state.epochs_done < stage.epochs and not _stopped_early(
@@ -1057,18 +1064,21 @@ class _EpochRecord(keras.callbacks.Callback):
         state.history.append(row)
         state.epochs_done = epoch + 1
         due = self._checkpoint_due(epoch + 1)
-        improved = state.best_val_loss is None or logs["val_loss"] < (
-            state.best_val_loss - settings.min_delta
+        improved = state.lowest_val_loss is None or logs["val_loss"] < (
+            state.lowest_val_loss - settings.min_delta
         )
-        weights = host_copy(self._changing) if due or improved else None
         if improved:
+            state.lowest_val_loss = logs["val_loss"]
+            state.epochs_without_improvement = 0
+        else:
+            state.epochs_without_improvement += 1
+        kept = improved or not settings.restore_best_weights
+        weights = host_copy(self._changing) if due or kept else None
+        if kept:
             state.best_val_loss = logs["val_loss"]
             state.best_val_accuracy = logs["val_accuracy"]
             state.best_epoch = epoch + 1
-            state.epochs_without_improvement = 0
             self.best, self._best_saved = weights, False
-        else:
-            state.epochs_without_improvement += 1
         if due:
             saved = {
                 "progress": weights,
