@@ -52,7 +52,11 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from irv2_pipeline.backbone import load_irv2  # noqa: E402
-from irv2_pipeline.classifier import HeadSpec, build_classifier  # noqa: E402
+from irv2_pipeline.classifier import (  # noqa: E402
+    HeadSpec,
+    build_classifier,
+    pooled_features_layer,
+)
 from irv2_pipeline.images import OpenPolicy, load_image, resize  # noqa: E402
 from irv2_pipeline.pipelines.evaluation.attribution import (  # noqa: E402
     grad_cam,
@@ -64,7 +68,6 @@ from irv2_pipeline.pipelines.evaluation.label_issues import (  # noqa: E402
     out_of_sample_probabilities,
 )
 from irv2_pipeline.predict import (  # noqa: E402
-    POOLED_LAYERS,
     predict_padded,
     probabilities_and_features,
 )
@@ -164,8 +167,7 @@ def main() -> None:
             for mask in masks:
                 predict_padded(model, occlude(batch, mask, fill), args.batch_size)
 
-    layer_names = {layer.name for layer in model.layers}
-    pooled = next(name for name in POOLED_LAYERS if name in layer_names)
+    pooled = pooled_features_layer(model)
     with_features = keras.Model(
         model.input, [model.output, model.get_layer(pooled).output]
     )

@@ -222,6 +222,17 @@ class InferenceMode(keras.layers.Layer):
         return self.model.compute_output_shape(input_shape)
 
 
+def pooled_features_layer(model: keras.Model) -> str | None:
+    """The name of the layer whose output the head reads (the pooled features).
+
+    ``avg_max_pool`` when the model pools both ways, else ``avg_pool``; ``None``
+    when the model has neither (``build_classifier`` did not make it).
+    """
+    names = {layer.name for layer in model.layers}
+    average, _, concatenate = POOLING_LAYERS
+    return next((name for name in (concatenate, average) if name in names), None)
+
+
 def training_model(classifier: Classifier, bn_policy: str) -> keras.Model:
     """The graph a stage trains: ``classifier.model``'s layers, BN as the policy says.
 

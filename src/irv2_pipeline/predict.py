@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from irv2_pipeline.classifier import pooled_features_layer
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import check_pixel_range, image_dataset
@@ -27,8 +28,6 @@ logger = logging.getLogger(__name__)
 
 # Softmax rows in float32 sum to 1 within far less than this.
 PROBABILITY_SUM_TOLERANCE = 1e-3
-# The classifier's pooled-feature layer, for each finetune.head.pooling.
-POOLED_LAYERS = ("avg_max_pool", "avg_pool")
 
 
 class ModelOutputs(NamedTuple):
@@ -208,11 +207,10 @@ def probabilities_and_features(  # noqa: PLR0913 - the model, its input, and how
 
 
 def _pooled_layer(model: KerasModel, error: type[Exception]) -> str:
-    names = {layer.name for layer in model.layers}
-    for name in POOLED_LAYERS:
-        if name in names:
-            return name
-    raise error(
-        f"finetuned_model has none of the pooling layers {POOLED_LAYERS}: it was not "
-        "built by `finetune`; rerun `kedro run --pipeline finetune`."
-    )
+    name = pooled_features_layer(model)
+    if name is None:
+        raise error(
+            "finetuned_model has no pooled-feature layer (avg_pool or avg_max_pool): "
+            "it was not built by `finetune`; rerun `kedro run --pipeline finetune`."
+        )
+    return name

@@ -9,7 +9,12 @@ import pytest
 from PIL import Image
 
 from irv2_pipeline.backbone import load_irv2
-from irv2_pipeline.classifier import HeadSpec, build_classifier, split_saved
+from irv2_pipeline.classifier import (
+    HeadSpec,
+    build_classifier,
+    pooled_features_layer,
+    split_saved,
+)
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.pipelines.evaluation.attribution import (
     PREPROCESSED_ZERO,
@@ -168,6 +173,18 @@ def test_a_model_not_built_as_the_classifier_is_refused():
     plain = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
     with pytest.raises(ValueError, match="not the classifier finetune builds"):
         split_saved(plain)
+
+
+def test_the_pooled_features_are_the_head_input_of_either_pooling():
+    both = build_classifier(
+        load_irv2(None, 75), CLASSES, HeadSpec(pooling="avg_max"), seed=1
+    )
+    layer = both.model.get_layer(pooled_features_layer(both.model))
+    assert layer.name == "avg_max_pool"
+    assert layer.output.shape[-1] == both.head.input_shape[-1] == 2 * 1536
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    plain = keras.Model(inputs, keras.layers.GlobalMaxPooling2D()(inputs))
+    assert pooled_features_layer(plain) is None
 
 
 def test_the_grad_cam_plot_shows_the_mistakes_then_correct_images_per_class(
