@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -136,6 +137,43 @@ def run_kedro() -> Callable[..., subprocess.CompletedProcess]:
 def folder_digest() -> Callable[[Path], str]:
     """``folder_digest(root)``: compare before and after to prove nothing changed."""
     return digest_folder
+
+
+def kedro_killed_when(
+    args: Sequence[str],
+    cwd: Path,
+    moment: Callable[[], bool],
+    *,
+    delay: float = 0.0,
+) -> str:
+    """Starts ``kedro <args>`` in ``cwd`` and SIGKILLs its process group ``delay``
+    seconds after ``moment()`` turns true, as a crash or an OOM kill would.
+
+    Returns:
+        The killed run's log (also in ``cwd / "killed.log"``).
+    """
+    log_path = cwd / "killed.log"
+    with log_path.open("w") as log:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "kedro", *args],
+            cwd=cwd,
+            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 900
+            while not moment() and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(delay)
+            assert run.poll() is None, log_path.read_text()[-3000:]
+            os.killpg(run.pid, signal.SIGKILL)
+            assert run.wait(60) == -signal.SIGKILL
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    return log_path.read_text()
 
 
 def project_parameters(env: str = "base") -> dict:

@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.conftest import kedro
+from tests.conftest import kedro, kedro_killed_when
 
 # The size of a tmpfs mounted for the project copy, and what is left free on it when
 # the second run starts: enough for Kedro to start, less than ingestion writes.
@@ -139,38 +135,6 @@ def stages(*stage: str) -> str:
     return f"finetune:\n{smoke}  stages:{listed}\n"
 
 
-def run_and_kill_when(
-    project: Path, args: list[str], moment: Callable[[], bool], *, delay: float = 0.0
-) -> str:
-    """Starts ``kedro <args>`` and SIGKILLs it ``delay`` seconds after ``moment()``.
-
-    Returns:
-        The killed run's log.
-    """
-    log_path = project / "killed.log"
-    with log_path.open("w") as log:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "kedro", *args],
-            cwd=project,
-            env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 900
-            while not moment() and run.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(delay)
-            assert run.poll() is None, log_path.read_text()[-3000:]
-            os.killpg(run.pid, signal.SIGKILL)
-            assert run.wait(60) == -signal.SIGKILL
-        finally:
-            if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-    return log_path.read_text()
-
-
 def checkpoint_state(project: Path) -> dict | None:
     """The state of the project's one training checkpoint, if there is one."""
     states = list((project / CHECKPOINTS).glob("*/state.json"))
@@ -214,7 +178,7 @@ def test_a_failed_then_twice_killed_training_goes_on_from_where_it_stopped(
 
     # 1. The typo fixed, the suggested command is killed 2 s into stage two's 2nd epoch.
     settings.write_text(stages(HEAD, TOP))
-    run_and_kill_when(project, resume, lambda: in_stage_two(project), delay=2)
+    kedro_killed_when(resume, project, lambda: in_stage_two(project), delay=2)
     saved = checkpoint_state(project)
     assert (saved["stage_index"], saved["epochs_done"], saved["finished"]) == (
         1,
@@ -223,7 +187,7 @@ def test_a_failed_then_twice_killed_training_goes_on_from_where_it_stopped(
     ), "killed in the middle of stage two"
 
     # 2. The rerun resumes there; killed while it writes the model file.
-    log = run_and_kill_when(project, resume, lambda: saving_the_model(project))
+    log = kedro_killed_when(resume, project, lambda: saving_the_model(project))
     assert "stage 2 of 2 (top), 1 of its epochs done" in log, log[-5000:]
     assert "stage head epoch" not in log, "stage one is not trained again"
     assert sha256(project / MODEL) == previous_model, "the previous model is whole"
@@ -269,7 +233,7 @@ def test_a_run_killed_during_augmentation_leaves_nothing_a_rerun_accepts(
     def some_copies_written() -> bool:
         return len(list((project / AUGMENTED).rglob("*.jpg"))) >= 20
 
-    run_and_kill_when(project, augment, some_copies_written)
+    kedro_killed_when(augment, project, some_copies_written)
     assert not (project / AUGMENTED_MANIFEST).exists()
     written = contents(project / AUGMENTED)
     uninterrupted = contents(finished / AUGMENTED)

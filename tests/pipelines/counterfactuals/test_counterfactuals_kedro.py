@@ -1,9 +1,12 @@
-"""`kedro run --env smoke --pipeline counterfactuals` after the shared smoke run.
+"""`kedro run --env smoke --pipeline counterfactuals` after the shared smoke run, killed
+while it trains a variant and resumed with ``--only-missing-outputs``.
 
 Two variants keep it within the suite's budget: ours (the reference: the smoke plan's
 L-BFGS head, then one epoch from block8_1) and textbook recipe 1 (frozen backbone:
-its head trains on features computed once). The smoke run's ingestion, augmentation
-and feature_shift outputs are reused; ``counterfactuals.only`` picks the variants.
+its head trains on features computed once). Kedro runs ``all_frozen``'s training
+first (nodes of one level run in name order), so the kill in ours' second stage finds
+one variant finished and one half way. The smoke run's ingestion, augmentation and
+feature_shift outputs are reused; ``counterfactuals.only`` picks the variants.
 """
 
 from __future__ import annotations
@@ -14,18 +17,37 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.conftest import kedro_killed_when
 
 pytestmark = pytest.mark.slow
 
 VARIANTS = ["ours", "all_frozen"]
 ONLY = "counterfactuals:\n  only: [ours, all_frozen]\n"
+COMMAND = ["run", "--env", "smoke", "--pipeline", "counterfactuals"]
+CHECKPOINTS = Path("data/06_models/checkpoints/counterfactuals")
+
+
+def checkpoint_state(project: Path, variant: str) -> dict | None:
+    """The state of the variant's training checkpoint, if it has one."""
+    states = list((project / CHECKPOINTS / variant).glob("*/state.json"))
+    return json.loads(states[0].read_text()) if states else None
+
+
+def in_second_stage(project: Path, variant: str) -> bool:
+    """Whether the variant's first stage is checkpointed and its second has begun."""
+    state = checkpoint_state(project, variant)
+    return state is not None and state["stage_index"] == 1
 
 
 @pytest.fixture(scope="module")
 def counterfactual_run(smoke_run, tmp_path_factory, run_kedro):
+    """The project after the killed run and its resumption, the two logs, and the
+    state ours' checkpoint held when the run was killed."""
     finished, _, _ = smoke_run
     project = tmp_path_factory.mktemp("counterfactuals") / "project"
     shutil.copytree(finished, project, symlinks=True)
@@ -34,19 +56,19 @@ def counterfactual_run(smoke_run, tmp_path_factory, run_kedro):
     for env in ("local", "smoke"):
         (project / "conf" / env / "parameters_counterfactuals.yml").write_text(ONLY)
     started = time.monotonic()
-    result = run_kedro(
-        ["run", "--env", "smoke", "--pipeline", "counterfactuals"],
-        cwd=project,
-        timeout=1500,
+    killed = kedro_killed_when(
+        COMMAND, project, lambda: in_second_stage(project, "ours"), delay=2
     )
+    at_kill = checkpoint_state(project, "ours")
+    resumed = run_kedro([*COMMAND, "--only-missing-outputs"], cwd=project, timeout=1500)
     seconds = time.monotonic() - started
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
     print(f"counterfactuals smoke run, {len(VARIANTS)} variants: {seconds:.0f} s")  # noqa: T201
-    return project, result.stdout + result.stderr
+    return project, killed, resumed.stdout + resumed.stderr, at_kill
 
 
 def test_the_summary_compares_each_variant_with_ours(counterfactual_run):
-    project, _ = counterfactual_run
+    project, *_ = counterfactual_run
     summary = pd.read_csv(project / "data/08_reporting/counterfactual_summary.csv")
     manifest = pd.read_csv(project / "data/02_intermediate/image_manifest.csv")
     assert summary["variant"].to_list() == VARIANTS
@@ -70,7 +92,7 @@ def test_the_summary_compares_each_variant_with_ours(counterfactual_run):
 
 
 def test_every_variant_trains_ours_budget_in_its_own_namespace(counterfactual_run):
-    project, log = counterfactual_run
+    project, killed, resumed, _ = counterfactual_run
     plan = json.loads((project / "data/05_model_input/finetune_plan.json").read_text())
     budget = sum(stage["epochs"] for stage in plan["stages"])
     manifest = pd.read_csv(project / "data/02_intermediate/image_manifest.csv")
@@ -89,7 +111,7 @@ def test_every_variant_trains_ours_budget_in_its_own_namespace(counterfactual_ru
         # The model is saved: its checkpoints are gone, in its own folder.
         folder = project / "data/06_models/checkpoints/counterfactuals" / name
         assert not list(folder.glob("*/state.json"))
-        assert f"Node {name}.train_classifier took" in log
+        assert f"Node {name}.train_classifier took" in killed + resumed
     ours = pd.read_csv(
         project / "data/07_model_output/counterfactuals/ours/finetune_stages.csv"
     )
@@ -102,7 +124,7 @@ def test_every_variant_trains_ours_budget_in_its_own_namespace(counterfactual_ru
 
 
 def test_the_report_section_and_chart_are_written(counterfactual_run):
-    project, _ = counterfactual_run
+    project, *_ = counterfactual_run
     reporting = project / "data/08_reporting"
     report = (reporting / "counterfactual_report.md").read_text()
     assert report.startswith("## What each fix was worth on your data")
@@ -114,7 +136,7 @@ def test_the_report_section_and_chart_are_written(counterfactual_run):
 
 
 def test_viz_previews_the_summary_chart_and_report(counterfactual_run):
-    project, _ = counterfactual_run
+    project, *_ = counterfactual_run
     result = subprocess.run(
         [sys.executable, "-m", "kedro", "viz", "build", "--include-previews"],
         cwd=project,
@@ -138,35 +160,29 @@ def test_viz_previews_the_summary_chart_and_report(counterfactual_run):
     }
 
 
-def test_a_resumed_run_trains_only_the_variants_not_done(counterfactual_run, run_kedro):
-    project, _ = counterfactual_run
-    outputs = project / "data/07_model_output/counterfactuals/all_frozen"
-    before = pd.read_csv(outputs / "test_predictions.csv")
-    # As a run killed while all_frozen trained leaves it: ours done, no summary.
-    (outputs / "test_predictions.csv").unlink()
-    models = project / "data/06_models/counterfactuals"
-    (models / "all_frozen" / "finetuned_model.keras").unlink()
-    reporting = project / "data/08_reporting"
-    for name in ("summary.csv", "chart.png", "report.md"):
-        (reporting / f"counterfactual_{name}").unlink()
-    result = run_kedro(
-        [
-            "run",
-            "--env",
-            "smoke",
-            "--pipeline",
-            "counterfactuals",
-            "--only-missing-outputs",
-        ],
-        cwd=project,
-        timeout=900,
+def test_a_killed_run_resumes_in_the_variant_it_was_in(counterfactual_run):
+    project, killed, resumed, at_kill = counterfactual_run
+    # Killed in ours' second stage, after all_frozen had finished training.
+    assert (at_kill["stage_index"], at_kill["finished"]) == (1, False), killed[-3000:]
+    assert "Node all_frozen.train_classifier took" in killed
+    assert "Node ours.train_classifier took" not in killed
+    # The rerun skips the finished variant and goes on inside the interrupted one.
+    assert "Node all_frozen.train_classifier took" not in resumed
+    assert "Node all_frozen.predict_test_split took" in resumed
+    assert "Resuming from" in resumed and "counterfactuals/ours" in resumed, resumed[
+        -6000:
+    ]
+    assert "stage 2 of 2" in resumed
+    history = pd.read_csv(
+        project / "data/07_model_output/counterfactuals/ours/training_history.csv"
     )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-6000:]
-    assert "Node all_frozen.train_classifier took" in log
-    assert "Node ours.train_classifier took" not in log
-    # Same seed, same data, same settings: the same predictions again.
-    after = pd.read_csv(outputs / "test_predictions.csv")
-    assert after["predicted"].to_list() == before["predicted"].to_list()
-    summary = pd.read_csv(reporting / "counterfactual_summary.csv")
-    assert summary["variant"].to_list() == VARIANTS
+    checkpointed = pd.DataFrame(at_kill["history"])
+    # Ours' first stage is not trained again: its epochs are the checkpoint's.
+    columns = ["stage", "epoch", "val_loss"]
+    pd.testing.assert_frame_equal(
+        history.loc[history["stage_index"] == 0, columns].reset_index(drop=True),
+        checkpointed.loc[checkpointed["stage_index"] == 0, columns],
+        check_exact=False,
+        rtol=1e-6,
+    )
+    assert not list((project / CHECKPOINTS).glob("*/*/state.json"))
