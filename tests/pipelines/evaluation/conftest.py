@@ -21,7 +21,7 @@ from PIL import Image
 from irv2_pipeline.backbone import PREPROCESS_LAYER, group_of
 from irv2_pipeline.classifier import HEAD_MODEL, LOGITS_LAYER, POOLING_LAYERS
 from irv2_pipeline.datasets import ImageFolder
-from tests.conftest import project_parameters
+from tests.conftest import kedro, project_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 IMAGE_SIZE = 32
@@ -30,6 +30,43 @@ CLASSES = sorted(COLOURS)
 # Per class: images 0 and 1 train, 2 val, 3 and 4 test.
 SPLIT_OF_INDEX = ("train", "train", "val", "test", "test")
 MISLABELLED = "red/red_4.png"
+
+
+# A planted cause's run: the whole smoke DAG with training cut to what the findings
+# need. They read the test predictions, the occlusions and the training images'
+# embeddings of whatever model training leaves, and a linear head fitted to convergence
+# on cached pooled features (the smoke run's first stage, BatchNorm adapted) is such a
+# model. Cut: the smoke run's second stage (one epoch from block8_1, with its range
+# test), the augmented copies (they add training images to every class alike) and
+# the feature_shift figures no finding here reads, on fewer images and permutations
+# (random weights: the plan is feature_shift.default_stages).
+CUT_TO_THE_FINDING = (
+    "augmentation.preset=none,"
+    "feature_shift.max_images_per_split=50,"
+    "feature_shift.split_shift.permutations=100"
+)
+HEAD_ONLY = [
+    {
+        "name": "head",
+        "unfreeze_from": None,
+        "epochs": 1,
+        "learning_rate": 1.0e-3,
+        "bn_policy": "adapt",
+    }
+]
+
+
+def run_cut_to_the_finding(project: Path) -> None:
+    """``kedro run --env smoke`` in ``project``, cut as :data:`CUT_TO_THE_FINDING` says
+    (the head-only stages through the copy's ``conf/smoke``)."""
+    path = project / "conf/smoke/parameters_finetune.yml"
+    conf = yaml.safe_load(path.read_text())
+    conf["finetune"]["stages"] = HEAD_ONLY
+    path.write_text(yaml.safe_dump(conf))
+    result = kedro(
+        ["run", "--env", "smoke", "--params", CUT_TO_THE_FINDING], project, 1500
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
 
 
 def textured(colour: tuple[int, int, int], seed: int, size: int = 24) -> np.ndarray:

@@ -7,10 +7,9 @@ issue 16 ingestion stopped on such a set ("class 'zero' has 12 usable images and
 in val"). ``kedro run --env smoke`` must now go through, give every class at least one
 image in each split, and ``class_imbalance`` must name the three small classes.
 
-The run is the whole smoke DAG with training cut to what the finding needs (see
-``CUT_TO_THE_FINDING``): the finding reads the test predictions of whatever model
-training leaves, and a linear head fitted to convergence on 751 training images of
-imbalanced classes is such a model, as the smoke run's head stage is.
+The run is the whole smoke DAG with training cut to what the finding needs
+(``run_cut_to_the_finding``): a linear head fitted to convergence on the pooled
+features of 751 training images of imbalanced classes.
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
+
+from .conftest import run_cut_to_the_finding
 
 pytestmark = pytest.mark.slow
 
@@ -31,27 +31,6 @@ NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 SMALL_CLASSES = ("zero", "one", "two")
 SMALL, LARGE = 12, 150
 SIDE = 28
-# Through --params: no augmented copies (they would only add training images to
-# every class alike), and the feature_shift figures, which the finding does not read
-# (random weights: the plan is feature_shift.default_stages), on fewer images and
-# permutations.
-CUT_TO_THE_FINDING = (
-    "augmentation.preset=none,"
-    "feature_shift.max_images_per_split=50,"
-    "feature_shift.split_shift.permutations=100"
-)
-# Through the copy's conf/smoke: only the head stage (the L-BFGS linear head on
-# cached pooled features, BatchNorm adapted as in the smoke run); the smoke run's
-# second stage, one epoch from block8_1, costs a training pass and a range test.
-HEAD_ONLY = [
-    {
-        "name": "head",
-        "unfreeze_from": None,
-        "epochs": 1,
-        "learning_rate": 1.0e-3,
-        "bn_policy": "adapt",
-    }
-]
 
 
 def write_digits(images: Path) -> dict[str, int]:
@@ -70,16 +49,8 @@ def write_digits(images: Path) -> dict[str, int]:
     return counts
 
 
-def head_only(project: Path) -> None:
-    """Sets ``finetune.stages`` to :data:`HEAD_ONLY` in the copy's smoke env."""
-    path = project / "conf/smoke/parameters_finetune.yml"
-    conf = yaml.safe_load(path.read_text())
-    conf["finetune"]["stages"] = HEAD_ONLY
-    path.write_text(yaml.safe_dump(conf))
-
-
 @pytest.fixture(scope="module")
-def planted_run(project_copy_factory, run_kedro) -> Path:
+def planted_run(project_copy_factory) -> Path:
     """``kedro run --env smoke`` on the planted digits (module docstring)."""
     project = project_copy_factory("class_imbalance_planted")
     images = project / "data/01_raw/images"
@@ -88,11 +59,7 @@ def planted_run(project_copy_factory, run_kedro) -> Path:
             path.unlink()
         folder.rmdir()
     assert sum(write_digits(images).values()) == 7 * LARGE + 3 * SMALL
-    head_only(project)
-    result = run_kedro(
-        ["run", "--env", "smoke", "--params", CUT_TO_THE_FINDING], project, 1500
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    run_cut_to_the_finding(project)
     return project
 
 

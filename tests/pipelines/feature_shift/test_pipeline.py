@@ -1,7 +1,7 @@
-"""`kedro run --env smoke` of `ingestion` then `feature_shift`, on the demo images.
+"""What `feature_shift` writes in `kedro run --env smoke` on the demo images.
 
-One process runs both (`--pipelines`), to start TensorFlow once; feature_shift reads
-ingestion's manifest from its CSV, as it does when run alone.
+The shared smoke run (``smoke_run``) is read: feature_shift reads ingestion's manifest
+from its CSV there too (the catalog saves it, then loads it for the next pipeline).
 """
 
 from __future__ import annotations
@@ -10,26 +10,19 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from irv2_pipeline.pipelines.feature_shift.shift import PROFILE_COLUMNS
 
 from .conftest import DEPTHS, GROUPS, UNITS, feature_shift_params
 
 
-def test_smoke_run_after_ingestion_writes_every_output(project_copy, run_kedro):
-    ingestion = run_kedro(
-        ["run", "--env", "smoke", "--pipeline", "ingestion"], project_copy
-    )
-    assert ingestion.returncode == 0, ingestion.stderr[-3000:]
-
-    run = run_kedro(
-        ["run", "--env", "smoke", "--pipeline", "feature_shift"], project_copy
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    log = run.stdout + run.stderr
+@pytest.mark.slow
+def test_the_smoke_run_writes_every_output(smoke_run):
+    project, log, _ = smoke_run
     assert "shift figures are meaningless" in log
 
-    data = project_copy / "data"
+    data = project / "data"
     manifest = pd.read_csv(data / "02_intermediate" / "image_manifest.csv")
     profile = pd.read_csv(data / "02_intermediate" / "bn_shift_profile.csv")
     assert list(profile.columns) == PROFILE_COLUMNS
