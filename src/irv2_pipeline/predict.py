@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from irv2_pipeline.classifier import pooled_features_layer
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import check_pixel_range, image_dataset
@@ -207,6 +206,9 @@ def probabilities_and_features(  # noqa: PLR0913 - the model, its input, and how
 
 
 def _pooled_layer(model: KerasModel, error: type[Exception]) -> str:
+    # classifier imports Keras: loaded here, not when the pipelines are registered.
+    from irv2_pipeline.classifier import pooled_features_layer  # noqa: PLC0415
+
     name = pooled_features_layer(model)
     if name is None:
         raise error(
