@@ -169,10 +169,9 @@ def test_a_killed_run_resumes_in_the_variant_it_was_in(counterfactual_run):
     # The rerun skips the finished variant and goes on inside the interrupted one.
     assert "Node all_frozen.train_classifier took" not in resumed
     assert "Node all_frozen.predict_test_split took" in resumed
-    assert "Resuming from" in resumed and "counterfactuals/ours" in resumed, resumed[
-        -6000:
-    ]
-    assert "stage 2 of 2" in resumed
+    resuming = [line for line in resumed.splitlines() if "Resuming from" in line]
+    assert len(resuming) == 1, resumed[-6000:]
+    assert "counterfactuals/ours/" in resuming[0] and "stage 2 of 2" in resuming[0]
     history = pd.read_csv(
         project / "data/07_model_output/counterfactuals/ours/training_history.csv"
     )
