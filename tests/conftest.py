@@ -128,6 +128,15 @@ def smoke_run(project_copy_factory) -> tuple[Path, str, float]:
 
 
 @pytest.fixture(scope="session")
+def adabn_source() -> Path:
+    """A pretrained source made here: IRv2 with BatchNorm statistics of fractal
+    images (``irv2_pipeline.make_source``), made once per content and cached."""
+    from irv2_pipeline.make_source import cached_source  # noqa: PLC0415
+
+    return cached_source("adabn", seed=0)
+
+
+@pytest.fixture(scope="session")
 def run_kedro() -> Callable[..., subprocess.CompletedProcess]:
     """``run_kedro(args, cwd)``: runs the kedro CLI in a project copy."""
     return kedro

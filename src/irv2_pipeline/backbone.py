@@ -15,6 +15,7 @@ loads, and importing Keras (with TensorFlow) costs seconds.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -34,6 +35,12 @@ GROUPS = ("stem", "block35", "mixed_6a", "block17", "mixed_7a", "block8", "conv_
 MIN_IMAGE_SIZE = 75
 PREPROCESS_LAYER = "irv2_preprocess"
 NOTOP_WEIGHTS_FILE = "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# The image size Keras's ImageNet weights were trained at.
+IMAGENET_IMAGE_SIZE = 299
+# A weights file may have a card beside it, its name plus this (JSON), that says
+# what it was trained on: ``image_size`` and ``preprocessing`` (irv2_pipeline.make_source
+# writes one).
+CARD_SUFFIX = ".json"
 
 # A named layer that ends (or is inside) a unit, and the unit it names.
 _UNIT_LAYER = re.compile(
@@ -94,6 +101,24 @@ def load_irv2(weights: str | None, image_size: int) -> keras.Model:
                 "weights (not transfer learning)."
             ) from exc
     return _load_local_weights(Path(weights), shape)
+
+
+def weights_card(weights: str | None) -> dict:
+    """What is known of the weights' training: ``{}`` for random weights, ImageNet's
+    own image size, or the card beside a local file (``{}`` when it has none)."""
+    if weights is None:
+        return {}
+    if weights == "imagenet":
+        return {"image_size": IMAGENET_IMAGE_SIZE, "preprocessing": "minus_one_to_one"}
+    card = Path(f"{weights}{CARD_SUFFIX}")
+    if not card.is_file():
+        return {}
+    try:
+        return json.loads(card.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(
+            f"{card} (the card of {weights}) is not JSON: {exc}"
+        ) from exc
 
 
 def _load_local_weights(path: Path, shape: tuple[int, int, int]) -> keras.Model:

@@ -36,6 +36,11 @@ FIRST_UNIT = {
 }
 
 
+# From this share of greyscale images on, the stem's shift is not read as a domain
+# shift (shift_start).
+GRAYSCALE_SHARE = 0.5
+
+
 class PlanError(ValueError):
     """A stage list or plan setting that cannot be used; the message names it."""
 
@@ -175,6 +180,41 @@ def blocks_reaching(block_shift: Mapping[str, float], threshold: float) -> list[
         The blocks at or above ``threshold``, shallowest first.
     """
     return [block for block, shift in block_shift.items() if shift >= threshold]
+
+
+def shift_start(
+    block_shift: Mapping[str, float], threshold: float, grayscale_share: float = 0.0
+) -> str | None:
+    """Where the shift starts: the shallowest block whose shift reaches ``threshold``.
+
+    In inference mode a shift accumulates: every block above the first shifted one
+    also sees inputs off its statistics, and the top's shift is often 4-10x the
+    stem's. Where it starts is what the target changed; the plan, the BatchNorm
+    switch and the ``domain_gap`` finding all read this block.
+
+    When most images are greyscale (``grayscale_share`` at least
+    :data:`GRAYSCALE_SHARE`) the stem is passed over: R = G = B leaves the stem's
+    colour-opponent filters nothing to see, and their collapsed variance alone is a
+    shift of about 2 (a variance ratio of 0.1) whatever the images show. The shift of
+    a grey target's content starts at the first block above the stem.
+
+    Args:
+        block_shift: Shift per block group, in network order.
+        threshold: The shift from which a block counts as far from the source.
+        grayscale_share: The share of the measured images whose channels are equal.
+
+    Returns:
+        The block, or ``None`` when no block (the stem aside, for grey images)
+        reaches ``threshold``.
+    """
+    grayscale = grayscale_share >= GRAYSCALE_SHARE
+    considered = {
+        block: value
+        for block, value in block_shift.items()
+        if not (grayscale and block == "stem")
+    }
+    reached = blocks_reaching(considered, threshold)
+    return reached[0] if reached else None
 
 
 def _number(value: Any, name: str, kind: type) -> int | float:

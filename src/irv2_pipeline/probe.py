@@ -54,10 +54,17 @@ class LinearProbe:
         predicted = np.argmax(self.log_probabilities(features), axis=1)
         return float(np.mean(predicted == np.asarray(labels)))
 
-    def log_loss(self, features: np.ndarray, labels: np.ndarray) -> float:
-        """Mean cross-entropy of the labels."""
+    def log_loss(
+        self, features: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0
+    ) -> float:
+        """Mean cross-entropy of the labels, smoothed as Keras's
+        ``CategoricalCrossentropy(label_smoothing=...)`` smooths them (the target is
+        ``1 - s`` on the label plus ``s / classes`` on every class)."""
         log_p = self.log_probabilities(features)
-        return float(-np.mean(log_p[np.arange(len(log_p)), np.asarray(labels)]))
+        own = log_p[np.arange(len(log_p)), np.asarray(labels)]
+        smoothing = float(label_smoothing)
+        mixed = (1.0 - smoothing) * own + smoothing * log_p.mean(axis=1)
+        return float(-np.mean(mixed))
 
 
 def fit_probe(
@@ -117,11 +124,13 @@ def select_probe(
     max_iter: int,
     seed: int,
     sample_weight: np.ndarray | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[LinearProbe, pd.DataFrame]:
     """Fits one probe per L2 strength and keeps the best on validation.
 
     The best has the highest validation accuracy; ties go to the lower validation
-    loss.
+    loss, smoothed by ``label_smoothing`` so that it is the loss the stages trained by
+    gradient are compared with.
 
     Args:
         train: Training ``(features, labels)``.
@@ -131,6 +140,7 @@ def select_probe(
         max_iter: L-BFGS iteration cap.
         seed: Of the solver.
         sample_weight: Per-training-image loss weights, or ``None``.
+        label_smoothing: Of the validation loss (``finetune.label_smoothing``).
 
     Returns:
         The chosen probe and a table of every strength tried (``c``,
@@ -154,7 +164,7 @@ def select_probe(
                 "c": float(c),
                 "train_accuracy": probe.accuracy(*train),
                 "val_accuracy": probe.accuracy(*val),
-                "val_loss": probe.log_loss(*val),
+                "val_loss": probe.log_loss(*val, label_smoothing=label_smoothing),
             }
         )
     table = pd.DataFrame(rows)

@@ -161,6 +161,18 @@ def test_feature_distortion_holds_a_stage_against_the_best_before_it(thresholds)
     ]
 
 
+def test_feature_distortion_is_silent_on_a_rise_within_the_noise(thresholds):
+    # 0.400 -> 0.408, a 2 % rise, at a better validation accuracy: no evidence.
+    history = history_frame(
+        {
+            "head": [(0.9, 0.70, 0.85, 0.72), (0.5, 0.86, 0.400, 0.84)],
+            "block8_1": [(0.4, 0.92, 0.408, 0.86), (0.3, 0.95, 0.42, 0.86)],
+        }
+    )
+    assert thresholds["feature_distortion"]["min_val_loss_rise"] > 0.02
+    assert feature_distortion(history, thresholds) is None
+
+
 def test_feature_distortion_is_silent_when_every_stage_improves(thresholds):
     assert feature_distortion(healthy_history(), thresholds) is None
 
@@ -227,7 +239,7 @@ def test_domain_gap_fires_when_shifted_blocks_stay_frozen(thresholds):
     )
     assert finding is not None
     assert finding.severity == "high"
-    assert finding.evidence[1] == "at or above 1.0: block17 (2.5)"
+    assert finding.evidence[1] == "the shift starts at block17 (2.5, at or above 1)"
     assert finding.evidence[2] == (
         "stages trained: head: head only, 2 epochs, learning rate 0.001, BatchNorm "
         "frozen; block8_1: unfreeze from block8_1, 2 epochs, learning rate 0.0001, "
@@ -260,6 +272,50 @@ def test_domain_gap_is_medium_when_the_plan_already_unfreezes_the_shifted_blocks
     )
     assert finding is not None
     assert finding.severity == "medium"
+
+
+def test_domain_gap_names_the_scarce_data_cap_that_stopped_the_plan(thresholds):
+    # Scarce data: the plan stops at mixed_7a although the shift starts at block17.
+    profile = shift_profile({"stem": 0.2, "block17_5": 2.5, "block8_2": 4.0})
+    limit = {
+        "setting": "feature_shift.plan.scarce_deepest_unit",
+        "unit": "mixed_7a",
+        "wanted": "block17_1",
+        "reason": "30 training images in the smallest class, under "
+        "scarce_images_per_class 100",
+    }
+    settings = thresholds["domain_gap"]
+    finding = diagnosis.domain_gap(
+        profile, trained(None, "block8_1", "mixed_7a"), "imagenet", settings, limit
+    )
+    assert finding is not None
+    assert finding.severity == "medium"
+    assert "the plan stopped at mixed_7a" in finding.cause
+    assert "shift_threshold" not in finding.suggestion
+    assert "feature_shift.plan.scarce_images_per_class" in finding.parameters
+    assert finding.evidence[-1] == (
+        "the plan stopped at mixed_7a (feature_shift.plan.scarce_deepest_unit): 30 "
+        "training images in the smallest class, under scarce_images_per_class 100"
+    )
+    # Stages a user wrote deeper or shallower than the cap are not the cap's doing.
+    mine = diagnosis.domain_gap(
+        profile, trained(None, "block8_1"), "imagenet", settings, limit
+    )
+    assert mine.severity == "high"
+    assert "shift_threshold" in mine.suggestion
+
+
+def test_domain_gap_passes_over_a_greyscale_stem(thresholds):
+    settings = thresholds["domain_gap"]
+    grey_stem = shift_profile({"stem": 2.2, "block35_2": 0.4})
+    assert diagnosis.domain_gap(grey_stem, trained(None), "imagenet", settings)
+    grey_stem["grayscale_share"] = 1.0
+    assert diagnosis.domain_gap(grey_stem, trained(None), "imagenet", settings) is None
+    grey = shift_profile({"stem": 2.2, "block35_2": 1.4})
+    grey["grayscale_share"] = 1.0
+    finding = diagnosis.domain_gap(grey, trained(None), "imagenet", settings)
+    assert "from block35 on" in finding.cause
+    assert "greyscale" in finding.evidence[-1]
 
 
 def test_domain_gap_is_silent_on_a_small_shift_or_random_weights(thresholds):
@@ -761,6 +817,7 @@ def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> 
                 "bn_shift_profile",
                 "split_shift",
                 "finetune_stages",
+                "finetune_plan",
                 "duplicate_report",
                 "dataset_summary",
             )

@@ -69,7 +69,7 @@ def plan_for(profile, settings) -> list[dict]:
         train_images_per_class=500,
         units=unit_order(profile),
     )
-    return plan_stages(measured, settings)[0]
+    return plan_stages(measured, settings).stages
 
 
 def test_shift_is_near_zero_on_the_bn_images_and_large_on_blurred_ones(

@@ -143,6 +143,49 @@ def test_the_range_test_sets_the_stage_rate_within_the_rules_and_resumes_it(
     assert again.found_rates == json.loads(json.dumps(state.found_rates))
 
 
+def test_the_range_test_scales_every_backbone_stage_keeping_the_planned_ratios(
+    tmp_path, examples
+):
+    finder = RangeTestSettings(seeds=(0,), steps=12, min_lr=1e-6, max_lr=1.0)
+    planned = {"head": 1e-3, "top": 4e-5, "deeper": 2e-5}
+    state = train(
+        mini_classifier(),
+        [
+            stage("head", None, learning_rate=planned["head"]),
+            stage("top", "block8_1", epochs=1, learning_rate=planned["top"]),
+            stage("deeper", "block17_1", epochs=1, learning_rate=planned["deeper"]),
+        ],
+        examples,
+        tmp_path,
+        lr_find=finder,
+        plan_rules=PLAN_RULES,
+    )
+    records = {record["stage"]: record for record in state.stage_records}
+    for name in ("top", "deeper"):
+        assert records[name]["planned_learning_rate"] == planned[name]
+    # One sweep, for the first backbone stage; the next keeps the plan's ratio.
+    assert "curve" in state.found_rates["1"]
+    assert "curve" not in state.found_rates["2"]
+    assert records["deeper"]["learning_rate"] / records["top"]["learning_rate"] == (
+        pytest.approx(planned["deeper"] / planned["top"])
+    )
+    assert "the range test of stage 'top'" in records["deeper"]["lr_note"]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_probes_loss_is_the_compiled_loss_of_the_stages(smoothing):
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(40, 5)), np.repeat(np.arange(4), 10)
+    probe = fit_probe(features, labels, 4, c=1.0, max_iter=500, seed=0)
+    logits = features @ probe.kernel + probe.bias
+    keras_loss = keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=smoothing
+    )(np.eye(4)[labels], logits)
+    assert probe.log_loss(features, labels, smoothing) == pytest.approx(
+        float(keras_loss), rel=1e-5
+    )
+
+
 def test_default_weight_decay_shrinks_weights_measurably():
     finetune = load_parameters("parameters_finetune")["finetune"]
     plan = load_parameters("parameters_feature_shift")["feature_shift"]["plan"]

@@ -36,7 +36,11 @@ import pandas as pd
 
 from irv2_pipeline.backbone import GROUPS, group_of
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
-from irv2_pipeline.plan_rules import FIRST_UNIT, blocks_reaching
+from irv2_pipeline.plan_rules import (
+    FIRST_UNIT,
+    GRAYSCALE_SHARE,
+    shift_start,
+)
 
 SEVERITIES = ("high", "medium", "low")
 # Findings in this order, the cause that explains the others first (module docstring);
@@ -428,18 +432,25 @@ def domain_gap(
     stages: Sequence[dict[str, Any]],
     weights: str | None,
     settings: dict[str, Any],
+    depth_limit: dict[str, Any] | None = None,
 ) -> Finding | None:
-    """Large ImageNet-to-target BN shift, and whether the stages trained unfroze it.
+    """Large source-to-target BN shift, and whether the stages trained unfroze it.
 
-    Silent with random weights: the stored BN statistics are then not ImageNet's, so
-    the shift means nothing (the ``random_weights`` rule says so).
+    The block named is where the shift starts (``plan_rules.shift_start``: the
+    shallowest block at or above the threshold, the stem passed over for greyscale
+    images), as the plan reads it. When the stages stop above it because the plan's
+    ``depth_limit`` bound them (too few images for a deeper fine-tune), the finding
+    names that cap instead of a threshold: a lower threshold would change nothing.
+    Silent with random weights: the stored BN statistics are then no source's, so the
+    shift means nothing (the ``random_weights`` rule says so).
 
     Args:
         bn_shift_profile: One row per BN layer (``feature_shift``).
         stages: The stages ``finetune`` trained (:func:`stage_records`).
         weights: ``model.weights``.
-        settings: ``max_block_shift``: a block whose mean shift reaches it is far
-            from ImageNet (compared as the plan compares ``shift_threshold``).
+        settings: ``max_block_shift``: a block whose shift reaches it is far from the
+            source (compared as the plan compares ``shift_threshold``).
+        depth_limit: ``finetune_plan``'s ``depth_limit``, if the plan had one.
     """
     if weights is None:
         return None
@@ -447,49 +458,79 @@ def domain_gap(
     threshold = float(settings["max_block_shift"])
     blocks = block_shift(bn_shift_profile)
     shifts = dict(zip(blocks["block"], blocks["shift"], strict=True))
-    shifted = blocks_reaching(shifts, threshold)
-    if not shifted:
+    grey = (
+        float(bn_shift_profile["grayscale_share"].iloc[0])
+        if "grayscale_share" in bn_shift_profile
+        else 0.0
+    )
+    start = shift_start(shifts, threshold, grey)
+    if start is None:
         return None
-    shallowest = shifted[0]
     # Stages given by layer index (``unfreeze_from: 500``) name no unit to compare.
-    starts = [
-        GROUPS.index(group_of(stage["unfreeze_from"]))
+    units = [
+        stage["unfreeze_from"]
         for stage in stages
         if isinstance(stage["unfreeze_from"], str)
     ]
-    covered = bool(starts) and min(starts) <= GROUPS.index(shallowest)
+    deepest = min(units, key=lambda unit: GROUPS.index(group_of(unit)), default=None)
+    covered = deepest is not None and GROUPS.index(group_of(deepest)) <= GROUPS.index(
+        start
+    )
+    capped = not covered and bool(depth_limit) and deepest == depth_limit["unit"]
     per_block = ", ".join(f"{block} {shift:.3g}" for block, shift in shifts.items())
     evidence = [
-        f"mean BN shift per block: {per_block}",
-        f"at or above {threshold}: "
-        + ", ".join(f"{block} ({shifts[block]:.3g})" for block in shifted),
+        f"BN shift per block: {per_block}",
+        f"the shift starts at {start} ({shifts[start]:.3g}, at or above {threshold:g})",
         "stages trained: " + ("; ".join(describe_stages(stages)) or "none"),
     ]
-    target = FIRST_UNIT[shallowest]
+    if grey >= GRAYSCALE_SHARE and "stem" in shifts:
+        evidence.append(
+            f"{grey:.0%} of the training images are greyscale: the stem's shift "
+            f"({shifts['stem']:.3g}) is their missing colour, not counted"
+        )
+    target = FIRST_UNIT[start]
+    far = f"Your images are far from the source weights from {start} on"
+    if covered:
+        return Finding(
+            rule="domain_gap",
+            cause=f"{far}; the stages trained fine-tune the shifted blocks.",
+            severity="medium",
+            suggestion="The depth is right; if accuracy is still poor, re-estimate "
+            "BatchNorm statistics (bn_policy: adapt in finetune.stages, or a lower "
+            "feature_shift.plan.adapt_bn_threshold) and add training images.",
+            parameters=["finetune.stages", "feature_shift.plan.adapt_bn_threshold"],
+            evidence=evidence,
+        )
+    if capped:
+        evidence.append(
+            f"the plan stopped at {depth_limit['unit']} ({depth_limit['setting']}): "
+            f"{depth_limit['reason']}"
+        )
+        return Finding(
+            rule="domain_gap",
+            cause=f"{far}, but the plan stopped at {depth_limit['unit']}: too few "
+            f"images to fine-tune down to {start} without overfitting.",
+            severity="medium",
+            suggestion="Add training images (at least feature_shift.plan."
+            "scarce_images_per_class in the smallest class) so that the plan reaches "
+            f"{target}, or set {depth_limit['setting']}: {target} to accept the risk "
+            "of overfitting; a pretrained source nearer your images (model.weights) "
+            "shifts less.",
+            parameters=[
+                "feature_shift.plan.scarce_images_per_class",
+                str(depth_limit["setting"]),
+                "model.weights",
+            ],
+            evidence=evidence,
+        )
     return Finding(
         rule="domain_gap",
-        cause="Your images are far from ImageNet"
-        + (
-            "; the stages trained fine-tune the shifted blocks."
-            if covered
-            else f", from {shallowest} on, but no stage unfroze {shallowest}."
-        ),
-        severity="medium" if covered else "high",
-        suggestion=(
-            "The depth is right; if accuracy is still poor, re-estimate BatchNorm "
-            "statistics (bn_policy: adapt in finetune.stages, or a lower "
-            "feature_shift.plan.adapt_bn_threshold) and add training images."
-            if covered
-            else f"Fine-tune from {target}: a stage with unfreeze_from: {target} and "
-            "bn_policy: adapt in finetune.stages, or a feature_shift.plan."
-            f"shift_threshold of at most {threshold:g} so that the plan reaches it."
-        ),
-        parameters=[
-            "finetune.stages",
-            "feature_shift.plan.adapt_bn_threshold"
-            if covered
-            else "feature_shift.plan.shift_threshold",
-        ],
+        cause=f"{far}, but no stage unfroze {start}.",
+        severity="high",
+        suggestion=f"Fine-tune from {target}: a stage with unfreeze_from: {target} and "
+        "bn_policy: adapt in finetune.stages, or a feature_shift.plan."
+        f"shift_threshold of at most {threshold:g} so that the plan reaches it.",
+        parameters=["finetune.stages", "feature_shift.plan.shift_threshold"],
         evidence=evidence,
     )
 

@@ -484,6 +484,7 @@ def diagnose_run(
     bn_shift_profile: pd.DataFrame,
     split_shift: pd.DataFrame,
     finetune_stages: pd.DataFrame,
+    finetune_plan: dict[str, Any],
     image_manifest: pd.DataFrame,
     duplicate_report: pd.DataFrame,
     dataset_summary: dict[str, Any],
@@ -503,6 +504,7 @@ def diagnose_run(
         split_shift: Shift between the splits (``feature_shift``).
         finetune_stages: The stages ``finetune`` trained, one row each; ``selected``
             marks the one the model was saved from.
+        finetune_plan: The plan ``feature_shift`` made (its ``depth_limit``).
         image_manifest: The ingestion manifest.
         duplicate_report: Duplicate groups (ingestion).
         dataset_summary: The ingestion summary.
@@ -534,7 +536,11 @@ def diagnose_run(
             ),
             diagnosis.split_shift(split_shift, thresholds["split_shift"]),
             diagnosis.domain_gap(
-                bn_shift_profile, stages, weights, thresholds["domain_gap"]
+                bn_shift_profile,
+                stages,
+                weights,
+                thresholds["domain_gap"],
+                finetune_plan.get("depth_limit"),
             ),
             diagnosis.unstable_training(
                 training_history,

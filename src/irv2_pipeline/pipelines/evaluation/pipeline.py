@@ -138,6 +138,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "bn_shift_profile": "bn_shift_profile",
                     "split_shift": "split_shift",
                     "finetune_stages": "finetune_stages",
+                    "finetune_plan": "finetune_plan",
                     "image_manifest": "image_manifest",
                     "duplicate_report": "duplicate_report",
                     "dataset_summary": "dataset_summary",

@@ -144,7 +144,9 @@ def dataset_section(summary: Mapping[str, Any]) -> str:
 
 def plan_section(plan: Mapping[str, Any], stages_trained: pd.DataFrame) -> str:
     """The stages that were planned, the reasons given, and the stages trained."""
-    lines = [
+    lines = [f"**Warning:** {warning}" for warning in plan.get("warnings") or []]
+    lines += [""] if lines else []
+    lines += [
         "Planned by feature_shift:",
         "",
         markdown_table(pd.DataFrame(plan.get("stages", []))),

@@ -23,6 +23,8 @@ from irv2_pipeline.progress import ProgressLog
 
 MOMENTS_OUTPUT = "bn_input_moments"
 FEATURES_OUTPUT = "pooled_features"
+# Levels (of 255) by which the channels of a grey image may differ.
+GRAYSCALE_TOLERANCE = 3
 
 
 class ImageChannelMoments(keras.layers.Layer):
@@ -71,12 +73,14 @@ class SplitPass:
         bn_means: Per BN layer (by name), the per-channel mean of its input.
         bn_variances: Per BN layer, the per-channel variance of its input.
         features: Per depth, the pooled features, one row per image in input order.
+        grayscale_images: Images whose three channels are equal (:func:`is_grayscale`).
     """
 
     n_images: int
     bn_means: dict[str, np.ndarray]
     bn_variances: dict[str, np.ndarray]
     features: dict[str, np.ndarray]
+    grayscale_images: int = 0
 
 
 def batch_norm_layers(backbone: keras.Model) -> list[BatchNormLayer]:
@@ -227,7 +231,7 @@ def run_pass(
     running = [RunningMoments(bn.channels) for bn in layout.batch_norms]
     features: list[np.ndarray] = []
     progress = ProgressLog(f"{what} images through IRv2", n_images, logger)
-    seen = 0
+    seen = grayscale = 0
     if isinstance(batches, tf.data.Dataset):
         batches = batches.as_numpy_iterator()
     for batch in batches:
@@ -244,6 +248,7 @@ def run_pass(
             offset += 2 * width
         features.append(np.asarray(outputs[FEATURES_OUTPUT])[:real])
         seen += real
+        grayscale += int(is_grayscale(batch).sum())
         progress.advance(real)
     pooled = (
         np.concatenate(features)
@@ -253,6 +258,7 @@ def run_pass(
     bounds = np.cumsum((0, *layout.depth_channels))
     return SplitPass(
         n_images=seen,
+        grayscale_images=grayscale,
         bn_means={
             bn.name: acc.mean
             for bn, acc in zip(layout.batch_norms, running, strict=True)
@@ -266,6 +272,17 @@ def run_pass(
             for i, depth in enumerate(layout.depths)
         },
     )
+
+
+def is_grayscale(batch: np.ndarray) -> np.ndarray:
+    """Per image of a ``(n, h, w, 3)`` batch, whether its channels are equal.
+
+    Equal within :data:`GRAYSCALE_TOLERANCE` of 255: a grey JPEG saved as RGB, or
+    resized, keeps channels a level or two apart.
+    """
+    pixels = np.asarray(batch, np.float32)
+    spread = pixels.max(axis=-1) - pixels.min(axis=-1)
+    return spread.reshape(len(pixels), -1).max(axis=1) <= GRAYSCALE_TOLERANCE
 
 
 def _padded(batch: np.ndarray, batch_size: int) -> np.ndarray:

@@ -16,7 +16,12 @@ from irv2_pipeline import backbone as irv2
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import class_names, image_dataset
-from irv2_pipeline.plan_rules import PlanError, learning_rate_problems, validate_stages
+from irv2_pipeline.plan_rules import (
+    PlanError,
+    learning_rate_problems,
+    shift_start,
+    validate_stages,
+)
 from irv2_pipeline.probe import fit_probe
 
 from . import shift, twosample
@@ -48,6 +53,14 @@ ADAPT_WITH_RANDOM_WEIGHTS = (
 )
 
 
+SHIFT_DEFINITION = (
+    "per BN layer, the median over channels of (KL(yours || source) + KL(source || "
+    "yours)) / 2, per-channel Gaussians of the layer's input; per block, the mean over "
+    "its layers. 1.0: half the channels or more have their mean moved by 1.4 standard "
+    "deviations (or their variance 5.8x larger or smaller)"
+)
+
+
 class FeatureShiftError(ValueError):
     """Inputs or parameters the pipeline cannot use; the message names them."""
 
@@ -60,6 +73,7 @@ class SplitMeasurements:
     features: dict[str, np.ndarray]  # depth -> (images, channels) pooled features
     bn_means: dict[str, np.ndarray]
     bn_variances: dict[str, np.ndarray]
+    grayscale_share: float = 0.0  # of the split's images, those with equal channels
 
 
 @dataclass(frozen=True)
@@ -198,6 +212,7 @@ def measure_backbone(
             features=measured.features,
             bn_means=measured.bn_means,
             bn_variances=measured.bn_variances,
+            grayscale_share=measured.grayscale_images / max(measured.n_images, 1),
         )
     return BackboneMeasurements(
         weights_pretrained=weights is not None,
@@ -224,6 +239,7 @@ def profile_bn_shift(feature_shift_measurements: BackboneMeasurements) -> pd.Dat
         train.bn_means,
         train.bn_variances,
         measured.weights_pretrained,
+        train.grayscale_share,
     )
     if not measured.weights_pretrained:
         logger.warning(RANDOM_WEIGHTS_WARNING)
@@ -252,11 +268,17 @@ def summarize_bn_shift(
     summary = {
         "weights": model["weights"],
         "image_size": int(model["image_size"]),
+        "weights_image_size": irv2.weights_card(model["weights"]).get("image_size"),
         "shift_meaningful": meaningful,
-        "warning": None if meaningful else RANDOM_WEIGHTS_WARNING,
-        "shift_definition": "mean over channels of (KL(yours || ImageNet) + KL(ImageNet || "
-        "yours)) / 2 of each BN layer's input, per-channel Gaussians",
+        "warning": image_size_warning(model) if meaningful else RANDOM_WEIGHTS_WARNING,
+        "shift_definition": SHIFT_DEFINITION,
         "shift_threshold": threshold,
+        "grayscale_share": grayscale_share(bn_shift_profile),
+        "shift_starts_at": shift_start(
+            dict(zip(blocks["block"], blocks["shift"], strict=True)),
+            threshold,
+            grayscale_share(bn_shift_profile),
+        ),
         "most_shifted_block": str(peak["block"]),
         "blocks_over_threshold": [
             str(block) for block in blocks.loc[blocks["shift"] >= threshold, "block"]
@@ -441,7 +463,9 @@ def plan_finetuning(
 
     Returns:
         ``finetune_plan``: ``stages``, ``rationale``, ``basis`` (``measured`` or
-        ``default_stages``), ``shift_meaningful`` and ``weights``.
+        ``default_stages``), ``shift_meaningful``, ``weights``, ``depth_limit``
+        (the setting that capped the depth, see ``plan.Plan``; ``None`` if none did)
+        and ``warnings`` (what makes the measurements less trustworthy).
 
     Raises:
         PlanError: Stages that break ``feature_shift.plan_rules``.
@@ -475,11 +499,13 @@ def plan_finetuning(
             ),
             train_images_per_class=int(train["label"].value_counts().min()),
             units=units,
+            grayscale_share=grayscale_share(bn_shift_profile),
         )
-        stages, rationale = plan_stages(measured, feature_shift["plan"])
+        plan = plan_stages(measured, feature_shift["plan"])
+        stages, rationale, depth_limit = plan.stages, plan.rationale, plan.depth_limit
         source = "feature_shift.plan"
     else:
-        stages, rationale = defaults, [RANDOM_WEIGHTS_WARNING]
+        stages, rationale, depth_limit = defaults, [RANDOM_WEIGHTS_WARNING], None
         if any(stage.get("bn_policy") == "adapt" for stage in stages):
             rationale.append(ADAPT_WITH_RANDOM_WEIGHTS)
         source = "feature_shift.default_stages"
@@ -497,7 +523,36 @@ def plan_finetuning(
         "basis": "measured" if meaningful else "default_stages",
         "shift_meaningful": meaningful,
         "weights": model["weights"],
+        "depth_limit": depth_limit,
+        "warnings": [warning for warning in (image_size_warning(model),) if warning],
     }
+
+
+def image_size_warning(model: dict[str, Any]) -> str | None:
+    """A sentence when ``model.image_size`` is not the size the weights were trained
+    at (299 for ImageNet; a local file's card says its own), else ``None``.
+
+    BatchNorm statistics depend on the resolution by themselves (Touvron et al.,
+    FixRes, 2019): at another size the shift mixes resolution with domain.
+    """
+    native = irv2.weights_card(model["weights"]).get("image_size")
+    size = int(model["image_size"])
+    if native is None or int(native) == size:
+        return None
+    return (
+        f"model.image_size is {size} px but the weights were trained at {native} px: "
+        "BatchNorm statistics change with the resolution alone, so part of every "
+        "shift here is the size, not your images. Measure at "
+        f"model.image_size: {native} to read the shift as a domain gap."
+    )
+
+
+def grayscale_share(bn_shift_profile: pd.DataFrame) -> float:
+    """The share of grey training images the profile was measured on (0 for a
+    profile written before the column existed)."""
+    if "grayscale_share" not in bn_shift_profile or bn_shift_profile.empty:
+        return 0.0
+    return float(bn_shift_profile["grayscale_share"].iloc[0])
 
 
 def _probe_accuracy(

@@ -14,9 +14,10 @@ from typing import Any
 
 from irv2_pipeline.plan_rules import (
     FIRST_UNIT,
+    GRAYSCALE_SHARE,
     OPTIONAL_KEYS,
     PlanError,
-    blocks_reaching,
+    shift_start,
     validate_stages,
 )
 
@@ -26,13 +27,14 @@ class Measurements:
     """What the plan rests on.
 
     Attributes:
-        block_shift: Mean BN shift per block group, in network order.
+        block_shift: BN shift per block group, in network order.
         logme: LogME per depth (unit name), in network order.
         probe_skill: Per depth, linear-probe validation accuracy scaled so that
             chance is 0 and perfect is 1.
         probe_accuracy: Per depth, the probe's validation accuracy.
         train_images_per_class: Training images of the smallest class.
         units: IRv2 unit names in network order.
+        grayscale_share: The share of the measured training images that are grey.
     """
 
     block_shift: dict[str, float]
@@ -41,19 +43,37 @@ class Measurements:
     probe_accuracy: dict[str, float]
     train_images_per_class: int
     units: list[str]
+    grayscale_share: float = 0.0
 
 
-def plan_stages(
-    measured: Measurements, settings: Mapping[str, Any]
-) -> tuple[list[dict[str, Any]], list[str]]:
+@dataclass(frozen=True)
+class Plan:
+    """The stages, a sentence per decision, and the cap that bound the depth.
+
+    Attributes:
+        stages: The stages, head first.
+        rationale: Why, one sentence per decision.
+        depth_limit: ``None``, or when a setting stopped the plan above the depth
+            the measurements asked for: ``setting`` (its parameter), ``unit`` (where
+            it stopped), ``wanted`` (the unit asked for) and ``reason``.
+    """
+
+    stages: list[dict[str, Any]]
+    rationale: list[str]
+    depth_limit: dict[str, Any] | None = None
+
+
+def plan_stages(measured: Measurements, settings: Mapping[str, Any]) -> Plan:
     """Turns the measurements into stages, with a sentence for each decision.
 
     The rule (``settings`` is ``feature_shift.plan``):
 
     1. A head-only stage always comes first, so the new head's random gradients never
        reach the pretrained layers.
-    2. The shallowest block whose mean BN shift reaches ``shift_threshold`` is where
-       fine-tuning must reach: its first unit is a candidate start.
+    2. The block where the shift starts (the shallowest whose BN shift reaches
+       ``shift_threshold``; the stem is passed over for greyscale images, see
+       ``plan_rules.shift_start``) is where fine-tuning must reach: its first unit is
+       a candidate start.
     3. If LogME peaks at a shallower depth than the top, by at least ``logme_margin``,
        the layers above that depth make the classes less separable: the unit after it
        is a candidate start.
@@ -61,17 +81,22 @@ def plan_stages(
        one step (of ``unfreeze_steps``) deeper than the candidates so far.
     5. With no candidate: head only when data are scarce (fewer than
        ``scarce_images_per_class`` training images in the smallest class), else the
-       first of ``unfreeze_steps`` (a light fine-tune of the top).
-    6. Scarce data never unfreeze below ``scarce_deepest_unit``.
+       first of ``unfreeze_steps`` (a light fine-tune of the top). With enough data
+       a start above the first of ``unfreeze_steps`` moves down to it, so that more
+       shift never means less fine-tuning than none.
+    6. Scarce data never unfreeze below ``scarce_deepest_unit``; the plan records
+       that cap as its ``depth_limit``.
     7. The backbone stages step down through ``unfreeze_steps`` that lie above the
        start, and end at the start; each step's learning rate is the previous one's
        times ``backbone.lr_factor_per_step``.
-    8. ``bn_policy`` is ``adapt`` for every stage when a block's shift reaches
-       ``adapt_bn_threshold`` (ImageNet's BN statistics are then wrong for these
-       images), ``frozen`` otherwise.
+    8. ``bn_policy`` is ``adapt`` for every stage when the shift where it starts
+       (rule 2's block) reaches ``adapt_bn_threshold``: the source's BN statistics
+       are then wrong from there on. ``frozen`` otherwise. The blocks above carry the
+       shift accumulated below them, so the largest shift would switch nearly every
+       target to ``adapt``.
 
     Returns:
-        The stages and the rationale.
+        The plan.
 
     Raises:
         PlanError: A setting names a unit IRv2 does not have.
@@ -91,7 +116,9 @@ def plan_stages(
     start = _deepen_for_probe(
         start, measured, settings, steps=steps, rationale=rationale
     )
-    start = _fit_to_data(start, measured, settings, steps=steps, rationale=rationale)
+    start, depth_limit = _fit_to_data(
+        start, measured, settings, steps=steps, rationale=rationale
+    )
     bn_policy = _bn_policy(measured, settings, rationale)
 
     head = settings["head"]
@@ -120,7 +147,25 @@ def plan_stages(
                 if backbone.get(key) is not None:
                     stage[key] = backbone[key]
             stages.append(stage)
-    return validate_stages(stages, "feature_shift.plan", measured.units), rationale
+    rationale.append(rate_sentence(stages, settings))
+    return Plan(
+        validate_stages(stages, "feature_shift.plan", measured.units),
+        rationale,
+        depth_limit,
+    )
+
+
+def rate_sentence(stages: list[dict[str, Any]], settings: Mapping[str, Any]) -> str:
+    """Rule 7's rates, as the rationale states them (``finetune_stages`` records the
+    same figures as ``planned_learning_rate``)."""
+    rates = ", ".join(f"{stage['name']} {stage['learning_rate']:g}" for stage in stages)
+    factor = float(settings["backbone"]["lr_factor_per_step"])
+    return (
+        f"Planned learning rates: {rates} (each backbone step {factor:g} of the one "
+        "above). With finetune.lr_find on, the range test of the first stage of each "
+        "kind (head only, backbone) multiplies the rates of its kind by one factor, "
+        "so these ratios hold."
+    )
 
 
 def _unfreeze_steps(settings: Mapping[str, Any], position: dict[str, int]) -> list[str]:
@@ -142,23 +187,29 @@ def _unfreeze_steps(settings: Mapping[str, Any], position: dict[str, int]) -> li
 def _shift_start(
     measured: Measurements, settings: Mapping[str, Any], rationale: list[str]
 ) -> str | None:
-    """Rule 2: the first unit of the shallowest block over ``shift_threshold``."""
+    """Rule 2: the first unit of the block where the shift starts."""
     threshold = float(settings["shift_threshold"])
     shifts = measured.block_shift
     peak = max(shifts, key=shifts.__getitem__)
-    shifted = blocks_reaching(shifts, threshold)
-    if not shifted:
+    block = shift_start(shifts, threshold, measured.grayscale_share)
+    if measured.grayscale_share >= GRAYSCALE_SHARE and "stem" in shifts:
         rationale.append(
-            f"No block's mean BN shift reaches shift_threshold {threshold:g} "
-            f"(largest: {peak} {shifts[peak]:.3g}): ImageNet's features fit these "
-            "images at every depth."
+            f"{measured.grayscale_share:.0%} of the training images are greyscale: "
+            f"the stem's shift ({shifts['stem']:.3g}) says that they have no colour, "
+            "not how far their content is, so the shift is read from the blocks "
+            "above it."
+        )
+    if block is None:
+        rationale.append(
+            f"No block's BN shift reaches shift_threshold {threshold:g} (largest: "
+            f"{peak} {shifts[peak]:.3g}): the source's features fit these images at "
+            "every depth."
         )
         return None
-    block = shifted[0]
     rationale.append(
-        f"{block} is the shallowest block whose mean BN shift reaches shift_threshold "
-        f"{threshold:g} ({shifts[block]:.3g}; largest: {peak} {shifts[peak]:.3g}): "
-        f"fine-tuning reaches down to {FIRST_UNIT[block]}."
+        f"The shift starts at {block}, the shallowest block whose BN shift reaches "
+        f"shift_threshold {threshold:g} ({shifts[block]:.3g}; largest: {peak} "
+        f"{shifts[peak]:.3g}): fine-tuning reaches down to {FIRST_UNIT[block]}."
     )
     return FIRST_UNIT[block]
 
@@ -234,55 +285,79 @@ def _fit_to_data(
     *,
     steps: list[str],
     rationale: list[str],
-) -> str | None:
+) -> tuple[str | None, dict[str, Any] | None]:
     """Rules 5 and 6: the training-set size decides between head-only and a light
-    fine-tune, and caps the depth when data are scarce."""
+    fine-tune, and caps the depth when data are scarce; returns the start and the
+    cap that bound it, if one did."""
     per_class = measured.train_images_per_class
     limit = int(settings["scarce_images_per_class"])
     deepest = str(settings["scarce_deepest_unit"])
     scarce = per_class < limit
+    position = measured.units.index
     if start is None and scarce:
         rationale.append(
             f"With little shift and scarce data (smallest class: {per_class} training "
             f"images, under scarce_images_per_class {limit}), only the head is "
             "trained."
         )
-        return None
-    if start is None:
-        rationale.append(
-            f"With little shift and {per_class} training images in the smallest class "
-            f"(at least scarce_images_per_class {limit}), the top is fine-tuned "
-            f"lightly from {steps[0]}."
+        return None, None
+    if start is None or (not scarce and position(start) > position(steps[0])):
+        reason = (
+            "With little shift"
+            if start is None
+            else f"Fine-tuning only from {start} would train less than with no shift; "
+            "with"
         )
-        return steps[0]
-    if scarce and measured.units.index(start) < measured.units.index(deepest):
+        rationale.append(
+            f"{reason} {per_class} training images in the smallest class (at least "
+            f"scarce_images_per_class {limit}), the top is fine-tuned from "
+            f"{steps[0]}."
+        )
+        return steps[0], None
+    if scarce and position(start) < position(deepest):
         rationale.append(
             f"Only {per_class} training images in the smallest class (under "
             f"scarce_images_per_class {limit}): unfreezing from {start} would overfit, "
             f"so fine-tuning stops at {deepest}."
         )
-        return deepest
-    return start
+        return deepest, {
+            "setting": "feature_shift.plan.scarce_deepest_unit",
+            "unit": deepest,
+            "wanted": start,
+            "reason": f"{per_class} training images in the smallest class, under "
+            f"scarce_images_per_class {limit}",
+        }
+    return start, None
 
 
 def _bn_policy(
     measured: Measurements, settings: Mapping[str, Any], rationale: list[str]
 ) -> str:
-    """Rule 8: re-estimate BN statistics when a block is far from ImageNet."""
+    """Rule 8: re-estimate BN statistics when the shift is large where it starts."""
     threshold = float(settings["adapt_bn_threshold"])
-    peak = max(measured.block_shift, key=measured.block_shift.__getitem__)
-    value = measured.block_shift[peak]
-    if blocks_reaching(measured.block_shift, threshold):
+    block = shift_start(
+        measured.block_shift,
+        float(settings["shift_threshold"]),
+        measured.grayscale_share,
+    )
+    if block is None:
         rationale.append(
-            f"The largest block shift, {peak} {value:.3g}, reaches adapt_bn_threshold "
-            f"{threshold:g}: BN statistics are re-estimated on your images "
-            "(bn_policy adapt)."
+            "With no shifted block, BN keeps the source's statistics in inference "
+            "mode (bn_policy frozen)."
+        )
+        return "frozen"
+    value = measured.block_shift[block]
+    if value >= threshold:
+        rationale.append(
+            f"The shift where it starts, {block} {value:.3g}, reaches "
+            f"adapt_bn_threshold {threshold:g}: BN statistics are re-estimated on "
+            "your images (bn_policy adapt)."
         )
         return "adapt"
     rationale.append(
-        f"The largest block shift, {peak} {value:.3g}, is under adapt_bn_threshold "
-        f"{threshold:g}: BN keeps ImageNet's statistics in inference mode (bn_policy "
-        "frozen)."
+        f"The shift where it starts, {block} {value:.3g}, is under adapt_bn_threshold "
+        f"{threshold:g} (the blocks above carry what accumulates from it): BN keeps "
+        "the source's statistics in inference mode (bn_policy frozen)."
     )
     return "frozen"
 

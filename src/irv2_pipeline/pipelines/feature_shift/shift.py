@@ -1,10 +1,17 @@
 """How far the target images are from ImageNet, per BatchNormalization layer.
 
-Each BN layer stores the per-channel mean and variance of its input over ImageNet.
-The target images' own per-channel moments, against the stored ones, give per channel
-two Gaussians; their symmetric KL divergence, averaged over channels, is the layer's
-shift. Both Gaussians get the layer's ``epsilon`` added to their variance: that is the
-variance BN divides by, and it keeps near-dead channels from dominating.
+Each BN layer stores the per-channel mean and variance of its input over the source
+(ImageNet, or the images a local weights file was trained on). The target images' own
+per-channel moments, against the stored ones, give per channel two Gaussians; their
+symmetric KL divergence is the channel's shift, and the *median* over channels is the
+layer's. The median, not the mean: a few channels nearly silent on the source (a
+variance near ``epsilon``) reach shifts in the hundreds on any target and would set a
+mean alone. Both Gaussians get the layer's ``epsilon`` added to their variance: that is
+the variance BN divides by.
+
+In a user's units: a shift of 1.0 is what a mean moved by 1.4 standard deviations
+(``d**2 / 2 = 1``) in half the channels or more gives, or a variance 5.8 times (or
+1/5.8 of) the source's; 0.1 is a mean moved by 0.45 SD.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ PROFILE_COLUMNS = [
     "variance_part",
     "variance_ratio",
     "weights_pretrained",
+    "grayscale_share",
 ]
 
 
@@ -83,11 +91,17 @@ def shift_profile(
     target_means: dict[str, np.ndarray],
     target_variances: dict[str, np.ndarray],
     weights_pretrained: bool,
+    grayscale_share: float = 0.0,
 ) -> pd.DataFrame:
-    """One row per BN layer: its place in IRv2 and its shift, averaged over channels.
+    """One row per BN layer: its place in IRv2 and its shift, the median over channels.
 
+    ``mean_part`` and ``variance_part`` are those of the median channel (the two
+    middle channels' average for an even count), so they add up to ``shift``.
     ``variance_ratio`` is the geometric mean over channels of target over stored
     variance (1 = same spread; 10 = the target spreads 10x wider).
+    ``grayscale_share`` (the same on every row) is the share of the images measured
+    whose three channels are equal: the stem's shift then says that the input has no
+    colour, not how far its content is (see ``plan_rules.shift_start``).
     """
     rows = []
     for bn in batch_norms:
@@ -98,6 +112,8 @@ def shift_profile(
             bn.moving_variance,
             bn.epsilon,
         )
+        order = np.argsort(measured.shift, kind="stable")
+        middle = order[[(len(order) - 1) // 2, len(order) // 2]]
         rows.append(
             {
                 "layer": bn.name,
@@ -105,11 +121,12 @@ def shift_profile(
                 "block": group_of(bn.unit),
                 "depth": bn.depth,
                 "channels": bn.channels,
-                "shift": float(measured.shift.mean()),
-                "mean_part": float(measured.mean_part.mean()),
-                "variance_part": float(measured.variance_part.mean()),
+                "shift": float(measured.shift[middle].mean()),
+                "mean_part": float(measured.mean_part[middle].mean()),
+                "variance_part": float(measured.variance_part[middle].mean()),
                 "variance_ratio": float(np.exp(np.log(measured.variance_ratio).mean())),
                 "weights_pretrained": weights_pretrained,
+                "grayscale_share": float(grayscale_share),
             }
         )
     return pd.DataFrame(rows, columns=PROFILE_COLUMNS)
@@ -119,8 +136,9 @@ def block_shift(profile: pd.DataFrame) -> pd.DataFrame:
     """Per IRv2 block (stem, block35, ... conv_7b), in network order.
 
     Columns: ``block``, ``layers``, ``first_depth``, ``last_depth``, ``shift`` (mean
-    over the block's BN layers), ``median_shift``, ``max_shift``, ``max_layer``,
-    ``mean_part``, ``variance_part``.
+    over the block's BN layers of their shift, itself a median over channels),
+    ``median_shift`` (the median over the block's layers), ``max_shift``,
+    ``max_layer``, ``mean_part``, ``variance_part``.
     """
     rows = []
     for block in GROUPS:

@@ -509,62 +509,95 @@ class _Run:
     ) -> Stage:
         """The stage at the rate its range test suggests, within the plan's limits.
 
-        The sweep runs once per stage; its result is checkpointed, so a resumed
-        stage trains at the same rate without sweeping again.
+        The first stage of each kind (head only, or backbone) sweeps; the later ones
+        of that kind take their planned rate times the factor the sweep found
+        (found over planned), so the plan's ratios between stages
+        (``lr_factor_per_step``) hold at the scale the sweep measured. The result is
+        checkpointed: a resumed stage trains at the same rate without sweeping again.
         """
         found = state.found_rates.get(str(index))
         if found is None:
-            finder = self.settings.lr_find
-            summary = suggest_over_seeds(
-                lambda seed: range_test(
-                    graph.trainee,
-                    # Shuffled with seeds no epoch uses (epochs count from 0).
-                    self.workers.local(
-                        lambda shard, seed=seed: graph.train(
-                            epoch_seed(self.settings.seed, index, -1 - seed), shard
-                        )
-                    ),
-                    min_lr=finder.min_lr,
-                    max_lr=finder.max_lr,
-                    steps=finder.steps,
-                    seed=seed,
-                    class_weight=self.class_weight,
-                ),
-                finder.seeds,
+            swept = _swept_rate(state, stage.head_only)
+            found = (
+                self._sweep(index, stage, graph)
+                if swept is None
+                else self._scaled_rate(stage, swept)
             )
-            curve: RangeTest = summary.pop("curve")
-            if summary["suggestion"] is None:
-                rate = stage.learning_rate
-                note = f"no suggestion: the planned {rate:g} is kept"
-            else:
-                rate, note = clip_to_rules(
-                    summary["suggestion"],
-                    head_only=stage.head_only,
-                    plan_rules=self.plan_rules,
-                )
-            found = {
-                **summary,
-                "planned_rate": stage.learning_rate,
-                "clipped_rate": rate,
-                "clip_note": note,
-                "curve": {
-                    "learning_rates": curve.learning_rates.tolist(),
-                    "losses": curve.losses.tolist(),
-                    "smoothed": curve.smoothed.tolist(),
-                    "suggestion": curve.suggestion,
-                },
-            }
+            found["head_only"] = stage.head_only
             state.found_rates[str(index)] = found
             self.store.save(state, {})
             logger.info(
-                "Learning-rate range test of stage %r (%d seeds of %d steps): %s; %s",
+                "Learning rate of stage %r: %s; %s",
                 stage.name,
-                len(finder.seeds),
-                finder.steps,
                 found["reason"],
-                note,
+                found["clip_note"],
             )
         return dataclasses.replace(stage, learning_rate=found["clipped_rate"])
+
+    def _sweep(self, index: int, stage: Stage, graph: _StageGraph) -> dict[str, Any]:
+        """The range test of one stage, over every seed of ``lr_find.seeds``."""
+        finder = self.settings.lr_find
+        summary = suggest_over_seeds(
+            lambda seed: range_test(
+                graph.trainee,
+                # Shuffled with seeds no epoch uses (epochs count from 0).
+                self.workers.local(
+                    lambda shard, seed=seed: graph.train(
+                        epoch_seed(self.settings.seed, index, -1 - seed), shard
+                    )
+                ),
+                min_lr=finder.min_lr,
+                max_lr=finder.max_lr,
+                steps=finder.steps,
+                seed=seed,
+                class_weight=self.class_weight,
+            ),
+            finder.seeds,
+        )
+        curve: RangeTest = summary.pop("curve")
+        if summary["suggestion"] is None:
+            rate = stage.learning_rate
+            note = f"no suggestion: the planned {rate:g} is kept"
+        else:
+            rate, note = clip_to_rules(
+                summary["suggestion"],
+                head_only=stage.head_only,
+                plan_rules=self.plan_rules,
+            )
+        summary["reason"] = (
+            f"range test ({len(finder.seeds)} seeds of {finder.steps} steps): "
+            f"{summary['reason']}"
+        )
+        return {
+            **summary,
+            "planned_rate": stage.learning_rate,
+            "clipped_rate": rate,
+            "clip_note": note,
+            "curve": {
+                "learning_rates": curve.learning_rates.tolist(),
+                "losses": curve.losses.tolist(),
+                "smoothed": curve.smoothed.tolist(),
+                "suggestion": curve.suggestion,
+            },
+        }
+
+    def _scaled_rate(self, stage: Stage, swept: Mapping[str, Any]) -> dict[str, Any]:
+        """A stage's planned rate scaled as an earlier stage's range test scaled its."""
+        factor = float(swept["clipped_rate"]) / float(swept["planned_rate"])
+        rate, note = clip_to_rules(
+            stage.learning_rate * factor,
+            head_only=stage.head_only,
+            plan_rules=self.plan_rules,
+        )
+        return {
+            "suggestion": None,
+            "geometric_std": None,
+            "reason": f"planned {stage.learning_rate:g} times {factor:.3g}, the factor "
+            f"the range test of stage {swept['stage']!r} found",
+            "planned_rate": stage.learning_rate,
+            "clipped_rate": rate,
+            "clip_note": note.replace("suggestion", "scaled rate"),
+        }
 
     def _solves_head(self) -> bool:
         """Whether the head is one dense layer that L-BFGS fits (``lbfgs``)."""
@@ -608,6 +641,7 @@ class _Run:
             max_iter=self.settings.head_max_iter,
             seed=self.settings.seed,
             sample_weight=weights,
+            label_smoothing=self.settings.label_smoothing,
         )
         logger.info(
             "Linear head by L-BFGS, C (inverse L2) chosen on validation: %s",
@@ -898,8 +932,19 @@ def _found_rate_columns(found: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _swept_rate(state: TrainingState, head_only: bool) -> dict[str, Any] | None:
+    """The first range test of a stage of this kind (head only or backbone), with
+    its stage's name, or ``None`` when none has run."""
+    names = {str(r["stage_index"]): r["stage"] for r in state.stage_records}
+    for index, found in sorted(state.found_rates.items(), key=lambda i: int(i[0])):
+        if "curve" in found and found.get("head_only") == head_only:
+            return {**found, "stage": names.get(index, index)}
+    return None
+
+
 def found_curves(state: TrainingState) -> dict[str, RangeTest]:
-    """Stage name to the sweep its rate came from, in stage order."""
+    """Stage name to the sweep its rate came from, in stage order (stages whose rate
+    was scaled from an earlier sweep have none of their own)."""
     names = {str(r["stage_index"]): r["stage"] for r in state.stage_records}
     return {
         names.get(index, index): RangeTest(
@@ -910,6 +955,7 @@ def found_curves(state: TrainingState) -> dict[str, RangeTest]:
             reason=found["reason"],
         )
         for index, found in sorted(state.found_rates.items(), key=lambda i: int(i[0]))
+        if "curve" in found
     }
 
 
