@@ -22,7 +22,7 @@ Usage::
     python bench/augmentation.py                  # 200 images, 2 copies each
     python bench/augmentation.py --images 1000
 
-Target (issue 3): reading materialized copies at 5x (aim 8x) the images per second
+Target: reading materialized copies at 5x (aim 8x) the images per second
 of ImageDataGenerator. The last line printed is one JSON object with the figures.
 """
 

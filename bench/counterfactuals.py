@@ -1,6 +1,6 @@
 """Counterfactuals benchmark: what the variants cost against one training of ours.
 
-Issue 18. In one project copy (this checkout's ``conf/``, the demo images), after
+In one project copy (this checkout's ``conf/``, the demo images), after
 ``kedro run --env smoke`` has made the inputs (or in ``--project``, a finished smoke
 run, copied first), it runs side by side, one after the other:
 

@@ -1,4 +1,4 @@
-"""Benchmark of the diagnosis passes of issue 16, against one plain ``predict``.
+"""Benchmark of the diagnosis passes, against one plain ``predict``.
 
 Every demo image (``data/01_raw/images``, 240) stands for a test image; the model is
 the classifier ``finetune`` builds (``classifier.build_classifier``, IRv2 with random

@@ -1,6 +1,6 @@
 """Export parity: the SavedModel's and the LiteRT file's probabilities against Keras.
 
-Issue 14. On a copy of the project (``tests/conftest.py``'s ``copy_project``):
+On a copy of the project (``tests/conftest.py``'s ``copy_project``):
 
 1. ``kedro run --env smoke`` (the demo model: IRv2, random weights, 75 px), then
    ``kedro run --env smoke --pipeline export``.

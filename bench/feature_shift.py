@@ -14,7 +14,7 @@ over the same files, the same ``inputs.image_dataset`` batches and batch size:
 Each method runs once untimed (tracing), then ``--repeats`` times in turn. On a shared
 machine wall times swing with other processes, so the table gives the fastest and the
 median wall time and the median CPU time of this process (all its threads); the
-headline ratio is of the fastest runs. Target (issue 4): the pass at most 1.25x a
+headline ratio is of the fastest runs. Target: the pass at most 1.25x a
 plain predict.
 
 Usage::

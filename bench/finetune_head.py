@@ -19,7 +19,7 @@ Each epoch of the cached stage has a fixed cost (Keras ``fit`` and its validatio
 that does not grow with the images, so the ratio is at its worst for few, small
 images, and approaches 1 as the backbone pass grows.
 
-Target (issue 5): the cached stage costs at most 1.3 backbone passes. The last line
+Target: the cached stage costs at most 1.3 backbone passes. The last line
 printed is one JSON object with the figures.
 """
 

@@ -1,6 +1,6 @@
 """Inference benchmark: a folder streamed through the model vs the same images in memory.
 
-Issue 14. On a copy of the project (``tests/conftest.py``'s ``copy_project``):
+On a copy of the project (``tests/conftest.py``'s ``copy_project``):
 
 1. ``kedro run --env smoke`` once: the demo model (IRv2, random weights, 75 px).
 2. For each ``--images`` count (default 1,000 and 5,000): ``data/01_raw/new_images``

@@ -15,7 +15,7 @@ Usage::
     python bench/ingestion.py --images 200 --size 3464   # 12-megapixel photos
 
 Targets: at least 1,000 images/s on 2 cores, peak memory under 1 GB for 20,000
-images (issue 2); at least 30 images/s per core for 12-megapixel JPEGs (issue 19). Wall-clock rates depend on what else the machine runs, so the CPU time
+images; at least 30 images/s per core for 12-megapixel JPEGs. Wall-clock rates depend on what else the machine runs, so the CPU time
 per image is reported too, with the load average; ``cpu_bound_images_per_second`` is
 the rate those CPU seconds allow on the machine's idle cores. The last line printed is
 one JSON object with the figures.

@@ -1,6 +1,6 @@
 """The training input (``inputs.py`` as ``finetune`` feeds it), in two measurements.
 
-``delivery`` (issue 19): images per second the training input delivers at
+``delivery``: images per second the training input delivers at
 ``--size`` px (299: conf/base), with no model: originals plus ``--copies`` augmented
 copies each (JPEG, quality 95, as the augmentation pipeline writes them), shuffled
 with a seed and batched, one epoch after another. Side by side in one process:
@@ -18,7 +18,7 @@ px is 12 megapixels). Figures: images per wall-clock second, and images per CPU-
 of this process (all its threads): the rate per core, which other work on the
 machine hardly changes.
 
-``fit`` (issue 5): a training epoch fed by ``inputs.py`` against ``fit`` on the same
+``fit``: a training epoch fed by ``inputs.py`` against ``fit`` on the same
 images in memory. The model and step are the finetune pipeline's for its second
 smoke stage: IRv2 (random weights, 75 px) unfrozen from ``block8_1``, BatchNorm
 frozen, AdamW. Side by side in one process, on the same compiled model, after one
@@ -32,8 +32,8 @@ Usage::
     python bench/input_pipeline.py fit     # 60 demo images per class, 3 epochs each
 
 Targets: ``delivery``: at least 400 images per CPU-second at 299 px, originals plus
-copies (issue 19); ``fit``: the ``inputs.py`` epoch within 10% of the in-memory one
-(issue 5). The last line printed is one JSON object.
+copies; ``fit``: the ``inputs.py`` epoch within 10% of the in-memory one.
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations

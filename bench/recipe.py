@@ -1,6 +1,6 @@
 """Recipe benchmark: today's fine-tuning recipe against the new one, on the demo images.
 
-Issue 13. "Today's recipe" is the code and conf at ``--baseline-ref`` (default
+"Today's recipe" is the code and conf at ``--baseline-ref`` (default
 ``6eaa556``, before the recipe changes of 7caa664 and the merges after it); "the new
 one" is this checkout's code and conf, uncommitted changes included (the JSON says
 whether there are any).

@@ -29,7 +29,7 @@ Usage::
     python bench/scale.py                          # 5,000 and 20,000 images
     python bench/scale.py --images 1000 4000       # a quick run
 
-Target (issue 8): memory does not grow with the number of images beyond the manifest
+Target: memory does not grow with the number of images beyond the manifest
 itself. The last line printed is one JSON object with the figures.
 """
 

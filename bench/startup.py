@@ -1,6 +1,6 @@
 """Start-up benchmark: commands that need no model, before and after the fast start.
 
-Issue 14. "Before" is the code at ``--baseline-ref`` (default ``a616873``, where every
+"Before" is the code at ``--baseline-ref`` (default ``a616873``, where every
 ``kedro`` command imported TensorFlow through the pipeline registry); "after" is this
 checkout's code, uncommitted changes included. The baseline is checked out with
 ``git worktree add --detach`` in a temporary folder (removed afterwards); each side

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from docs.make_screenshots import free_port, signal_group
 from irv2_pipeline.pipeline_registry import register_pipelines
+from tools.make_screenshots import free_port, signal_group
 
 PIPELINES = ("ingestion", "augmentation", "feature_shift", "finetune", "evaluation")
 # Registered, run on their own, not part of __default__.

@@ -56,7 +56,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # still caught), to a shorter side of at least DRAFT_MARGIN times the side its use
 # needs; the usual antialiased resize does the rest. A 12-megapixel photo for 299 px
 # decodes at 1/4 scale and resizes in a fifth of the CPU time (36 ms, not 193 ms),
-# to pixels within a few levels of a full decode's (README, "How ingestion decides").
+# to pixels within a few levels of a full decode's (docs/pipelines/ingestion.md).
 DRAFT_MARGIN = 2
 # The side the fingerprint needs: pHash reads a 32 x 32 reduction, the mean colour
 # and pixel spread are statistics of the whole image; 4 x 64 keeps them all.

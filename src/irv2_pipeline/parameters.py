@@ -43,6 +43,7 @@ Channel = Annotated[int, Field(strict=True, ge=0, le=255)]
 
 
 def _image_size(size: int) -> int:
+    """At least 75 pixels: InceptionResNetV2 accepts no smaller input."""
     if size < MIN_IMAGE_SIZE:
         raise ValueError(
             f"must be at least {MIN_IMAGE_SIZE} (InceptionResNetV2 accepts no "
@@ -52,6 +53,7 @@ def _image_size(size: int) -> int:
 
 
 def _weights(weights: str | None) -> str | None:
+    """`imagenet`, null (random init), or the path of an existing weights file."""
     # A relative path is read from the directory `kedro run` starts in, as
     # backbone.load_irv2 reads it later.
     if weights is None or weights == "imagenet" or Path(weights).is_file():
@@ -62,6 +64,7 @@ def _weights(weights: str | None) -> str | None:
 
 
 def _workers(workers: Any) -> Any:
+    """`auto` (one process per core) or a positive whole number of processes."""
     if workers == "auto" or (
         isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
     ):
@@ -70,6 +73,7 @@ def _workers(workers: Any) -> Any:
 
 
 def _group_key_pattern(pattern: str | None) -> str | None:
+    """null, or a regular expression whose first capturing group is the key."""
     if pattern is None:
         return None
     try:
@@ -106,6 +110,7 @@ class ImagesParams(_Block):
 
     @model_validator(mode="after")
     def _some_image_fits(self) -> ImagesParams:
+        """`min_size` squared is at most `max_pixels`, so some image can be kept."""
         if self.min_size**2 > self.max_pixels:
             raise ValueError(
                 f"min_size {self.min_size} squared is more than max_pixels "
@@ -125,6 +130,7 @@ class SplitParams(_Block):
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitParams:
+        """`train + val + test` sums to 1."""
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(

@@ -83,7 +83,7 @@ class SourceCopies:
 
 
 # Resized images are PNG: lossless, so TensorFlow's decoder gives back exactly the
-# pixels ``images.load_resized`` made (see the README's "Training input").
+# pixels ``images.load_resized`` made (see docs/pipelines/augmentation.md, "Training input").
 RESIZED_ENCODING = Encoding("png")
 
 

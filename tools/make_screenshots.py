@@ -1,9 +1,9 @@
-"""Makes the README's pictures from a finished smoke run (`kedro run --env smoke`).
+"""Makes the documentation's pictures from a finished smoke run (`kedro run --env smoke`).
 
 Starts `kedro viz run` on a free local port, screenshots the DAG with headless Chromium
 (Debian's `chromium` package), and copies the key plots of the run next to it:
 
-    python docs/make_screenshots.py
+    python tools/make_screenshots.py
 
 Chromium reaches Kedro-Viz through a small local proxy that makes the page open as
 it does for someone who has used Viz before: the onboarding tour marked as seen (the
