@@ -165,7 +165,7 @@ def learning_rate_problems(
 
 
 def blocks_reaching(block_shift: Mapping[str, float], threshold: float) -> list[str]:
-    """The blocks whose mean BN shift reaches ``threshold``, in the given order.
+    """The blocks whose BN shift reaches ``threshold``, in the given order.
 
     One comparison (``>=``) for every shift threshold: the plan's ``shift_threshold``
     and ``adapt_bn_threshold`` and the evaluation's ``domain_gap.max_block_shift``.
@@ -173,8 +173,8 @@ def blocks_reaching(block_shift: Mapping[str, float], threshold: float) -> list[
     plan must then reach the very blocks the diagnosis named.
 
     Args:
-        block_shift: Mean BN shift per block group, in network order.
-        threshold: The shift from which a block counts as far from ImageNet.
+        block_shift: BN shift per block group, in network order.
+        threshold: The shift from which a block counts as far from the source.
 
     Returns:
         The blocks at or above ``threshold``, shallowest first.

@@ -111,7 +111,7 @@ def test_the_report_links_plots_that_exist_next_to_it(evaluated):
         "## Test metrics",
         "## Training",
         "## Fine-tuning plan",
-        "## ImageNet-to-target shift per block",
+        "## Source-to-target shift per block",
         "## Shift between the splits",
         "## Transferability of frozen features",
         "## Training labels",

@@ -5,10 +5,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 from irv2_pipeline.backbone import preprocessing_layer, unit_order
 from irv2_pipeline.images import OpenPolicy, load_image, resize
-from irv2_pipeline.pipelines.feature_shift.moments import unit_output_layer
+from irv2_pipeline.pipelines.feature_shift.moments import (
+    is_grayscale,
+    unit_output_layer,
+)
 
 from .conftest import IMAGE_SIZE, UNITS
 
@@ -22,6 +26,8 @@ def test_in_graph_moments_match_numpy_moments_of_the_feature_maps(
     )
     measured = irv2_probe.run(paths)
     assert measured.n_images == 11
+    # The demo's photos are grey (the padding of the last batch is not counted).
+    assert measured.grayscale_images == 11
 
     pixels = np.stack(
         [resize(load_image(path, OpenPolicy()).pixels, IMAGE_SIZE) for path in paths]
@@ -84,3 +90,15 @@ def test_layers_and_units_follow_the_network_order(irv2_probe):
 def test_an_unknown_depth_names_the_parameter(irv2_probe):
     with pytest.raises(ValueError, match=r"feature_shift\.depths: 'block99'"):
         unit_output_layer(irv2_probe.backbone, "block99")
+
+
+def test_grey_images_are_told_from_colour_ones_even_after_jpeg(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, (32, 32, 1), dtype=np.uint8), 3, axis=-1)
+    Image.fromarray(grey).save(tmp_path / "grey.jpg", quality=75)
+    jpeg = np.asarray(Image.open(tmp_path / "grey.jpg").convert("RGB"))
+    tinted = grey.copy()
+    tinted[..., 0] = np.clip(tinted[..., 0].astype(int) + 12, 0, 255)
+    colour = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    batch = np.stack([grey, jpeg, tinted, colour])
+    assert is_grayscale(batch).tolist() == [True, True, False, False]

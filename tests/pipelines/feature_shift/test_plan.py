@@ -7,6 +7,8 @@ import dataclasses
 
 import pytest
 
+from irv2_pipeline.backbone import CARD_SUFFIX
+from irv2_pipeline.pipelines.feature_shift.nodes import image_size_warning
 from irv2_pipeline.pipelines.feature_shift.plan import Measurements, plan_stages
 from irv2_pipeline.plan_rules import PlanError, learning_rate_problems, validate_stages
 
@@ -234,3 +236,18 @@ def test_bad_stages_are_refused_with_the_setting_named(change, message):
     } | change
     with pytest.raises(PlanError, match=message):
         validate_stages([stage], "stages", UNITS)
+
+
+def test_an_image_size_other_than_the_weights_own_is_warned_about(tmp_path):
+    weights = tmp_path / "irv2_notop.weights.h5"
+    weights.write_bytes(b"")
+    (tmp_path / f"{weights.name}{CARD_SUFFIX}").write_text('{"image_size": 75}')
+    assert image_size_warning({"weights": str(weights), "image_size": 75}) is None
+    warning = image_size_warning({"weights": str(weights), "image_size": 139})
+    assert "139 px" in warning and "75 px" in warning
+    assert image_size_warning({"weights": "imagenet", "image_size": 299}) is None
+    assert "299 px" in image_size_warning({"weights": "imagenet", "image_size": 75})
+    # Random weights and a file without a card: no size to compare with.
+    assert image_size_warning({"weights": None, "image_size": 75}) is None
+    (tmp_path / f"{weights.name}{CARD_SUFFIX}").unlink()
+    assert image_size_warning({"weights": str(weights), "image_size": 139}) is None

@@ -57,7 +57,7 @@ def shift_by_depth_plot(
     axis.set_yscale("symlog", linthresh=0.01)
     axis.set_xlim(-1, int(profile["depth"].max()) + 1)
     axis.set_xlabel("depth (BatchNormalization layers, input to output)")
-    axis.set_ylabel("symmetric KL, ImageNet vs your images")
+    axis.set_ylabel("symmetric KL (channel median), source vs your images")
     axis.set_title(f"BN input shift by depth{title_note}", pad=18)
     axis.legend(loc="best", fontsize=8)
     figure.tight_layout()
