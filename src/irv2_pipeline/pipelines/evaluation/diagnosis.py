@@ -17,11 +17,20 @@ figure after it follows), ``leakage`` and ``label_conflicts`` (the held-out figu
 cannot be trusted), ``label_noise`` (wrong training labels cap the fit and the test
 figures), ``unstable_training`` (a diverging loss explains a poor fit),
 ``underfitting`` / ``overfitting`` / ``feature_distortion`` (how training fit),
-``domain_gap``, ``split_shift``, ``validation_test_gap`` (which a split shift
-explains), ``shortcut`` (a cue the test split shares, so it does not lower this test
-accuracy: it warns that the accuracy will not hold on images without the cue),
-``class_imbalance``, ``miscalibration``, and last ``small_test_set``, a caveat on every
-test figure rather than a cause.
+``domain_gap``, ``split_shift`` / ``image_property_drift`` (test images unlike the
+training images, in features or in brightness, contrast, shape or colour),
+``validation_test_gap`` (which a split shift explains), ``dummy_baseline`` (a model no
+better than guessing the most frequent class, which the causes before it explain),
+``shortcut`` (a cue the test split shares, so it does not lower this test accuracy: it
+warns that the accuracy will not hold on images without the cue), ``class_imbalance``,
+``weak_segment`` (a slice of the test images by an image property), ``miscalibration``,
+and last ``small_test_set``, a caveat on every test figure rather than a cause.
+``new_test_labels`` (test classes without training images) comes right after
+``label_conflicts``: no figure of those classes can be trusted. The rules that read the
+images and predictions themselves live in :mod:`.checks`.
+
+A rule that names a class judges it only on at least ``min_test_images`` test images
+(``class_imbalance``, ``dummy_baseline``): one test image cannot single a class out.
 """
 
 from __future__ import annotations
@@ -45,14 +54,17 @@ PRIORITY = (
     ("random_weights",),
     ("leakage",),
     ("label_conflicts",),
+    ("new_test_labels",),
     ("label_noise",),
     ("unstable_training",),
     ("underfitting", "overfitting", "feature_distortion"),
     ("domain_gap",),
-    ("split_shift",),
+    ("split_shift", "image_property_drift"),
     ("validation_test_gap",),
+    ("dummy_baseline",),
     ("shortcut",),
     ("class_imbalance",),
+    ("weak_segment",),
     ("miscalibration",),
     ("small_test_set",),
 )
@@ -712,14 +724,49 @@ def label_noise(
     )
 
 
+def judged_classes(
+    classification_report: pd.DataFrame, settings: dict[str, Any]
+) -> pd.DataFrame:
+    """The rows of the classes with at least ``min_test_images`` test images."""
+    minimum = max(1, int(settings["min_test_images"]))
+    return classification_report[classification_report["support"] >= minimum]
+
+
+def accuracy_gap(
+    metrics: dict[str, Any], classes: pd.DataFrame, settings: dict[str, Any]
+) -> tuple[float, float, str]:
+    """Accuracy and balanced accuracy over the classes judged, and how they were got.
+
+    When every class with test images is judged (:func:`judged_classes`), they are
+    the test metrics; otherwise both are recomputed from the per-class recalls of the
+    judged classes, so that a class with a single test image, missed, does not pull
+    the balanced accuracy down by a whole class's share.
+    """
+    tested = classes[classes["support"] > 0]
+    judged = judged_classes(tested, settings)
+    if len(judged) == len(tested):
+        return float(metrics["accuracy"]), float(metrics["balanced_accuracy"]), ""
+    if judged.empty:
+        return math.nan, math.nan, ""
+    support = judged["support"].to_numpy(dtype=np.float64)
+    recall = judged["recall"].to_numpy(dtype=np.float64)
+    return (
+        float((recall * support).sum() / support.sum()),
+        float(recall.mean()),
+        f" over the {len(judged)} classes with at least "
+        f"{int(settings['min_test_images'])} test images",
+    )
+
+
 def weak_classes(
     classification_report: pd.DataFrame, n_classes: int, settings: dict[str, Any]
 ) -> pd.DataFrame:
     """The classes recognised far worse than the others, beyond test-set noise.
 
-    Each class with test images is held against the mean recall of the other classes
-    with test images, not against a fixed bar, so a model that is poor on every class
-    has no weak class. Both recalls are measured from chance
+    Each class with at least ``min_test_images`` test images is held against the
+    mean recall of the other such classes, not against a fixed bar, so a model that
+    is poor on every class has no weak class; a class with fewer is not judged (one
+    test image, missed, is a recall of 0). Both recalls are measured from chance
     (:func:`skill_over_chance`); the class is weak when its skill lies more than
     ``min_skill_gap`` below theirs and its recall more than ``noise_z`` binomial
     standard errors (for its support, at the others' recall) below theirs.
@@ -729,7 +776,7 @@ def weak_classes(
         mean recall of the other classes), ``skill_gap`` and ``noise`` (``noise_z``
         standard errors) added.
     """
-    tested = classification_report[classification_report["support"] > 0]
+    tested = judged_classes(classification_report, settings)
     if len(tested) < 2:
         return tested.head(0).assign(others=[], skill_gap=[], noise=[])
     recall = tested["recall"].to_numpy(dtype=np.float64)
@@ -772,7 +819,8 @@ def class_imbalance(
 ) -> Finding | None:
     """Balanced accuracy well below accuracy, or a class far weaker than the others.
 
-    Weak classes are those of :func:`weak_classes`. The training images per class
+    Both accuracies are over the classes judged (:func:`accuracy_gap`); weak classes
+    are those of :func:`weak_classes`. The training images per class
     decide what the finding says: an imbalance, with class weights as advice, when
     the training set is imbalanced (largest over smallest class above
     ``max_train_imbalance_ratio``); classes that are hard to tell apart, with more
@@ -784,16 +832,17 @@ def class_imbalance(
     """
     max_gap = float(settings["max_balanced_accuracy_gap"])
     min_skill_gap = float(settings["min_skill_gap"])
-    gap = metrics["accuracy"] - metrics["balanced_accuracy"]
     classes = classification_report[
         classification_report["class"].isin(list(train_counts))
     ]
+    accuracy, balanced, over = accuracy_gap(metrics, classes, settings)
+    gap = accuracy - balanced
     weak = weak_classes(classes, len(train_counts), settings)
     evidence = []
     if gap > max_gap:
         evidence.append(
-            f"accuracy {metrics['accuracy']:.3f} vs balanced accuracy "
-            f"{metrics['balanced_accuracy']:.3f} (gap {gap:.3f} > {max_gap})"
+            f"accuracy {accuracy:.3f} vs balanced accuracy {balanced:.3f}{over} "
+            f"(gap {gap:.3f} > {max_gap})"
         )
     evidence += [
         f"class {row['class']!r}: recall {row['recall']:.3f} vs {row['others']:.3f} "
