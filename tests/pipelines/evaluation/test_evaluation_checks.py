@@ -351,7 +351,26 @@ def test_the_accuracy_gap_leaves_out_classes_with_too_few_test_images(thresholds
         {"accuracy": 28 / 42, "balanced_accuracy": 1.4 / 3}, report, settings
     )
     assert (accuracy, balanced) == pytest.approx((0.7, 0.7))
-    assert over == " over the 2 classes with at least 5 test images"
+    assert over == (
+        " over the 2 classes with at least 5 test images ('eel', with 2 test "
+        "images in all, left out)"
+    )
+
+
+def test_rare_classes_missed_together_still_count_as_one_class(thresholds):
+    settings = thresholds["class_imbalance"]
+    report = report_of(
+        {"cat": (0.9, 20), "dog": (0.9, 20), "eel": (0.0, 2), "fox": (0.0, 3)}
+    )
+    metrics = {"accuracy": 36 / 45, "balanced_accuracy": 0.45}
+    accuracy, balanced, over = diagnosis.accuracy_gap(metrics, report, settings)
+    # eel and fox: 5 test images together, recall 0: one class of three.
+    assert (accuracy, balanced) == pytest.approx((36 / 45, 0.6))
+    assert "as one, the 2 with fewer ('eel', 'fox': 5 test images)" in over
+    counts = {"cat": 100, "dog": 100, "eel": 10, "fox": 10}
+    finding = diagnosis.class_imbalance(metrics, report, counts, settings)
+    assert finding is not None
+    assert finding.evidence[0].startswith("accuracy 0.800 vs balanced accuracy 0.600")
 
 
 # ---------------------------------------------------------------- in diagnose_run

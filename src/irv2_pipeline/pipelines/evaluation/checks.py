@@ -119,11 +119,12 @@ def image_property_drift(
     alpha = float(settings["alpha"])
     tests = [stats.ks_2samp(train[name], test[name]) for name in IMAGE_PROPERTIES]
     adjusted = holm_adjusted([result.pvalue for result in tests])
-    evidence, worst = [], 0.0
+    drifting, evidence, worst = [], [], 0.0
     for name, result, p_adjusted in zip(IMAGE_PROPERTIES, tests, adjusted, strict=True):
         if not p_adjusted < alpha:
             continue
         worst = max(worst, float(result.statistic))
+        drifting.append(name)
         evidence.append(
             f"{name} ({IMAGE_PROPERTIES[name]}): median {train[name].median():.3g} "
             f"in {len(train)} training vs {test[name].median():.3g} in {len(test)} "
@@ -133,7 +134,7 @@ def image_property_drift(
         )
     if not evidence:
         return None
-    names = ", ".join(line.split(" ", 1)[0] for line in evidence)
+    names = ", ".join(drifting)
     return Finding(
         rule="image_property_drift",
         cause=f"The test images differ from the training images in {names}: they "
@@ -187,19 +188,20 @@ def dummy_baseline(
     gain, low, high = difference(accuracy)
     overall = (
         f"accuracy {accuracy(y_true, y_pred):.3f} vs {accuracy(y_true, y_dummy):.3f} "
-        f"for always predicting {majority!r} (the most frequent of "
-        f"{sum(train_counts.values())} training images, {train_counts.get(majority, 0)}"
-        f"): gain {gain:+.3f}, 95% paired bootstrap interval [{low:+.3f}, {high:+.3f}]"
-        f" on {len(y_true)} test images"
+        f"for always predicting {majority!r} (the most frequent training class: "
+        f"{train_counts.get(majority, 0)} of {sum(train_counts.values())} training "
+        f"images): gain {gain:+.3f}, 95% paired bootstrap interval [{low:+.3f}, "
+        f"{high:+.3f}] on {len(y_true)} test images"
     )
     minimum = int(settings["min_test_images"])
-    short = []
+    short, falling_short = [], []
     for index, name in enumerate(classes):
         support = int((y_true == index).sum())
         if support < minimum:
             continue
         class_gain, class_low, class_high = difference(partial(class_f1, index=index))
         if class_low <= 0:
+            falling_short.append(repr(name))
             short.append(
                 f"class {name!r}: F1 {class_f1(y_true, y_pred, index):.3f} vs "
                 f"{class_f1(y_true, y_dummy, index):.3f} for the baseline, gain "
@@ -209,7 +211,7 @@ def dummy_baseline(
     if low > 0 and not short:
         return None
     severity = "high" if gain <= 0 else "medium" if low <= 0 else "low"
-    names = ", ".join(line.split(":", 1)[0].removeprefix("class ") for line in short)
+    names = ", ".join(falling_short)
     return Finding(
         rule="dummy_baseline",
         cause=(
@@ -287,14 +289,15 @@ def weak_segment(
         for code in range(len(edges) - 1):
             inside = (codes == code).to_numpy()
             n, right = int(inside.sum()), int(correct[inside].sum())
-            if n >= smallest:
+            # A bin of every test image (the values tie) is no slice of them.
+            if smallest <= n < len(test):
                 p = stats.binomtest(right, n, mean, alternative="less").pvalue
                 bins.append((name, code, len(edges) - 1, edges, n, right, p))
     if not bins:
         return None
     alpha = float(settings["alpha"])
     adjusted = holm_adjusted([row[-1] for row in bins])
-    evidence, worst = [], 1.0
+    weak, evidence, worst = [], [], 1.0
     for (name, code, count, edges, n, right, p), p_adjusted in zip(
         bins, adjusted, strict=True
     ):
@@ -302,6 +305,7 @@ def weak_segment(
         if share > ratio * mean or not p_adjusted < alpha:
             continue
         worst = min(worst, share / mean)
+        weak.append(name)
         evidence.append(
             f"{name} ({IMAGE_PROPERTIES[name]}) bin {code + 1} of {count}, "
             f"{edges[code]:.3g} to {edges[code + 1]:.3g}: {n} test images "
@@ -312,7 +316,7 @@ def weak_segment(
         )
     if not evidence:
         return None
-    names = ", ".join(dict.fromkeys(line.split(" ", 1)[0] for line in evidence))
+    names = ", ".join(dict.fromkeys(weak))
     return Finding(
         rule="weak_segment",
         cause=f"Test images in part of the range of {names} are classified far "

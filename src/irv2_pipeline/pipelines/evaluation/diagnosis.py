@@ -738,23 +738,41 @@ def accuracy_gap(
     """Accuracy and balanced accuracy over the classes judged, and how they were got.
 
     When every class with test images is judged (:func:`judged_classes`), they are
-    the test metrics; otherwise both are recomputed from the per-class recalls of the
-    judged classes, so that a class with a single test image, missed, does not pull
-    the balanced accuracy down by a whole class's share.
+    the test metrics. Otherwise the classes with fewer test images count as one
+    class, pooled, when together they have ``min_test_images``, and are left out
+    when they have not; both figures are then recomputed from the per-class recalls.
+    So one missed test image of a class does not pull the balanced accuracy down by
+    a whole class's share, while rare classes that the model misses together still
+    show.
     """
     tested = classes[classes["support"] > 0]
     judged = judged_classes(tested, settings)
     if len(judged) == len(tested):
         return float(metrics["accuracy"]), float(metrics["balanced_accuracy"]), ""
-    if judged.empty:
-        return math.nan, math.nan, ""
+    minimum = int(settings["min_test_images"])
+    few = tested[tested["support"] < minimum]
+    few_support = few["support"].to_numpy(dtype=np.float64)
     support = judged["support"].to_numpy(dtype=np.float64)
     recall = judged["recall"].to_numpy(dtype=np.float64)
+    pooled = few_support.sum() >= minimum
+    if pooled:
+        few_recall = few["recall"].to_numpy(dtype=np.float64)
+        support = np.append(support, few_support.sum())
+        recall = np.append(recall, (few_recall * few_support).sum() / support[-1])
+    if not len(support):
+        return math.nan, math.nan, ""
+    names = ", ".join(repr(name) for name in few["class"])
     return (
         float((recall * support).sum() / support.sum()),
         float(recall.mean()),
-        f" over the {len(judged)} classes with at least "
-        f"{int(settings['min_test_images'])} test images",
+        f" over the {len(judged)} classes with at least {minimum} test images"
+        + (
+            f" and, as one, the {len(few)} with fewer ({names}: "
+            f"{int(few_support.sum())} test images)"
+            if pooled
+            else f" ({names}, with {int(few_support.sum())} test images in all, "
+            "left out)"
+        ),
     )
 
 
