@@ -264,12 +264,27 @@ class ProjectParameters(BaseModel):
     evaluation: EvaluationParams
 
 
-# The blocks whose models forbid unknown keys; conf/base checks those of the others.
-MODELLED_BLOCKS = tuple(
-    name
-    for name, field in ProjectParameters.model_fields.items()
-    if field.annotation.model_config.get("extra") == "forbid"
-)
+def _closed_paths(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
+    """Dotted paths of the blocks under ``model`` whose models forbid unknown keys."""
+    paths: list[str] = []
+    for name, field in model.model_fields.items():
+        block = field.annotation
+        if isinstance(block, type) and issubclass(block, BaseModel):
+            if block.model_config.get("extra") == "forbid":
+                paths.append(prefix + name)
+            else:
+                paths += _closed_paths(block, f"{prefix}{name}.")
+    return tuple(paths)
+
+
+# The blocks whose models forbid unknown keys (and name them); conf/base is the
+# schema of every other key.
+MODELLED_BLOCKS = _closed_paths(ProjectParameters)
+
+
+def is_modelled(key: str) -> bool:
+    """Whether a dotted key lies in a block of :data:`MODELLED_BLOCKS`."""
+    return any(key == block or key.startswith(f"{block}.") for block in MODELLED_BLOCKS)
 
 
 @dataclass(frozen=True)
