@@ -344,6 +344,29 @@ def test_class_imbalance_does_not_fire_because_of_one_test_image(thresholds):
     )
 
 
+def test_rare_classes_with_too_few_test_images_make_a_low_finding(thresholds):
+    settings = thresholds["class_imbalance"]
+    counts = {"cat": 150, "dog": 150, "eel": 12, "fox": 12}
+    report = report_of(
+        {"cat": (0.95, 20), "dog": (0.95, 20), "eel": (0.0, 1), "fox": (0.5, 2)}
+    )
+    metrics = {"accuracy": 39 / 43, "balanced_accuracy": 2.4 / 4}
+    finding = diagnosis.class_imbalance(metrics, report, counts, settings)
+    assert finding is not None and finding.severity == "low"
+    assert "the training set is imbalanced" in finding.cause
+    assert finding.evidence[0] == (
+        "rare classes with fewer than 5 test images each, too few to judge one by "
+        "one: 'eel', 'fox', recall 0.333 pooled over their 3 test images vs 0.950 "
+        "on average for the 2 classes judged"
+    )
+    assert "finetune.class_weights" in finding.parameters
+    # Recognised as well as the others on the few they have: nothing to say.
+    recognised = report_of(
+        {"cat": (0.95, 20), "dog": (0.95, 20), "eel": (1.0, 1), "fox": (1.0, 2)}
+    )
+    assert diagnosis.class_imbalance(metrics, recognised, counts, settings) is None
+
+
 def test_the_accuracy_gap_leaves_out_classes_with_too_few_test_images(thresholds):
     settings = thresholds["class_imbalance"]
     report = report_of({"cat": (0.9, 20), "dog": (0.5, 20), "eel": (0.0, 2)})

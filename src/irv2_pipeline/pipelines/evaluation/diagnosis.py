@@ -829,6 +829,43 @@ def describe_rare_class(
     )
 
 
+def untested_rare_classes(
+    classes: pd.DataFrame, train_counts: dict[str, int], settings: dict[str, Any]
+) -> str | None:
+    """Evidence on the rare classes that have too few test images to be judged.
+
+    Rare: fewer training images than the largest class's over
+    ``max_train_imbalance_ratio``. When such classes have test images, each fewer
+    than ``min_test_images``, and their recall pooled over those images is below the
+    mean recall of the classes judged (:func:`judged_classes`), the imbalance may
+    cost them accuracy that the test split is too small to show.
+
+    Returns:
+        The evidence line, or ``None``.
+    """
+    limit = float(settings["max_train_imbalance_ratio"])
+    largest = max(train_counts.values())
+    rare = [name for name, count in train_counts.items() if count * limit < largest]
+    minimum = int(settings["min_test_images"])
+    tested = classes[classes["support"] > 0]
+    few = tested[tested["class"].isin(rare) & (tested["support"] < minimum)]
+    judged = judged_classes(tested, settings)
+    if few.empty or judged.empty:
+        return None
+    support = few["support"].to_numpy(dtype=np.float64)
+    pooled = float((few["recall"].to_numpy(dtype=np.float64) * support).sum())
+    pooled /= support.sum()
+    others = float(judged["recall"].mean())
+    if pooled >= others:
+        return None
+    return (
+        f"rare classes with fewer than {minimum} test images each, too few to judge "
+        f"one by one: {', '.join(repr(name) for name in few['class'])}, recall "
+        f"{pooled:.3f} pooled over their {int(support.sum())} test images vs "
+        f"{others:.3f} on average for the {len(judged)} classes judged"
+    )
+
+
 def class_imbalance(
     metrics: dict[str, Any],
     classification_report: pd.DataFrame,
@@ -838,7 +875,10 @@ def class_imbalance(
     """Balanced accuracy well below accuracy, or a class far weaker than the others.
 
     Both accuracies are over the classes judged (:func:`accuracy_gap`); weak classes
-    are those of :func:`weak_classes`. The training images per class
+    are those of :func:`weak_classes`. Rare classes with too few test images to be
+    judged, recognised worse than the others on the few they have
+    (:func:`untested_rare_classes`), make a low finding on their own: the imbalance
+    is measured on the training images, its cost cannot be on the test images. The training images per class
     decide what the finding says: an imbalance, with class weights as advice, when
     the training set is imbalanced (largest over smallest class above
     ``max_train_imbalance_ratio``); classes that are hard to tell apart, with more
@@ -871,6 +911,10 @@ def class_imbalance(
         "images"
         for row in weak.to_dict("records")
     ]
+    measured = bool(evidence)
+    untested = untested_rare_classes(classes, train_counts, settings)
+    if untested is not None:
+        evidence.append(untested)
     if not evidence:
         return None
     smallest = min(train_counts, key=train_counts.__getitem__)
@@ -900,13 +944,18 @@ def class_imbalance(
     names = ", ".join(repr(name) for name in weak["class"]) or "the weaker classes"
     return Finding(
         rule="class_imbalance",
-        cause="Some classes are recognised far worse than others"
-        + (
-            ", and the training set is imbalanced."
-            if imbalanced
-            else "; the training set is balanced, so they are hard to tell apart."
+        cause=(
+            "Some classes are recognised far worse than others"
+            + (
+                ", and the training set is imbalanced."
+                if imbalanced
+                else "; the training set is balanced, so they are hard to tell apart."
+            )
+            if measured
+            else "Rare classes may be recognised worse: the training set is "
+            "imbalanced, and they have too few test images to show what that costs."
         ),
-        severity="high" if len(weak) else "medium",
+        severity="high" if len(weak) else "medium" if measured else "low",
         suggestion=(
             "Weight the loss by class (finetune.class_weights: true) or give rare "
             "classes more augmented copies (augmentation.balance.enabled: true), and "
