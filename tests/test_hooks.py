@@ -232,6 +232,19 @@ def test_each_problem_is_reported_once(tmp_path):
     assert _problems(tmp_path).count("model.image_sise") == 1
 
 
+def test_a_partly_modelled_block_names_each_unknown_key_once(tmp_path):
+    _project_with(
+        tmp_path,
+        "evaluation: {fail_onn: high, diagnosis: {weak_segment: {alpah: 0.1}}}\n",
+    )
+    message = _problems(tmp_path)
+    # The weak_segment model forbids unknown keys and suggests one ...
+    assert message.count("evaluation.diagnosis.weak_segment.alpah") == 1
+    assert "did you mean `alpha`?" in message
+    # ... the rest of evaluation is checked against conf/base's keys.
+    assert "unknown key `evaluation.fail_onn` (conf/base has no such key)" in message
+
+
 def test_a_value_set_in_conf_base_is_named_with_its_pipeline_file(tmp_path):
     conf = _project_with(tmp_path, "model: {weights: null}\n")
     ingestion = conf / "base" / "parameters_ingestion.yml"

@@ -351,6 +351,10 @@ def test_fingerprint_describes_the_upright_image(tmp_path):
         # Half of every channel's pixels at 255, half at 0.
         "mean_colour": "#808080",
         "pixel_std": 127.5,
+        # Grey levels (ITU-R 601 luma) of red, green, blue and white: 76, 150, 29,
+        # 255 over a quarter of the image each.
+        "brightness": 127.5,
+        "contrast": 85.319,
     }
     assert len(record["phash"]) == 16
     assert same_pixels["sha256"] != record["sha256"]

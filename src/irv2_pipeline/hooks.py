@@ -16,7 +16,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
 from irv2_pipeline.cluster import ClusterRole, cluster_role
-from irv2_pipeline.parameters import MODELLED_BLOCKS, parameter_problems
+from irv2_pipeline.parameters import is_modelled, parameter_problems
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ class ParameterCheckHook:
             if key not in base_keys
             and not key.startswith(self.OPEN_MAPPINGS)
             # The models forbid unknown keys themselves, with a suggestion.
-            and key.split(".")[0] not in MODELLED_BLOCKS
+            and not is_modelled(key)
         ]
 
 

@@ -167,8 +167,10 @@ def fingerprint(path: str | os.PathLike, policy: OpenPolicy) -> dict[str, Any] |
         ``sha256`` (of the file's bytes), ``phash`` (64-bit perceptual hash of the
         upright pixels, in hex), ``width``, ``height`` (the file's, upright),
         ``format``, ``mode``,
-        ``mean_colour`` (the mean RGB as ``#rrggbb``) and ``pixel_std`` (the largest
-        of the R, G and B standard deviations, 0-255); or the rejection reason.
+        ``mean_colour`` (the mean RGB as ``#rrggbb``), ``pixel_std`` (the largest
+        of the R, G and B standard deviations, 0-255), ``brightness`` and
+        ``contrast`` (the mean and the standard deviation of the grey image's
+        levels, 0-255); or the rejection reason.
         Large JPEGs are decoded at a reduced scale (``FINGERPRINT_SIDE``): the hash
         and statistics are then those of the reduced image.
     """
@@ -177,14 +179,15 @@ def fingerprint(path: str | os.PathLike, policy: OpenPolicy) -> dict[str, Any] |
         rgb, fmt, mode, (width, height) = _decode(data, policy, FINGERPRINT_SIDE)
     except ImageRejected as rejection:
         return rejection.reason
+    grey = rgb.convert("L")
     return {
         "sha256": hashlib.sha256(data).hexdigest(),
-        "phash": _phash(rgb),
+        "phash": _phash(grey),
         "width": width,
         "height": height,
         "format": fmt,
         "mode": mode,
-        **_pixel_statistics(rgb),
+        **_pixel_statistics(rgb, grey),
     }
 
 
@@ -326,8 +329,8 @@ def _read_bytes(path: Path) -> bytes:
         raise ImageRejected(f"cannot be read: {exc.strerror or exc}") from None
 
 
-def _phash(image: Image.Image) -> str:
-    """The 64-bit perceptual hash (``imagehash.phash``) of an image, as hex.
+def _phash(grey: Image.Image) -> str:
+    """The 64-bit perceptual hash (``imagehash.phash``) of a grey image, as hex.
 
     ``phash`` shrinks its input to 32x32 with a Lanczos filter, whose cost grows with
     the input size. Shrinking it first with ``reducing_gap=2`` (a box reduction down to
@@ -335,22 +338,26 @@ def _phash(image: Image.Image) -> str:
     re-encoding, resizing and cropping; it can differ from the unreduced one by a bit
     or two, the same for every image.
     """
-    grey = image.convert("L")
     small = grey.resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0)
     return str(imagehash.phash(small))
 
 
-def _pixel_statistics(image: Image.Image) -> dict[str, Any]:
-    """The mean colour and the pixel variation of an RGB image.
+def _pixel_statistics(image: Image.Image, grey: Image.Image) -> dict[str, Any]:
+    """The mean colour, the pixel variation, brightness and contrast of an image.
 
     From Pillow's histograms, exact over every pixel and without a float copy of them:
     pHash ignores colour and the mean, so these tell a flat red image from a black one.
+    Brightness and contrast are those of ``grey``, the image's luma (ITU-R 601, as
+    Pillow converts to ``L``), which the evaluation compares between the splits.
     """
     stat = ImageStat.Stat(image)
+    luma = ImageStat.Stat(grey)
     red, green, blue = (min(255, round(value)) for value in stat.mean)
     return {
         "mean_colour": f"#{red:02x}{green:02x}{blue:02x}",
         "pixel_std": round(max(stat.stddev), 3),
+        "brightness": round(luma.mean[0], 3),
+        "contrast": round(luma.stddev[0], 3),
     }
 
 

@@ -191,6 +191,73 @@ class InferenceParams(_Block):
     shift: InferenceShiftParams
 
 
+class _OpenBlock(BaseModel):
+    """A block of which only some keys have rules; conf/base is the schema for the
+    rest (``hooks.ParameterCheckHook`` names a key it lacks)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+Probability = Annotated[float, Field(strict=True, gt=0, lt=1)]
+
+
+class ClassImbalanceParams(_OpenBlock):
+    """``evaluation.diagnosis.class_imbalance``."""
+
+    # Test images per class.
+    min_test_images: Annotated[WholeNumber, Field(ge=1)]
+
+
+class ImagePropertyDriftParams(_Block):
+    """``evaluation.diagnosis.image_property_drift``: train vs test, per property."""
+
+    # Family-wise error rate over the properties.
+    alpha: Probability
+    # Images per split.
+    min_images: Annotated[WholeNumber, Field(ge=2)]
+    # Kolmogorov-Smirnov statistic, 0-1.
+    high_statistic: Annotated[float, Field(strict=True, gt=0, le=1)]
+
+
+class DummyBaselineParams(_Block):
+    """``evaluation.diagnosis.dummy_baseline``: the model vs the most frequent class."""
+
+    # Test images per class.
+    min_test_images: Annotated[WholeNumber, Field(ge=1)]
+
+
+class WeakSegmentParams(_Block):
+    """``evaluation.diagnosis.weak_segment``: slices of the test images by property."""
+
+    # Bins of equal count per property.
+    quantile_bins: Annotated[WholeNumber, Field(ge=2)]
+    # Share of the test images in a bin.
+    min_share: Fraction
+    # Test images in a bin.
+    min_images: Annotated[WholeNumber, Field(ge=1)]
+    # Multiple of the accuracy on all test images.
+    max_relative_accuracy: Annotated[float, Field(strict=True, gt=0, lt=1)]
+    # Family-wise error rate over the bins.
+    alpha: Probability
+
+
+class DiagnosisParams(_OpenBlock):
+    """``evaluation.diagnosis``: the thresholds of the rules that have a model."""
+
+    class_imbalance: ClassImbalanceParams
+    image_property_drift: ImagePropertyDriftParams
+    dummy_baseline: DummyBaselineParams
+    weak_segment: WeakSegmentParams
+
+
+class EvaluationParams(_OpenBlock):
+    """``evaluation``: the keys with rules (the verdict and the data checks)."""
+
+    # The least severity that fails the run; none never does.
+    fail_on: Literal["none", "low", "medium", "high"]
+    diagnosis: DiagnosisParams
+
+
 class ProjectParameters(BaseModel):
     """The blocks with rules; other blocks are checked against conf/base's keys."""
 
@@ -200,9 +267,30 @@ class ProjectParameters(BaseModel):
     images: ImagesParams
     ingestion: IngestionParams
     inference: InferenceParams
+    evaluation: EvaluationParams
 
 
-MODELLED_BLOCKS = tuple(ProjectParameters.model_fields)
+def _closed_paths(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
+    """Dotted paths of the blocks under ``model`` whose models forbid unknown keys."""
+    paths: list[str] = []
+    for name, field in model.model_fields.items():
+        block = field.annotation
+        if isinstance(block, type) and issubclass(block, BaseModel):
+            if block.model_config.get("extra") == "forbid":
+                paths.append(prefix + name)
+            else:
+                paths += _closed_paths(block, f"{prefix}{name}.")
+    return tuple(paths)
+
+
+# The blocks whose models forbid unknown keys (and name them); conf/base is the
+# schema of every other key.
+MODELLED_BLOCKS = _closed_paths(ProjectParameters)
+
+
+def is_modelled(key: str) -> bool:
+    """Whether a dotted key lies in a block of :data:`MODELLED_BLOCKS`."""
+    return any(key == block or key.startswith(f"{block}.") for block in MODELLED_BLOCKS)
 
 
 @dataclass(frozen=True)

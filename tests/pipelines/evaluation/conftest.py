@@ -21,6 +21,8 @@ from PIL import Image
 from irv2_pipeline.backbone import PREPROCESS_LAYER, group_of
 from irv2_pipeline.classifier import HEAD_MODEL, LOGITS_LAYER, POOLING_LAYERS
 from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.images import OpenPolicy, fingerprint
+from irv2_pipeline.pipelines.evaluation.metrics import prediction_table
 from tests.conftest import kedro, project_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -30,6 +32,8 @@ CLASSES = sorted(COLOURS)
 # Per class: images 0 and 1 train, 2 val, 3 and 4 test.
 SPLIT_OF_INDEX = ("train", "train", "val", "test", "test")
 MISLABELLED = "red/red_4.png"
+# The manifest's columns that ingestion takes from images.fingerprint's statistics.
+IMAGE_STATISTICS = ("mean_colour", "pixel_std", "brightness", "contrast")
 
 
 # A planted cause's run: the whole smoke DAG with training cut to what the findings
@@ -142,6 +146,7 @@ def write_colour_images(root: Path) -> tuple[ImageFolder, pd.DataFrame]:
             pixels = textured(colour, seed=10 * class_index + index)
             Image.fromarray(pixels).save(root / path)
             data = (root / path).read_bytes()
+            record = fingerprint(root / path, OpenPolicy())
             rows.append(
                 {
                     "path": path,
@@ -154,10 +159,30 @@ def write_colour_images(root: Path) -> tuple[ImageFolder, pd.DataFrame]:
                     "height": pixels.shape[0],
                     "format": "PNG",
                     "mode": "RGB",
+                    **{name: record[name] for name in IMAGE_STATISTICS},
                     "label_conflict": False,
                 }
             )
     return ImageFolder(root), pd.DataFrame(rows)
+
+
+def predictions_of(
+    paths: list[str], labels: list[str], predicted: list[str], classes=CLASSES
+) -> pd.DataFrame:
+    """``test_predictions`` in which each image is predicted ``predicted``, surely."""
+    probabilities = np.full((len(paths), len(classes)), 0.05 / (len(classes) - 1))
+    probabilities[np.arange(len(paths)), [classes.index(p) for p in predicted]] = 0.95
+    return prediction_table(paths, labels, classes, probabilities)
+
+
+def colour_predictions(manifest: pd.DataFrame) -> pd.DataFrame:
+    """What the colour classifier predicts for the test images: each one's colour."""
+    test = manifest[manifest["split"] == "test"]
+    predicted = [
+        "green" if path == MISLABELLED else label
+        for path, label in zip(test["path"], test["label"], strict=True)
+    ]
+    return predictions_of(list(test["path"]), list(test["label"]), predicted)
 
 
 def colour_classifier(

@@ -13,6 +13,7 @@ from irv2_pipeline.pipelines.evaluation.nodes import diagnose_run
 
 from .conftest import (
     PROJECT_ROOT,
+    colour_predictions,
     healthy_history,
     history_frame,
     noise_estimate,
@@ -807,6 +808,7 @@ def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> 
             **{"class": ["blue", "green", "red"]}
         ),
         "image_manifest": manifest,
+        "test_predictions": colour_predictions(manifest),
         "label_noise_estimate": noise_estimate(),
         "plan_rules": plan_rules,
         "evaluation": evaluation_params,

@@ -246,11 +246,15 @@ def test_near_pairs_are_all_found_whatever_the_block_size(budget):
     assert sorted(found) == sorted(expected)
 
 
+# width, height, format, mode, mean_colour, pixel_std, brightness, contrast.
+GREY_BMP = (64, 64, "BMP", "RGB", "#808080", 40, 128, 40)
+
+
 def scanned_rows(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
     """A ``scan_images`` table from (path, sha256, phash) rows; label from the path."""
     scanned = pd.DataFrame(
         [
-            (path, path.split("/")[0], sha, phash, 64, 64, "BMP", "RGB", "#808080", 40)
+            (path, path.split("/")[0], sha, phash, *GREY_BMP)
             for path, sha, phash in rows
         ],
         columns=SCANNED_COLUMNS,

@@ -17,11 +17,20 @@ figure after it follows), ``leakage`` and ``label_conflicts`` (the held-out figu
 cannot be trusted), ``label_noise`` (wrong training labels cap the fit and the test
 figures), ``unstable_training`` (a diverging loss explains a poor fit),
 ``underfitting`` / ``overfitting`` / ``feature_distortion`` (how training fit),
-``domain_gap``, ``split_shift``, ``validation_test_gap`` (which a split shift
-explains), ``shortcut`` (a cue the test split shares, so it does not lower this test
-accuracy: it warns that the accuracy will not hold on images without the cue),
-``class_imbalance``, ``miscalibration``, and last ``small_test_set``, a caveat on every
-test figure rather than a cause.
+``domain_gap``, ``split_shift`` / ``image_property_drift`` (test images unlike the
+training images, in features or in brightness, contrast, shape or colour),
+``validation_test_gap`` (which a split shift explains), ``dummy_baseline`` (a model no
+better than guessing the most frequent class, which the causes before it explain),
+``shortcut`` (a cue the test split shares, so it does not lower this test accuracy: it
+warns that the accuracy will not hold on images without the cue), ``class_imbalance``,
+``weak_segment`` (a slice of the test images by an image property), ``miscalibration``,
+and last ``small_test_set``, a caveat on every test figure rather than a cause.
+``new_test_labels`` (test classes without training images) comes right after
+``label_conflicts``: no figure of those classes can be trusted. The rules that read the
+images and predictions themselves live in :mod:`.checks`.
+
+A rule that names a class judges it only on at least ``min_test_images`` test images
+(``class_imbalance``, ``dummy_baseline``): one test image cannot single a class out.
 """
 
 from __future__ import annotations
@@ -49,14 +58,17 @@ PRIORITY = (
     ("random_weights",),
     ("leakage",),
     ("label_conflicts",),
+    ("new_test_labels",),
     ("label_noise",),
     ("unstable_training",),
     ("underfitting", "overfitting", "feature_distortion"),
     ("domain_gap",),
-    ("split_shift",),
+    ("split_shift", "image_property_drift"),
     ("validation_test_gap",),
+    ("dummy_baseline",),
     ("shortcut",),
     ("class_imbalance",),
+    ("weak_segment",),
     ("miscalibration",),
     ("small_test_set",),
 )
@@ -753,14 +765,67 @@ def label_noise(
     )
 
 
+def judged_classes(
+    classification_report: pd.DataFrame, settings: dict[str, Any]
+) -> pd.DataFrame:
+    """The rows of the classes with at least ``min_test_images`` test images."""
+    minimum = max(1, int(settings["min_test_images"]))
+    return classification_report[classification_report["support"] >= minimum]
+
+
+def accuracy_gap(
+    metrics: dict[str, Any], classes: pd.DataFrame, settings: dict[str, Any]
+) -> tuple[float, float, str]:
+    """Accuracy and balanced accuracy over the classes judged, and how they were got.
+
+    When every class with test images is judged (:func:`judged_classes`), they are
+    the test metrics. Otherwise the classes with fewer test images count as one
+    class, pooled, when together they have ``min_test_images``, and are left out
+    when they have not; both figures are then recomputed from the per-class recalls.
+    So one missed test image of a class does not pull the balanced accuracy down by
+    a whole class's share, while rare classes that the model misses together still
+    show.
+    """
+    tested = classes[classes["support"] > 0]
+    judged = judged_classes(tested, settings)
+    if len(judged) == len(tested):
+        return float(metrics["accuracy"]), float(metrics["balanced_accuracy"]), ""
+    minimum = int(settings["min_test_images"])
+    few = tested[tested["support"] < minimum]
+    few_support = few["support"].to_numpy(dtype=np.float64)
+    support = judged["support"].to_numpy(dtype=np.float64)
+    recall = judged["recall"].to_numpy(dtype=np.float64)
+    pooled = few_support.sum() >= minimum
+    if pooled:
+        few_recall = few["recall"].to_numpy(dtype=np.float64)
+        support = np.append(support, few_support.sum())
+        recall = np.append(recall, (few_recall * few_support).sum() / support[-1])
+    if not len(support):
+        return math.nan, math.nan, ""
+    names = ", ".join(repr(name) for name in few["class"])
+    return (
+        float((recall * support).sum() / support.sum()),
+        float(recall.mean()),
+        f" over the {len(judged)} classes with at least {minimum} test images"
+        + (
+            f" and, as one, the {len(few)} with fewer ({names}: "
+            f"{int(few_support.sum())} test images)"
+            if pooled
+            else f" ({names}, with {int(few_support.sum())} test images in all, "
+            "left out)"
+        ),
+    )
+
+
 def weak_classes(
     classification_report: pd.DataFrame, n_classes: int, settings: dict[str, Any]
 ) -> pd.DataFrame:
     """The classes recognised far worse than the others, beyond test-set noise.
 
-    Each class with test images is held against the mean recall of the other classes
-    with test images, not against a fixed bar, so a model that is poor on every class
-    has no weak class. Both recalls are measured from chance
+    Each class with at least ``min_test_images`` test images is held against the
+    mean recall of the other such classes, not against a fixed bar, so a model that
+    is poor on every class has no weak class; a class with fewer is not judged (one
+    test image, missed, is a recall of 0). Both recalls are measured from chance
     (:func:`skill_over_chance`); the class is weak when its skill lies more than
     ``min_skill_gap`` below theirs and its recall more than ``noise_z`` binomial
     standard errors (for its support, at the others' recall) below theirs.
@@ -770,7 +835,7 @@ def weak_classes(
         mean recall of the other classes), ``skill_gap`` and ``noise`` (``noise_z``
         standard errors) added.
     """
-    tested = classification_report[classification_report["support"] > 0]
+    tested = judged_classes(classification_report, settings)
     if len(tested) < 2:
         return tested.head(0).assign(others=[], skill_gap=[], noise=[])
     recall = tested["recall"].to_numpy(dtype=np.float64)
@@ -805,6 +870,43 @@ def describe_rare_class(
     )
 
 
+def untested_rare_classes(
+    classes: pd.DataFrame, train_counts: dict[str, int], settings: dict[str, Any]
+) -> str | None:
+    """Evidence on the rare classes that have too few test images to be judged.
+
+    Rare: fewer training images than the largest class's over
+    ``max_train_imbalance_ratio``. When such classes have test images, each fewer
+    than ``min_test_images``, and their recall pooled over those images is below the
+    mean recall of the classes judged (:func:`judged_classes`), the imbalance may
+    cost them accuracy that the test split is too small to show.
+
+    Returns:
+        The evidence line, or ``None``.
+    """
+    limit = float(settings["max_train_imbalance_ratio"])
+    largest = max(train_counts.values())
+    rare = [name for name, count in train_counts.items() if count * limit < largest]
+    minimum = int(settings["min_test_images"])
+    tested = classes[classes["support"] > 0]
+    few = tested[tested["class"].isin(rare) & (tested["support"] < minimum)]
+    judged = judged_classes(tested, settings)
+    if few.empty or judged.empty:
+        return None
+    support = few["support"].to_numpy(dtype=np.float64)
+    pooled = float((few["recall"].to_numpy(dtype=np.float64) * support).sum())
+    pooled /= support.sum()
+    others = float(judged["recall"].mean())
+    if pooled >= others:
+        return None
+    return (
+        f"rare classes with fewer than {minimum} test images each, too few to judge "
+        f"one by one: {', '.join(repr(name) for name in few['class'])}, recall "
+        f"{pooled:.3f} pooled over their {int(support.sum())} test images vs "
+        f"{others:.3f} on average for the {len(judged)} classes judged"
+    )
+
+
 def class_imbalance(
     metrics: dict[str, Any],
     classification_report: pd.DataFrame,
@@ -813,7 +915,11 @@ def class_imbalance(
 ) -> Finding | None:
     """Balanced accuracy well below accuracy, or a class far weaker than the others.
 
-    Weak classes are those of :func:`weak_classes`. The training images per class
+    Both accuracies are over the classes judged (:func:`accuracy_gap`); weak classes
+    are those of :func:`weak_classes`. Rare classes with too few test images to be
+    judged, recognised worse than the others on the few they have
+    (:func:`untested_rare_classes`), make a low finding on their own: the imbalance
+    is measured on the training images, its cost cannot be on the test images. The training images per class
     decide what the finding says: an imbalance, with class weights as advice, when
     the training set is imbalanced (largest over smallest class above
     ``max_train_imbalance_ratio``); classes that are hard to tell apart, with more
@@ -825,16 +931,17 @@ def class_imbalance(
     """
     max_gap = float(settings["max_balanced_accuracy_gap"])
     min_skill_gap = float(settings["min_skill_gap"])
-    gap = metrics["accuracy"] - metrics["balanced_accuracy"]
     classes = classification_report[
         classification_report["class"].isin(list(train_counts))
     ]
+    accuracy, balanced, over = accuracy_gap(metrics, classes, settings)
+    gap = accuracy - balanced
     weak = weak_classes(classes, len(train_counts), settings)
     evidence = []
     if gap > max_gap:
         evidence.append(
-            f"accuracy {metrics['accuracy']:.3f} vs balanced accuracy "
-            f"{metrics['balanced_accuracy']:.3f} (gap {gap:.3f} > {max_gap})"
+            f"accuracy {accuracy:.3f} vs balanced accuracy {balanced:.3f}{over} "
+            f"(gap {gap:.3f} > {max_gap})"
         )
     evidence += [
         f"class {row['class']!r}: recall {row['recall']:.3f} vs {row['others']:.3f} "
@@ -845,6 +952,10 @@ def class_imbalance(
         "images"
         for row in weak.to_dict("records")
     ]
+    measured = bool(evidence)
+    untested = untested_rare_classes(classes, train_counts, settings)
+    if untested is not None:
+        evidence.append(untested)
     if not evidence:
         return None
     smallest = min(train_counts, key=train_counts.__getitem__)
@@ -874,13 +985,18 @@ def class_imbalance(
     names = ", ".join(repr(name) for name in weak["class"]) or "the weaker classes"
     return Finding(
         rule="class_imbalance",
-        cause="Some classes are recognised far worse than others"
-        + (
-            ", and the training set is imbalanced."
-            if imbalanced
-            else "; the training set is balanced, so they are hard to tell apart."
+        cause=(
+            "Some classes are recognised far worse than others"
+            + (
+                ", and the training set is imbalanced."
+                if imbalanced
+                else "; the training set is balanced, so they are hard to tell apart."
+            )
+            if measured
+            else "Rare classes may be recognised worse: the training set is "
+            "imbalanced, and they have too few test images to show what that costs."
         ),
-        severity="high" if len(weak) else "medium",
+        severity="high" if len(weak) else "medium" if measured else "low",
         suggestion=(
             "Weight the loss by class (finetune.class_weights: true) or give rare "
             "classes more augmented copies (augmentation.balance.enabled: true), and "

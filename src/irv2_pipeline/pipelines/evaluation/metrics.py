@@ -276,6 +276,14 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(2.0 * right[present] / counts[present]))
 
 
+def class_f1(y_true: np.ndarray, y_pred: np.ndarray, index: int) -> float:
+    """F1 of one class (2 TP / (true + predicted)); 0 when it is neither."""
+    true = np.asarray(y_true) == index
+    predicted = np.asarray(y_pred) == index
+    counts = int(true.sum() + predicted.sum())
+    return 2.0 * int((true & predicted).sum()) / counts if counts else 0.0
+
+
 def classification_metrics(
     y_true: np.ndarray,
     probabilities: np.ndarray,

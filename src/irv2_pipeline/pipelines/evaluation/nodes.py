@@ -23,7 +23,7 @@ from irv2_pipeline.predict import (
 )
 from irv2_pipeline.progress import ProgressLog
 
-from . import diagnosis, plots
+from . import checks, diagnosis, plots, verdict
 from .attribution import OcclusionSpec, flip_table, grad_cam, occlude, occlusion_masks
 from .label_issues import (
     ISSUE_COLUMNS,
@@ -480,6 +480,7 @@ def diagnose_run(
     *,
     evaluation_metrics: dict[str, Any],
     classification_report: pd.DataFrame,
+    test_predictions: pd.DataFrame,
     training_history: pd.DataFrame,
     bn_shift_profile: pd.DataFrame,
     split_shift: pd.DataFrame,
@@ -499,6 +500,7 @@ def diagnose_run(
     Args:
         evaluation_metrics: The test metrics.
         classification_report: Per-class precision, recall, F1 and support.
+        test_predictions: The prediction table (the checks of ``checks``).
         training_history: One row per epoch of every stage.
         bn_shift_profile: BN shift per layer (``feature_shift``).
         split_shift: Shift between the splits (``feature_shift``).
@@ -515,7 +517,8 @@ def diagnose_run(
         model: The ``model`` parameters (``weights``).
         plan_rules: ``feature_shift.plan_rules``, the learning-rate limits every plan
             must keep.
-        evaluation: The ``evaluation`` parameters (``diagnosis`` thresholds).
+        evaluation: The ``evaluation`` parameters (``diagnosis`` thresholds,
+            ``bootstrap``).
 
     Returns:
         ``diagnosis``: the findings, the cause that explains the others first
@@ -524,8 +527,10 @@ def diagnose_run(
     thresholds = evaluation["diagnosis"]
     weights = model.get("weights")
     stages = diagnosis.stage_records(finetune_stages)
+    train_counts = _train_counts(image_manifest, evaluation_metrics["classes"])
     findings = diagnosis.in_priority(
         [
+            *_data_checks(test_predictions, image_manifest, train_counts, evaluation),
             diagnosis.random_weights(weights),
             diagnosis.leakage(image_manifest, thresholds["leakage"]),
             diagnosis.label_conflicts(dataset_summary, duplicate_report),
@@ -575,7 +580,7 @@ def diagnose_run(
             diagnosis.class_imbalance(
                 evaluation_metrics,
                 classification_report,
-                _train_counts(image_manifest, evaluation_metrics["classes"]),
+                train_counts,
                 thresholds["class_imbalance"],
             ),
             diagnosis.miscalibration(evaluation_metrics, thresholds["miscalibration"]),
@@ -587,6 +592,59 @@ def diagnose_run(
             "%s (%s): %s", finding["rule"], finding["severity"], finding["cause"]
         )
     return findings
+
+
+def _data_checks(
+    test_predictions: pd.DataFrame,
+    image_manifest: pd.DataFrame,
+    train_counts: dict[str, int],
+    evaluation: dict[str, Any],
+) -> list[diagnosis.Finding | None]:
+    """The rules of ``checks``: on the images and the test predictions themselves."""
+    thresholds = evaluation["diagnosis"]
+    return [
+        checks.new_test_labels(image_manifest),
+        checks.image_property_drift(image_manifest, thresholds["image_property_drift"]),
+        checks.dummy_baseline(
+            test_predictions,
+            train_counts,
+            evaluation["bootstrap"],
+            thresholds["dummy_baseline"],
+        ),
+        checks.weak_segment(
+            test_predictions, image_manifest, thresholds["weak_segment"]
+        ),
+    ]
+
+
+def write_diagnosis_junit(diagnosis_findings: list[dict[str, Any]]) -> str:
+    """``diagnosis_junit``: one JUnit test case per rule, failed where it fired."""
+    return verdict.junit_xml(diagnosis_findings)
+
+
+def enforce_fail_on(
+    diagnosis_findings: list[dict[str, Any]],
+    evaluation_report: str,
+    diagnosis_junit: str,
+    evaluation: dict[str, Any],
+) -> None:
+    """Fails the run when a finding is at or above ``evaluation.fail_on``.
+
+    It takes the report and the JUnit XML only to run after they are written (in a
+    sequential run, after every node of the pipeline): a failed run still leaves
+    every report to read.
+
+    Raises:
+        verdict.DiagnosisVerdictError: Naming the findings at or above it.
+    """
+    del evaluation_report, diagnosis_junit
+    fail_on = str(evaluation["fail_on"])
+    verdict.enforce_fail_on(diagnosis_findings, fail_on)
+    logger.info(
+        "evaluation.fail_on = %s: no finding at or above it (%d in all)",
+        fail_on,
+        len(diagnosis_findings),
+    )
 
 
 def write_report(

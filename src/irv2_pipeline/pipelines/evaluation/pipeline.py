@@ -5,6 +5,7 @@ from kedro.pipeline import Node, Pipeline
 from .nodes import (
     diagnose_run,
     embed_training_images,
+    enforce_fail_on,
     find_label_issues,
     occlude_test_split,
     plot_confidently_wrong,
@@ -15,6 +16,7 @@ from .nodes import (
     plot_validation_curves,
     predict_test_split,
     score_predictions,
+    write_diagnosis_junit,
     write_report,
 )
 
@@ -134,6 +136,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs={
                     "evaluation_metrics": "evaluation_metrics",
                     "classification_report": "classification_report",
+                    "test_predictions": "test_predictions",
                     "training_history": "training_history",
                     "bn_shift_profile": "bn_shift_profile",
                     "split_shift": "split_shift",
@@ -172,6 +175,23 @@ def create_pipeline(**kwargs) -> Pipeline:
                 },
                 outputs="evaluation_report",
                 name="write_report",
+            ),
+            Node(
+                write_diagnosis_junit,
+                inputs="diagnosis",
+                outputs="diagnosis_junit",
+                name="write_diagnosis_junit",
+            ),
+            Node(
+                enforce_fail_on,
+                inputs=[
+                    "diagnosis",
+                    "evaluation_report",
+                    "diagnosis_junit",
+                    "params:evaluation",
+                ],
+                outputs=None,
+                name="enforce_fail_on",
             ),
         ]
     )

@@ -39,6 +39,8 @@ SCANNED_COLUMNS = [
     "mode",
     "mean_colour",
     "pixel_std",
+    "brightness",
+    "contrast",
 ]
 # The manifest adds where each image went and why it may be doubtful.
 MANIFEST_COLUMNS = [
