@@ -184,6 +184,31 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|")
 
 
+def model_at(model: type, path: str) -> type:
+    """The Pydantic model of a dotted block path, e.g. ``evaluation.diagnosis.x``."""
+    for name in path.split("."):
+        model = model.model_fields[name].annotation
+    return model
+
+
+def _checked_how(block: str, parameters: Any) -> str:
+    """How a block's keys are checked, in words: by its model, or against conf/base."""
+    against_base = (
+        "keys are checked against conf/base's: an unknown key stops the run, "
+        "naming the closest known one."
+    )
+    if block in parameters.MODELLED_BLOCKS:
+        return "Each key's type and rule come from `irv2_pipeline.parameters`."
+    parts = [p for p in parameters.MODELLED_BLOCKS if p.startswith(f"{block}.")]
+    if not parts:
+        return against_base[0].upper() + against_base[1:]
+    named = ", ".join(f"`{part}`" for part in parts)
+    return (
+        f"The keys under {named} have their type and rule from "
+        f"`irv2_pipeline.parameters`; the other {against_base}"
+    )
+
+
 def reference() -> str:
     """The whole reference, as Markdown: one section per parameter block."""
     parameters = _parameters_module()
@@ -192,7 +217,7 @@ def reference() -> str:
     rules: dict[str, str] = {}
     checks: list[tuple[str, str]] = []
     for block in parameters.MODELLED_BLOCKS:
-        model = parameters.ProjectParameters.model_fields[block].annotation
+        model = model_at(parameters.ProjectParameters, block)
         rules.update(field_rules(model, block))
         checks += list(model_checks(model, block))
     sections = []
@@ -202,17 +227,10 @@ def reference() -> str:
             for path in sorted((PROJECT / "conf" / "base").glob("parameters*.yml"))
             if block in (yaml.safe_load(path.read_text(encoding="utf-8")) or {})
         )
-        modelled = block in parameters.MODELLED_BLOCKS
         lines = [
             f"### `{block}`",
             "",
-            f"Set in `conf/base/{file}`. "
-            + (
-                "Each key's type and rule come from `irv2_pipeline.parameters`."
-                if modelled
-                else "Keys are checked against conf/base's: an unknown key stops "
-                "the run, naming the closest known one."
-            ),
+            f"Set in `conf/base/{file}`. " + _checked_how(block, parameters),
             "",
         ]
         lines += [

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from irv2_pipeline.pipelines.feature_shift.moments import RunningMoments
-from irv2_pipeline.pipelines.feature_shift.shift import symmetric_kl
+from irv2_pipeline.pipelines.feature_shift.moments import BatchNormLayer, RunningMoments
+from irv2_pipeline.pipelines.feature_shift.shift import shift_profile, symmetric_kl
 
 
 def numerical_kl(p, q) -> float:
@@ -59,3 +59,32 @@ def test_running_moments_equal_the_moments_of_all_pixels():
     assert running.count == 11
     np.testing.assert_allclose(running.mean, maps.mean(axis=(0, 1, 2)), rtol=1e-12)
     np.testing.assert_allclose(running.variance, maps.var(axis=(0, 1, 2)), rtol=1e-9)
+
+
+def test_a_few_channels_silent_on_the_source_do_not_set_a_layers_shift():
+    """62 channels with their mean moved by 1.4 SD, 2 nearly silent on the source
+    (variance 1e-4) that any target wakes: the layer's shift is the moved channels'."""
+    channels = 64
+    stored_variance = np.ones(channels)
+    stored_variance[:2] = 1e-4
+    layer = BatchNormLayer(
+        name="bn",
+        unit="block35_1",
+        depth=0,
+        channels=channels,
+        epsilon=1e-3,
+        moving_mean=np.zeros(channels),
+        moving_variance=stored_variance,
+    )
+    target_mean = np.full(channels, np.sqrt(2.0))  # d**2 / 2 = 1 with unit variances
+    target_variance = np.ones(channels)
+    profile = shift_profile([layer], {"bn": target_mean}, {"bn": target_variance}, True)
+    per_channel = symmetric_kl(
+        target_mean, target_variance, layer.moving_mean, stored_variance, 1e-3
+    ).shift
+    # The mean over channels is set by the two silent ones.
+    assert per_channel.mean() > 20
+    assert profile.loc[0, "shift"] == pytest.approx(1.0, rel=0.01)
+    assert profile.loc[0, "shift"] == pytest.approx(
+        profile.loc[0, "mean_part"] + profile.loc[0, "variance_part"]
+    )

@@ -18,6 +18,7 @@ from irv2_pipeline.images import OpenPolicy
 from irv2_pipeline.inputs import class_names, image_dataset
 from irv2_pipeline.plan_rules import (
     PlanError,
+    blocks_reaching,
     learning_rate_problems,
     shift_start,
     validate_stages,
@@ -262,6 +263,9 @@ def summarize_bn_shift(
         ``feature_shift_summary`` and ``bn_shift_plot``.
     """
     blocks = shift.block_shift(bn_shift_profile)
+    by_block = {
+        str(b): float(v) for b, v in zip(blocks["block"], blocks["shift"], strict=True)
+    }
     meaningful = model["weights"] is not None
     threshold = float(feature_shift["plan"]["shift_threshold"])
     peak = blocks.loc[blocks["shift"].idxmax()]
@@ -275,14 +279,10 @@ def summarize_bn_shift(
         "shift_threshold": threshold,
         "grayscale_share": grayscale_share(bn_shift_profile),
         "shift_starts_at": shift_start(
-            dict(zip(blocks["block"], blocks["shift"], strict=True)),
-            threshold,
-            grayscale_share(bn_shift_profile),
+            by_block, threshold, grayscale_share(bn_shift_profile)
         ),
         "most_shifted_block": str(peak["block"]),
-        "blocks_over_threshold": [
-            str(block) for block in blocks.loc[blocks["shift"] >= threshold, "block"]
-        ],
+        "blocks_over_threshold": blocks_reaching(by_block, threshold),
         "blocks": [
             {key: _plain(value) for key, value in row.items()}
             for row in blocks.to_dict("records")
