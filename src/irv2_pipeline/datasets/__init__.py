@@ -7,6 +7,7 @@ from .atomic import (
     AtomicTextDataset,
 )
 from .generated_images import GeneratedImageFolderDataset, ImageJobs
+from .html_report import HTMLReportDataset
 from .image_folder import ImageFolder, ImageFolderDataset
 from .markdown_report import MarkdownReportDataset
 
@@ -16,6 +17,7 @@ __all__ = [
     "AtomicMatplotlibDataset",
     "AtomicTextDataset",
     "GeneratedImageFolderDataset",
+    "HTMLReportDataset",
     "ImageJobs",
     "ImageFolder",
     "ImageFolderDataset",

@@ -101,13 +101,20 @@ def test_fail_on_low_counts_the_low_caveat_too():
     ]
 
 
+def test_the_worst_severity_is_that_of_the_most_severe_finding():
+    assert verdict.worst_severity([]) is None
+    low_then_medium = [{"severity": "low"}, {"severity": "medium"}]
+    assert verdict.worst_severity(low_then_medium) == "medium"
+
+
 def test_the_node_reads_fail_on_from_the_evaluation_parameters(evaluation_params):
     assert evaluation_params["fail_on"] == "none"  # conf/base never fails a run
-    enforce_fail_on(planted(), "report", "<testsuites/>", evaluation_params)
+    enforce_fail_on(planted(), "report", "<html>", "<testsuites/>", evaluation_params)
     with pytest.raises(verdict.DiagnosisVerdictError):
         enforce_fail_on(
             planted(),
             "report",
+            "<html>",
             "<testsuites/>",
             {**evaluation_params, "fail_on": "high"},
         )
@@ -129,7 +136,7 @@ def run_the_verdict(root: Path, inputs: dict, upstream: dict, params: dict) -> N
     config = catalog_config(root)
     catalog = DataCatalog.from_config(
         {name: config[name] for name in ("diagnosis", "diagnosis_junit")}
-        | {"evaluation_report": config["evaluation_report"]}
+        | {name: config[name] for name in ("evaluation_report", "report_html")}
     )
     memory = {
         **{k: v for k, v in inputs.items() if k not in ("model", "plan_rules")},
@@ -162,6 +169,7 @@ def test_a_run_fails_on_fail_on_only_after_writing_every_report(
     findings = json.loads((reports / "diagnosis.json").read_text())
     assert [f["rule"] for f in findings] == ["small_test_set"]
     assert "small_test_set" in (reports / "evaluation_report.md").read_text()
+    assert "small_test_set" in (reports / "report.html").read_text()
     suite = ET.parse(reports / "diagnosis_junit.xml").getroot().find("testsuite")
     failed = [case.get("name") for case in suite if case.find("failure") is not None]
     assert failed == ["small_test_set"]

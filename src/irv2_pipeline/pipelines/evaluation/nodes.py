@@ -46,6 +46,7 @@ from .metrics import (
     probabilities_of,
 )
 from .report import render_report
+from .report_html import render_html_report
 
 logger = logging.getLogger(__name__)
 
@@ -625,19 +626,20 @@ def write_diagnosis_junit(diagnosis_findings: list[dict[str, Any]]) -> str:
 def enforce_fail_on(
     diagnosis_findings: list[dict[str, Any]],
     evaluation_report: str,
+    report_html: str,
     diagnosis_junit: str,
     evaluation: dict[str, Any],
 ) -> None:
     """Fails the run when a finding is at or above ``evaluation.fail_on``.
 
-    It takes the report and the JUnit XML only to run after they are written (in a
+    It takes the reports and the JUnit XML only to run after they are written (in a
     sequential run, after every node of the pipeline): a failed run still leaves
     every report to read.
 
     Raises:
         verdict.DiagnosisVerdictError: Naming the findings at or above it.
     """
-    del evaluation_report, diagnosis_junit
+    del evaluation_report, report_html, diagnosis_junit
     fail_on = str(evaluation["fail_on"])
     verdict.enforce_fail_on(diagnosis_findings, fail_on)
     logger.info(
@@ -707,6 +709,27 @@ def write_report(
         model=model,
         plots=evaluation["report"]["plots"],
         upstream_plots=evaluation["report"]["upstream_plots"],
+    )
+
+
+def write_html_report(
+    evaluation_report: str,
+    diagnosis_findings: list[dict[str, Any]],
+    evaluation: dict[str, Any],
+) -> str:
+    """``report_html``'s Markdown: the verdict, the findings by outcome, the report.
+
+    Args:
+        evaluation_report: The Markdown report (:func:`write_report`).
+        diagnosis_findings: ``diagnosis``.
+        evaluation: The ``evaluation`` parameters (``fail_on``, whose effect the
+            verdict states).
+
+    Returns:
+        The Markdown that ``HTMLReportDataset`` writes as one offline page.
+    """
+    return render_html_report(
+        evaluation_report, diagnosis_findings, str(evaluation["fail_on"])
     )
 
 

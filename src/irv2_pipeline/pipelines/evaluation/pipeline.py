@@ -17,6 +17,7 @@ from .nodes import (
     predict_test_split,
     score_predictions,
     write_diagnosis_junit,
+    write_html_report,
     write_report,
 )
 
@@ -177,6 +178,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="write_report",
             ),
             Node(
+                write_html_report,
+                inputs=["evaluation_report", "diagnosis", "params:evaluation"],
+                outputs="report_html",
+                name="write_html_report",
+            ),
+            Node(
                 write_diagnosis_junit,
                 inputs="diagnosis",
                 outputs="diagnosis_junit",
@@ -187,6 +194,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "diagnosis",
                     "evaluation_report",
+                    "report_html",
                     "diagnosis_junit",
                     "params:evaluation",
                 ],

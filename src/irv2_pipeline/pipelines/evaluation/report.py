@@ -21,6 +21,8 @@ METRIC_LABELS = {
 }
 
 
+# The HTML report (report_html) puts its own findings sections in place of this one.
+FINDINGS_HEADING = "## Findings"
 COUNTERFACTUALS_HEADING = "## What each fix was worth on your data"
 # The measurement is a pipeline of its own (it trains every variant again), so the
 # default DAG never waits for it; this section says where its result is.
@@ -103,21 +105,25 @@ def stage_summary(history: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def finding_item(number: int, finding: Mapping[str, Any]) -> str:
+    """One finding as a numbered Markdown list item: its evidence, then its fix."""
+    lines = [f"{number}. **{finding['rule']}** ({finding['severity']}): "]
+    lines[0] += finding["cause"]
+    lines += [f"   - {line}" for line in finding["evidence"]]
+    lines.append(f"   - *What to change:* {finding['suggestion']}")
+    if finding["parameters"]:
+        names = ", ".join(f"`{name}`" for name in finding["parameters"])
+        lines.append(f"   - *Parameters:* {names}")
+    return "\n".join(lines)
+
+
 def findings_section(findings: Sequence[Mapping[str, Any]]) -> str:
     """The diagnosis, in its order: the cause that explains the others first."""
     if not findings:
         return "No rule found a problem in this run."
-    parts = []
-    for number, finding in enumerate(findings, start=1):
-        lines = [f"{number}. **{finding['rule']}** ({finding['severity']}): "]
-        lines[0] += finding["cause"]
-        lines += [f"   - {line}" for line in finding["evidence"]]
-        lines.append(f"   - *What to change:* {finding['suggestion']}")
-        if finding["parameters"]:
-            names = ", ".join(f"`{name}`" for name in finding["parameters"])
-            lines.append(f"   - *Parameters:* {names}")
-        parts.append("\n".join(lines))
-    return "\n".join(parts)
+    return "\n".join(
+        finding_item(number, finding) for number, finding in enumerate(findings, 1)
+    )
 
 
 def dataset_section(summary: Mapping[str, Any]) -> str:
@@ -277,7 +283,7 @@ def render_report(
         f"input size {model.get('image_size')} px; "
         f"{metrics['n_test']} test images in {len(classes)} classes "
         f"({', '.join(classes)}).",
-        "## Findings",
+        FINDINGS_HEADING,
         findings_section(findings),
         COUNTERFACTUALS_HEADING,
         COUNTERFACTUALS_POINTER,

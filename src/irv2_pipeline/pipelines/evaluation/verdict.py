@@ -1,9 +1,10 @@
-"""The diagnosis as a machine-readable verdict: JUnit XML and ``evaluation.fail_on``.
+"""The diagnosis as a verdict: JUnit XML, ``evaluation.fail_on`` and a summary line.
 
 CI systems read JUnit XML: one test case per diagnosis rule, failed when the rule
 raised a finding (its severity as the failure's type, its cause as the message, the
 evidence and suggestion as the text), passed otherwise. ``evaluation.fail_on`` turns
 findings into a failed run: at ``high``, a high finding fails it; at ``low``, any.
+The HTML report opens with :func:`summary`, the same verdict in words.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ class DiagnosisVerdictError(RuntimeError):
     """The diagnosis raised a finding at or above ``evaluation.fail_on``."""
 
 
+def rules_judged(findings: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """:data:`RULES`, then the rules of findings it lacks (sorted), which fail too."""
+    unknown = sorted({finding["rule"] for finding in findings} - set(RULES))
+    return RULES + tuple(unknown)
+
+
 def junit_xml(findings: Sequence[Mapping[str, Any]]) -> str:
     """The findings as a JUnit XML report, one test case per rule of :data:`RULES`.
 
@@ -35,8 +42,7 @@ def junit_xml(findings: Sequence[Mapping[str, Any]]) -> str:
         The XML document, declaration included.
     """
     raised = {finding["rule"]: finding for finding in findings}
-    unknown = sorted(set(raised) - set(RULES))
-    rules = RULES + tuple(unknown)
+    rules = rules_judged(findings)
     suite = ET.Element(
         "testsuite",
         name="diagnosis",
@@ -94,8 +100,48 @@ def enforce_fail_on(findings: Sequence[Mapping[str, Any]], fail_on: str) -> None
         raise DiagnosisVerdictError(
             f"The diagnosis raised {len(failing)} finding(s) at or above "
             f"evaluation.fail_on = {fail_on} (the reports are written; see "
-            "diagnosis.json and evaluation_report.md):\n"
+            "diagnosis.json, evaluation_report.md and report.html):\n"
             + "\n".join(
                 f"  - {f['rule']} ({f['severity']}): {f['cause']}" for f in failing
             )
         )
+
+
+def worst_severity(findings: Sequence[Mapping[str, Any]]) -> str | None:
+    """The most severe severity among ``findings``; ``None`` when there is none."""
+    return next(
+        (severity for severity in SEVERITIES if at_or_above(findings, severity)), None
+    )
+
+
+def summary(findings: Sequence[Mapping[str, Any]], fail_on: str) -> str:
+    """The verdict in one or two sentences: passed or not, and what ``fail_on`` does.
+
+    Args:
+        findings: ``diagnosis``.
+        fail_on: ``evaluation.fail_on``.
+
+    Returns:
+        "Passed: ..." when no rule raised a finding, else "Didn't pass: ..." with
+        the findings per severity and whether ``fail_on`` fails the run on them.
+    """
+    judged = len(rules_judged(findings))
+    if not findings:
+        return f"Passed: none of the {judged} rules of the diagnosis raised a finding."
+    counts = ", ".join(
+        f"{count} {severity}"
+        for severity in SEVERITIES
+        if (count := sum(f["severity"] == severity for f in findings))
+    )
+    raised = len({finding["rule"] for finding in findings})
+    failing = at_or_above(findings, fail_on)
+    consequence = (
+        f"{len(failing)} at or above evaluation.fail_on = {fail_on}: the run fails "
+        "once its reports are written."
+        if failing
+        else f"At evaluation.fail_on = {fail_on} the run does not fail on them."
+    )
+    return (
+        f"Didn't pass: {raised} of the {judged} rules of the diagnosis raised "
+        f"a finding ({counts}). {consequence}"
+    )

@@ -1,0 +1,101 @@
+"""The HTML report's content: the verdict, the findings by outcome, the Markdown report.
+
+``report_html`` is the Markdown report with its findings section replaced by a verdict
+(:func:`verdict.summary`) and three sections: the rules that raised a finding (most
+severe first, each with its evidence and its fix), the rules that raised none, and the
+rules that did not run. ``HTMLReportDataset`` renders it to one offline page.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .diagnosis import SEVERITIES
+from .report import FINDINGS_HEADING, finding_item
+from .verdict import rules_judged, summary, worst_severity
+
+DIDNT_PASS_HEADING = "## Didn't pass"
+PASSED_HEADING = "## Passed"
+NOT_RUN_HEADING = "## Not run"
+# diagnose_run calls every rule on every run; a rule that has too little to judge
+# (below its min_skill, min_images, ...) returns no finding, as one that passed does.
+NOT_RUN = (
+    "None: the diagnosis runs every rule. A rule with too little to judge (its "
+    "thresholds say when, under `evaluation.diagnosis.<rule>`) raises no finding and "
+    "is listed as passed."
+)
+
+
+def verdict_block(findings: Sequence[Mapping[str, Any]], fail_on: str) -> str:
+    """The verdict as one line of raw HTML, classed by the worst severity for colour."""
+    outcome = worst_severity(findings) or "passed"
+    return f'<p class="verdict {outcome}">{html.escape(summary(findings, fail_on))}</p>'
+
+
+def didnt_pass_section(findings: Sequence[Mapping[str, Any]]) -> str:
+    """The findings, most severe first (the diagnosis's order within a severity)."""
+    if not findings:
+        return "No rule raised a finding."
+    ordered = sorted(
+        findings, key=lambda finding: SEVERITIES.index(finding["severity"])
+    )
+    return "\n".join(
+        finding_item(number, finding) for number, finding in enumerate(ordered, 1)
+    )
+
+
+def passed_section(findings: Sequence[Mapping[str, Any]]) -> str:
+    """The rules that raised no finding, in the diagnosis's order."""
+    raised = {finding["rule"] for finding in findings}
+    passed = [rule for rule in rules_judged(findings) if rule not in raised]
+    if not passed:
+        return "Every rule raised a finding."
+    return "\n".join(f"- `{rule}`" for rule in passed)
+
+
+def split_findings_out(report: str) -> tuple[str, str]:
+    """The Markdown report before its findings section, and after it.
+
+    Raises:
+        ValueError: The report has no findings section.
+    """
+    head, found, tail = report.partition(f"\n\n{FINDINGS_HEADING}\n\n")
+    if not found:
+        raise ValueError(
+            f"evaluation_report has no {FINDINGS_HEADING!r} section: write it with "
+            "this version's `kedro run --pipeline evaluation`"
+        )
+    _, _, after = tail.partition("\n\n## ")
+    return head, f"## {after}" if after else ""
+
+
+def render_html_report(
+    report: str, findings: Sequence[Mapping[str, Any]], fail_on: str
+) -> str:
+    """The Markdown of ``report_html``: verdict, findings by outcome, then the rest.
+
+    Args:
+        report: ``evaluation_report``, the Markdown report.
+        findings: ``diagnosis``.
+        fail_on: ``evaluation.fail_on``, which the verdict says the effect of.
+
+    Returns:
+        Markdown, the verdict a raw HTML paragraph in it.
+    """
+    head, rest = split_findings_out(report)
+    title, _, introduction = head.partition("\n\n")
+    sections = [
+        title,
+        verdict_block(findings, fail_on),
+        introduction,
+        DIDNT_PASS_HEADING,
+        didnt_pass_section(findings),
+        PASSED_HEADING,
+        passed_section(findings),
+        NOT_RUN_HEADING,
+        NOT_RUN,
+        rest,
+    ]
+    return "\n\n".join(section for section in sections if section)
