@@ -43,6 +43,7 @@ OUTPUTS = {
     "data/08_reporting/label_noise_estimate.json": "json",
     "data/08_reporting/label_issues.png": "png",
     "data/08_reporting/evaluation_report.md": "md",
+    "data/08_reporting/report.html": "html",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -17,8 +18,9 @@ from kedro_viz.models.flowchart.nodes import GraphNode
 from sklearn import metrics as skm
 
 from irv2_pipeline.datasets import MarkdownReportDataset
-from irv2_pipeline.pipelines.evaluation import create_pipeline
+from irv2_pipeline.pipelines.evaluation import create_pipeline, verdict
 from tests.conftest import project_parameters
+from tests.offline_html import resource_urls
 
 from .conftest import (
     CLASSES,
@@ -142,6 +144,23 @@ def test_the_report_previews_as_html_with_its_plots_inlined(evaluated):
     assert html.count('src="data:image/png;base64,') == len(own_plots) == 6
 
 
+def test_the_html_report_holds_the_reports_plots_and_tables_inline(evaluated):
+    page = (evaluated / "data/08_reporting/report.html").read_text()
+    markdown = (evaluated / "data/08_reporting/evaluation_report.md").read_text()
+    findings = json.loads((evaluated / "data/08_reporting/diagnosis.json").read_text())
+    assert len(findings) == 2  # its verdict is "Didn't pass" at their worst severity
+    outcome = verdict.worst_severity(findings)
+    line = html.escape(verdict.summary(findings, "none"))
+    assert f'<p class="verdict {outcome}">{line}</p>' in page
+    assert "<h2>Findings</h2>" not in page
+    for heading in re.findall(r"^## (.+)$", markdown, re.M)[1:]:
+        assert f"<h2>{heading}</h2>" in page, heading
+    assert page.count("<table>") == markdown.count("\n|---")
+    # The tiny run writes evaluation's own plots only: all six inlined.
+    assert page.count('src="data:image/png;base64,') == 6
+    assert not [url for url in resource_urls(page) if re.match(r"https?:", url)]
+
+
 def test_kedro_viz_previews_metrics_plots_and_the_report(evaluated):
     catalog = DataCatalog.from_config(catalog_config(evaluated))
     expected = {
@@ -159,6 +178,7 @@ def test_kedro_viz_previews_metrics_plots_and_the_report(evaluated):
         "label_noise_estimate": "JSONPreview",
         "label_issues_plot": "ImagePreview",
         "evaluation_report": "HTMLPreview",
+        "report_html": "HTMLPreview",
     }
     for name, preview_type in expected.items():
         node = GraphNode.create_data_node(
