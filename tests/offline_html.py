@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tools.make_screenshots import CHROMIUM_FLAGS
+from tools.make_screenshots import CHROMIUM_FLAGS, REPORT_WINDOW
 
 # The attributes through which a page loads something (not ``<a href>``: a link is
 # only followed when clicked).
@@ -139,6 +139,7 @@ def open_offline(
             [
                 chromium,
                 *CHROMIUM_FLAGS,
+                *REPORT_WINDOW,
                 f"--proxy-server=http://127.0.0.1:{port}",
                 # Loopback too goes through the proxy, and no name resolves.
                 "--proxy-bypass-list=<-loopback>",

@@ -1,7 +1,8 @@
 """Makes the documentation's pictures from a finished smoke run (`kedro run --env smoke`).
 
 Starts `kedro viz run` on a free local port, screenshots the DAG with headless Chromium
-(Debian's `chromium` package), and copies the key plots of the run next to it:
+(Debian's `chromium` package), screenshots the top of the offline HTML report
+(`data/08_reporting/report.html`), and copies the key plots of the run next to them:
 
     python tools/make_screenshots.py
 
@@ -54,11 +55,13 @@ CHROMIUM_FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
-    # Portrait and twice the pixels: the DAG is tall, and its labels stay legible.
-    "--window-size=1300,1800",
-    "--force-device-scale-factor=2",
     "--virtual-time-budget=20000",
 )
+# Portrait and twice the pixels: the DAG is tall, and its labels stay legible.
+VIZ_WINDOW = ("--window-size=1300,1800", "--force-device-scale-factor=2")
+# The report's column and its verdict, findings and first plots, at the size read.
+REPORT_WINDOW = ("--window-size=1100,1500", "--force-device-scale-factor=1")
+REPORT = PROJECT / "data" / "08_reporting" / "report.html"
 VIZ_SETTINGS = {
     "showFeatureHints": False,
     "visible": {"sidebar": False, "miniMap": False},
@@ -183,14 +186,21 @@ def proxy(upstream: str) -> Iterator[str]:
         server.server_close()
 
 
-def screenshot(url: str, target: Path) -> None:
-    """Saves a headless Chromium screenshot of ``url`` to ``target``."""
+def screenshot(url: str, target: Path, window: tuple[str, ...]) -> None:
+    """Saves a headless Chromium screenshot of ``url`` to ``target``.
+
+    Args:
+        url: The page.
+        target: The PNG file to write.
+        window: Chromium's window flags (:data:`VIZ_WINDOW`, :data:`REPORT_WINDOW`).
+    """
     profile = target.parent / ".chromium"
     try:
         subprocess.run(
             [
                 "chromium",
                 *CHROMIUM_FLAGS,
+                *window,
                 f"--user-data-dir={profile}",
                 f"--screenshot={target}",
                 url,
@@ -203,10 +213,11 @@ def screenshot(url: str, target: Path) -> None:
 
 
 def main() -> None:
-    """Screenshots Kedro-Viz and copies the plots into docs/images."""
+    """Screenshots Kedro-Viz and the HTML report, and copies the plots into docs/images."""
     IMAGES.mkdir(parents=True, exist_ok=True)
     with kedro_viz(free_port()) as viz, proxy(viz) as url:
-        screenshot(f"{url}/", IMAGES / "kedro_viz.png")
+        screenshot(f"{url}/", IMAGES / "kedro_viz.png", VIZ_WINDOW)
+    screenshot(REPORT.as_uri(), IMAGES / "report_html.png", REPORT_WINDOW)
     for name in PLOTS:
         shutil.copy2(PROJECT / "data" / "08_reporting" / name, IMAGES / name)
 

@@ -52,7 +52,8 @@ def passed_section(findings: Sequence[Mapping[str, Any]]) -> str:
     passed = [rule for rule in rules_judged(findings) if rule not in raised]
     if not passed:
         return "Every rule raised a finding."
-    return "\n".join(f"- `{rule}`" for rule in passed)
+    names = ", ".join(f"`{rule}`" for rule in passed)
+    return f"{len(passed)} rules raised no finding: {names}."
 
 
 def split_findings_out(report: str) -> tuple[str, str]:
