@@ -22,7 +22,7 @@ from kedro.io import DataCatalog
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.text import TextDataset
 
-from irv2_pipeline.datasets import MarkdownReportDataset
+from irv2_pipeline.datasets import HTMLReportDataset, MarkdownReportDataset
 from irv2_pipeline.settings import CONFIG_LOADER_ARGS
 from tests.conftest import PROJECT_ROOT
 
@@ -72,6 +72,9 @@ def saved_outputs(tmp_path) -> tuple[DataCatalog, dict]:
             "evaluation_report": MarkdownReportDataset(
                 filepath=str(tmp_path / "08_reporting" / "evaluation_report.md")
             ),
+            "report_html": HTMLReportDataset(
+                filepath=str(tmp_path / "08_reporting" / "report.html")
+            ),
         }
     )
     metrics = {"accuracy": 0.75, "macro_f1": 0.7, "accuracy_ci95": [0.6, 0.9]}
@@ -81,6 +84,7 @@ def saved_outputs(tmp_path) -> tuple[DataCatalog, dict]:
         "class_names": ["bag", "sneaker", "trouser"],
         "evaluation_metrics": {**metrics, "n_test": 40, "classes": ["bag"]},
         "evaluation_report": REPORT,
+        "report_html": REPORT,
     }
     return catalog, data
 
@@ -121,11 +125,16 @@ def test_a_run_gets_per_epoch_metrics_test_metrics_model_and_report(
         "sneaker",
         "trouser",
     ]
-    # The report with the plots it links to, side by side as in data/08_reporting.
+    # The report with the plots it links to, side by side as in data/08_reporting,
+    # and the HTML report, which holds its plots.
     assert sorted(p.name for p in (downloads / "report").iterdir()) == [
         "confusion_matrix.png",
         "evaluation_report.md",
+        "report.html",
     ]
+    assert (downloads / "report" / "report.html").read_text() == (
+        catalog.load("report_html")
+    )
     assert (downloads / "report" / "evaluation_report.md").read_text() == REPORT
 
 

@@ -3,7 +3,8 @@
 kedro-mlflow, registered through its entry point, opens one MLflow run per
 ``kedro run`` and logs every node's parameters. ``MlflowArtifactsHook`` adds what it
 cannot see as parameters: the per-epoch training history as metrics, the test metrics,
-the model file and the evaluation report with its plots. ``settings.py`` registers the
+the model file, the evaluation report with its plots, and the one-file HTML report
+(MLflow's UI shows it as a page). ``settings.py`` registers the
 hook only when kedro-mlflow is installed, so without the extra this module is never
 imported.
 """
@@ -86,6 +87,8 @@ class MlflowArtifactsHook:
             if report is not None:
                 for image in linked_images(data, report.parent):
                     mlflow.log_artifact(str(image), "report")
+        elif dataset_name == "report_html":
+            self._log_file(dataset_name, "report")
 
     def _log_file(self, dataset_name: str, folder: str) -> Path | None:
         """Logs the dataset's saved file under ``folder``; returns its path."""
