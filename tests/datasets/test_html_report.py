@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -81,3 +82,19 @@ def test_its_preview_is_the_saved_page_with_its_title(tmp_path):
     default = HTMLReportDataset(filepath=str(tmp_path / "other.html"))
     default.save("text\n")
     assert f"<title>{HTMLReportDataset.DEFAULT_TITLE}</title>" in default.load()
+
+
+def test_its_style_reaches_nothing_outside_the_report(tmp_path):
+    """A page that embeds the HTML (Kedro-Viz's preview panel) keeps its own look."""
+    dataset = HTMLReportDataset(filepath=str(tmp_path / "report.html"))
+    dataset.save("# Heading\n")
+    page = dataset.load()
+    style = page.split("<style>", 1)[1].split("</style>", 1)[0]
+    selectors = [
+        selector.strip()
+        for rule in re.findall(r"([^{}]+)\{", style)
+        for selector in rule.split(",")
+    ]
+    assert selectors, style
+    assert all(selector.startswith(".report") for selector in selectors), selectors
+    assert '<main class="report">\n<h1>Heading</h1>' in page

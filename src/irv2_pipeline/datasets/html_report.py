@@ -26,7 +26,7 @@ PAGE = """<!DOCTYPE html>
 </style>
 </head>
 <body>
-<main>
+<main class="report">
 {body}
 </main>
 </body>
@@ -54,25 +54,26 @@ class HTMLReportDataset(AtomicTextDataset):
     """
 
     DEFAULT_TITLE = "Report"
+    # Every rule under .report: a page that embeds the HTML (Kedro-Viz's preview
+    # panel) keeps its own look.
     STYLE = """\
-body { margin: 0; background: #f6f7f9; color: #1d2330;
+.report { max-width: 1000px; margin: 0 auto; padding: 8px 24px 48px; color: #1d2330;
   font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
-main { max-width: 1000px; margin: 0 auto; padding: 24px 32px 64px; background: #fff; }
-h1 { margin-top: 0; }
-h2 { border-bottom: 1px solid #d8dce3; padding-bottom: 4px; margin-top: 2em; }
-code { background: #eef0f4; padding: 0 3px; border-radius: 3px; font-size: 90%; }
-table { border-collapse: collapse; margin: 12px 0; font-size: 13px; display: block;
-  overflow-x: auto; }
-th, td { border: 1px solid #d8dce3; padding: 3px 8px; text-align: left; }
-th { background: #eef0f4; }
-img { max-width: 100%; height: auto; display: block; margin: 12px 0; }
-li { margin: 2px 0; }
-.verdict { font-size: 18px; padding: 12px 16px; border-radius: 6px;
+.report h2 { border-bottom: 1px solid #d8dce3; padding-bottom: 4px; margin-top: 2em; }
+.report code { background: #eef0f4; padding: 0 3px; border-radius: 3px;
+  font-size: 90%; }
+.report table { border-collapse: collapse; margin: 12px 0; font-size: 13px;
+  display: block; overflow-x: auto; }
+.report th, .report td { border: 1px solid #d8dce3; padding: 3px 8px;
+  text-align: left; }
+.report th { background: #eef0f4; }
+.report img { max-width: 100%; height: auto; display: block; margin: 12px 0; }
+.report .verdict { font-size: 18px; padding: 12px 16px; border-radius: 6px;
   border-left: 8px solid; }
-.verdict.passed { background: #e6f4ea; border-color: #1e8e3e; }
-.verdict.high { background: #fce8e6; border-color: #c5221f; }
-.verdict.medium { background: #fef3e0; border-color: #e37400; }
-.verdict.low { background: #fef9e0; border-color: #c9a100; }
+.report .verdict.passed { background: #e6f4ea; border-color: #1e8e3e; }
+.report .verdict.high { background: #fce8e6; border-color: #c5221f; }
+.report .verdict.medium { background: #fef3e0; border-color: #e37400; }
+.report .verdict.low { background: #fef9e0; border-color: #c9a100; }
 """
 
     def __init__(
