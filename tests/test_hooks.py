@@ -29,6 +29,7 @@ from irv2_pipeline.hooks import (
     ParameterError,
     RunLockHook,
     timings_markdown,
+    timings_table,
 )
 from irv2_pipeline.settings import CONFIG_LOADER_ARGS
 from tests.conftest import PROJECT_ROOT
@@ -218,6 +219,7 @@ def test_the_page_shows_the_longest_nodes_and_their_share():
     assert len(rows) == 10
     assert rows[0].startswith("| n11 | 89 | 89% |")
     assert "12 nodes, 1m40.0s of node wall time" in page
+    assert "0 nodes" in timings_markdown(timings_table([]))
 
 
 def test_a_failed_run_writes_the_nodes_that_ended_and_the_next_run_replaces_them(

@@ -427,11 +427,13 @@ def usage_row(name: str, start: Usage, end: Usage) -> dict[str, float | str]:
 
 def timings_table(rows: list[dict[str, float | str]]) -> pd.DataFrame:
     """The ``node_timings`` table: one row per node, in the order they ended."""
-    return pd.DataFrame(rows, columns=list(TIMINGS_COLUMNS)).round(3)
+    table = pd.DataFrame(rows, columns=list(TIMINGS_COLUMNS))
+    # Numbers even without rows: a run can fail before its first node ends.
+    return table.astype(dict.fromkeys(TIMINGS_COLUMNS[1:], float)).round(3)
 
 
 def timings_markdown(table: pd.DataFrame, top: int = TOP_NODES) -> str:
-    """ "Where the time went": the ``top`` nodes of most wall time, as Markdown.
+    """The "Where the time went" page: the ``top`` nodes of most wall time.
 
     Args:
         table: :func:`timings_table`.
