@@ -9,8 +9,9 @@ read them. Side by side in one process, on one model object:
   (probabilities and pooled features) and traces its prediction graph;
 - ``second_call``: the same call again, which reuses that view and its graph.
 
-Their difference is what building and tracing the view costs; a second node on the
-same model (evaluation's test split, then its label-issue embedding) saves it.
+Their difference is what building and tracing the view costs, which every later call
+on the same model object saves (a notebook or a service that keeps its model). In a
+``kedro run`` each node loads the model file anew, so each node pays it once.
 TensorFlow's one-time start-up goes to a throwaway model first. The last line
 printed is one JSON object with the figures.
 
