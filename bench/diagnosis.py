@@ -23,8 +23,8 @@ rounds (medians), each over images already in memory but the label-issue pass:
   conf/base; its three parts are timed within the same calls (``label_issues_embed``,
   ``label_issues_probe``, ``label_issues_cleanlab``). The embedding reads and decodes
   the files, as the node does; the other passes run on pixels in memory.
-  ``probabilities_and_features`` builds its two-output model (probabilities and
-  pooled features) on each call, so each call traces it anew, as each node does once;
+  ``probabilities_and_features`` builds and traces its two-output model
+  (probabilities and pooled features) once per model, so the first round pays it;
 - ``predict_with_features``: that two-output model built once, in memory, traced
   before timing: what the embedding costs without the files and the tracing.
 

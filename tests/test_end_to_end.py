@@ -44,6 +44,8 @@ OUTPUTS = {
     "data/08_reporting/label_issues.png": "png",
     "data/08_reporting/evaluation_report.md": "md",
     "data/08_reporting/report.html": "html",
+    "data/08_reporting/node_timings.csv": "csv",
+    "data/08_reporting/node_timings.md": "md",
 }
 
 
@@ -61,9 +63,13 @@ def test_the_whole_dag_writes_every_output(smoke_run):
     assert sorted(predictions["path"]) == sorted(
         manifest.loc[manifest["split"] == "test", "path"]
     )
-    # Every node logs its duration (hooks.NodeTimingHook).
-    for node in register_pipelines()["__default__"].nodes:
-        assert f"Node {node.name} took" in log, node.name
+    # Every node logs its duration and has its row in node_timings
+    # (hooks.NodeTimingHook).
+    nodes = [node.name for node in register_pipelines()["__default__"].nodes]
+    for name in nodes:
+        assert f"Node {name} took" in log, name
+    timings = pd.read_csv(project / "data/08_reporting/node_timings.csv")
+    assert sorted(timings["node"]) == sorted(nodes)
     print(f"smoke run: {seconds:.0f} s")  # noqa: T201 - the figure the README quotes
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +17,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 from kedro_datasets.pandas import CSVDataset
 
+from irv2_pipeline.datasets import AtomicCSVDataset, MarkdownReportDataset
 from irv2_pipeline.hooks import (
     ChiefOnlyOutputsHook,
     ConcurrentRunError,
@@ -24,6 +28,8 @@ from irv2_pipeline.hooks import (
     ParameterCheckHook,
     ParameterError,
     RunLockHook,
+    timings_markdown,
+    timings_table,
 )
 from irv2_pipeline.settings import CONFIG_LOADER_ARGS
 from tests.conftest import PROJECT_ROOT
@@ -139,6 +145,110 @@ def test_each_node_logs_its_duration(caplog):
         hook.before_node_run(node)
         hook.after_node_run(node)
     assert re.search(r"Node scan_images took \d+\.\ds", caplog.text)
+
+
+def _timings_catalog(folder: Path, catalog: DataCatalog | None = None) -> DataCatalog:
+    """``catalog`` (or a new one) with the timing datasets of conf/base, in ``folder``."""
+    catalog = DataCatalog() if catalog is None else catalog
+    catalog["node_timings"] = AtomicCSVDataset(filepath=str(folder / "timings.csv"))
+    catalog["node_timings_report"] = MarkdownReportDataset(
+        filepath=str(folder / "timings.md")
+    )
+    return catalog
+
+
+def _burn_cpu(seconds: float) -> None:
+    """Keeps this process's CPU busy until it has used ``seconds`` more."""
+    until = time.process_time() + seconds
+    while time.process_time() < until:
+        pass
+
+
+# A child process (a node's worker) that uses 0.3 s of CPU.
+_CHILD_BURNS_CPU = (
+    "import time\n"
+    "until = time.process_time() + 0.3\n"
+    "while time.process_time() < until:\n"
+    "    pass\n"
+)
+
+
+def _timed(hook: NodeTimingHook, name: str, work) -> None:
+    node = Node(_identity, "a", "b", name=name)
+    hook.before_node_run(node)
+    work()
+    hook.after_node_run(node)
+
+
+def test_each_nodes_wall_cpu_and_memory_are_written_when_the_run_ends(tmp_path):
+    catalog = _timings_catalog(tmp_path)
+    hook = NodeTimingHook()
+    hook.before_pipeline_run()
+    _timed(hook, "wait", lambda: time.sleep(0.3))
+    _timed(hook, "work", lambda: _burn_cpu(0.3))
+    burn = [sys.executable, "-c", _CHILD_BURNS_CPU]
+    _timed(hook, "pool", lambda: subprocess.run(burn, check=True))
+    hook.after_pipeline_run(catalog)
+
+    table = pd.read_csv(tmp_path / "timings.csv").set_index("node")
+    assert list(table.index) == ["wait", "work", "pool"]
+    assert table.loc["wait", "wall_s"] >= 0.3
+    assert table.loc["work", "cpu_s"] >= 0.3
+    assert table.loc["pool", "children_cpu_s"] >= 0.3
+    assert (table["end_rss_mb"] > 0).all()
+    # A high-water mark is never below the memory in use.
+    assert (table["peak_rss_mb"] >= table["end_rss_mb"]).all()
+    page = (tmp_path / "timings.md").read_text()
+    assert page.startswith("# Where the time went")
+    assert all(f"| {name} |" in page for name in table.index)
+
+
+def test_the_page_shows_the_longest_nodes_and_their_share():
+    table = pd.DataFrame(
+        {
+            "node": [f"n{i}" for i in range(12)],
+            "wall_s": [1.0] * 11 + [89.0],
+            "cpu_s": 1.0,
+            "children_cpu_s": 0.0,
+            "peak_rss_mb": 100.0,
+            "end_rss_mb": 90.0,
+        }
+    )
+    page = timings_markdown(table)
+    rows = re.findall(r"^\| n\d+ \|.*$", page, flags=re.MULTILINE)
+    assert len(rows) == 10
+    assert rows[0].startswith("| n11 | 89 | 89% |")
+    assert "12 nodes, 1m40.0s of node wall time" in page
+    assert "0 nodes" in timings_markdown(timings_table([]))
+
+
+def test_a_failed_run_writes_the_nodes_that_ended_and_the_next_run_replaces_them(
+    tmp_path,
+):
+    catalog = _timings_catalog(tmp_path)
+    hook = NodeTimingHook()
+    hook.before_pipeline_run()
+    _timed(hook, "first", lambda: None)
+    hook.before_node_run(Node(_identity, "a", "b", name="fails"))
+    hook.on_pipeline_error(catalog)
+    assert list(pd.read_csv(tmp_path / "timings.csv")["node"]) == ["first"]
+    hook.before_pipeline_run()
+    _timed(hook, "second", lambda: None)
+    hook.after_pipeline_run(catalog)
+    assert list(pd.read_csv(tmp_path / "timings.csv")["node"]) == ["second"]
+
+
+def test_only_the_chief_writes_the_timings(tmp_path, monkeypatch):
+    for index in (0, 1):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        catalog = _timings_catalog(folder, _cluster_catalog(monkeypatch, index))
+        hook = NodeTimingHook()
+        hook.before_pipeline_run()
+        _timed(hook, "train", lambda: None)
+        hook.after_pipeline_run(catalog)
+    assert (tmp_path / "0" / "timings.csv").is_file()
+    assert not any((tmp_path / "1").iterdir())
 
 
 def _project_with(tmp_path: Path, local_params: str) -> Path:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
+import resource
 import shutil
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
+import pandas as pd
 import yaml
 from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog, MemoryDataset
@@ -284,25 +289,176 @@ class FinishedCheckpointsHook:
             logger.info("The variants are compared; deleted their shared features")
 
 
+TIMINGS_DATASET = "node_timings"
+TIMINGS_REPORT_DATASET = "node_timings_report"
+TIMINGS_COLUMNS = (
+    "node",
+    "wall_s",
+    "cpu_s",
+    "children_cpu_s",
+    "peak_rss_mb",
+    "end_rss_mb",
+)
+# The nodes the Markdown table shows; the CSV has every node.
+TOP_NODES = 10
+
+
+class Usage(NamedTuple):
+    """What the process has used so far (see :func:`process_usage`)."""
+
+    wall_s: float
+    cpu_s: float
+    children_cpu_s: float
+    peak_rss_mb: float
+    rss_mb: float
+
+
 class NodeTimingHook:
-    """Logs each node's duration when it ends, so a log file shows where time went."""
+    """Records each node's wall time, CPU time and memory; writes them when the run ends.
+
+    Per node: ``wall_s``; ``cpu_s``, the process's CPU seconds (every thread's, user
+    and system) while it ran; ``children_cpu_s``, those of child processes that
+    ended while it ran (a node's worker pool); ``peak_rss_mb``, the process's peak
+    resident memory when the node ended, a high-water mark of the whole run so far
+    (a node after a larger one shows the larger one's peak); and ``end_rss_mb``, the
+    resident memory when it ended. Nodes that run at once (``ThreadRunner``) share
+    the process's CPU seconds; the ``ParallelRunner``'s run in other processes and
+    are not recorded.
+
+    When a run ends (or fails), the rows go to the catalog's ``node_timings`` (every
+    node, in the order they ended) and ``node_timings_report`` (the nodes of most
+    wall time, as Markdown) where the catalog has them. The hook writes them itself:
+    the run's last node ends before the table is complete, so no node could. Each
+    run replaces the previous run's files; only a multi-worker run's chief writes.
+    """
 
     def __init__(self):
-        self._started: dict[str, float] = {}
+        self._started: dict[str, Usage] = {}
+        self._rows: list[dict[str, float | str]] = []
+
+    @hook_impl
+    def before_pipeline_run(self) -> None:
+        """Starts an empty table: one instance serves every run of a process."""
+        self._started.clear()
+        self._rows = []
 
     @hook_impl
     def before_node_run(self, node: Node) -> None:
-        """Notes when the node starts."""
-        self._started[node.name] = time.perf_counter()
+        """Notes what the process had used when the node started."""
+        self._started[node.name] = process_usage()
 
     @hook_impl
     def after_node_run(self, node: Node) -> None:
-        """Logs the node's duration."""
+        """Records the node's row and logs its duration."""
         started = self._started.pop(node.name, None)
-        if started is not None:
-            logger.info(
-                "Node %s took %s", node.name, _duration(time.perf_counter() - started)
-            )
+        if started is None:
+            return
+        row = usage_row(node.name, started, process_usage())
+        self._rows.append(row)
+        logger.info("Node %s took %s", node.name, _duration(float(row["wall_s"])))
+
+    @hook_impl
+    def after_pipeline_run(self, catalog: DataCatalog) -> None:
+        """Writes the table of the run's nodes."""
+        self._write(catalog)
+
+    @hook_impl
+    def on_pipeline_error(self, catalog: DataCatalog) -> None:
+        """Writes the nodes that ended before the run failed."""
+        self._write(catalog)
+
+    def _write(self, catalog: DataCatalog) -> None:
+        role = training_role(catalog)
+        if role is not None and not role.is_chief:
+            return
+        table = timings_table(self._rows)
+        if TIMINGS_DATASET in catalog:
+            catalog.save(TIMINGS_DATASET, table)
+        if TIMINGS_REPORT_DATASET in catalog:
+            catalog.save(TIMINGS_REPORT_DATASET, timings_markdown(table))
+
+
+def process_usage() -> Usage:
+    """This process's wall clock, CPU seconds and memory now (Unix)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    unit = 1 if sys.platform == "darwin" else 1024
+    rss_mb = _resident_mb()
+    return Usage(
+        wall_s=time.perf_counter(),
+        cpu_s=own.ru_utime + own.ru_stime,
+        children_cpu_s=children.ru_utime + children.ru_stime,
+        # The kernel's high-water mark can trail the RSS read a moment later.
+        peak_rss_mb=max(own.ru_maxrss * unit / 2**20, rss_mb),
+        rss_mb=rss_mb,
+    )
+
+
+def _resident_mb() -> float:
+    """The resident memory now; NaN where ``/proc`` is missing (not Linux)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return math.nan
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def usage_row(name: str, start: Usage, end: Usage) -> dict[str, float | str]:
+    """One node's row of ``node_timings``, from the usage at its start and end.
+
+    Args:
+        name: The node's name.
+        start: :func:`process_usage` when it started.
+        end: :func:`process_usage` when it ended.
+
+    Returns:
+        The values of :data:`TIMINGS_COLUMNS`.
+    """
+    return {
+        "node": name,
+        "wall_s": end.wall_s - start.wall_s,
+        "cpu_s": end.cpu_s - start.cpu_s,
+        "children_cpu_s": end.children_cpu_s - start.children_cpu_s,
+        "peak_rss_mb": end.peak_rss_mb,
+        "end_rss_mb": end.rss_mb,
+    }
+
+
+def timings_table(rows: list[dict[str, float | str]]) -> pd.DataFrame:
+    """The ``node_timings`` table: one row per node, in the order they ended."""
+    table = pd.DataFrame(rows, columns=list(TIMINGS_COLUMNS))
+    # Numbers even without rows: a run can fail before its first node ends.
+    return table.astype(dict.fromkeys(TIMINGS_COLUMNS[1:], float)).round(3)
+
+
+def timings_markdown(table: pd.DataFrame, top: int = TOP_NODES) -> str:
+    """The "Where the time went" page: the ``top`` nodes of most wall time.
+
+    Args:
+        table: :func:`timings_table`.
+        top: How many nodes the table shows.
+
+    Returns:
+        A heading, the run's total wall time and the table, with each node's
+        share of that total.
+    """
+    # The report's own table format; imported here, when a run ends, as the
+    # evaluation pipeline's modules load matplotlib.
+    from irv2_pipeline.pipelines.evaluation.report import (  # noqa: PLC0415
+        markdown_table,
+    )
+
+    total = float(table["wall_s"].sum())
+    shown = table.nlargest(top, "wall_s")
+    shown.insert(2, "share", (shown["wall_s"] / total).map("{:.0%}".format))
+    return (
+        "# Where the time went\n\n"
+        f"{len(table)} nodes, {_duration(total)} of node wall time in all; the "
+        f"{len(shown)} longest, from `node_timings.csv` (every node). "
+        "`peak_rss_mb` is the process's peak so far when the node ended.\n\n"
+        f"{markdown_table(shown)}\n"
+    )
 
 
 def _duration(seconds: float) -> str:

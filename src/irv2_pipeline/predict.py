@@ -5,14 +5,17 @@ number of outputs), every batch is padded to one size so the prediction graph is
 traced once (tracing IRv2 costs tens of seconds on a CPU; the model is in inference
 mode, so padding changes no other row), and its outputs are checked to be softmax
 probabilities. Flip test-time augmentation (an option of both pipelines) is the mean
-of the probabilities of the images and of their mirror images. NumPy only at import:
-the model comes in already loaded, and Keras is imported by the one function that
-builds a model.
+of the probabilities of the images and of their mirror images. The two-output view of
+a model (probabilities and pooled features) is built and traced once per process and
+model, not once per call (:func:`two_output_model`). NumPy only at import: the model
+comes in already loaded, and Keras is imported by the one function that builds a
+model.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -27,6 +30,11 @@ logger = logging.getLogger(__name__)
 
 # Softmax rows in float32 sum to 1 within far less than this.
 PROBABILITY_SUM_TOLERANCE = 1e-3
+
+# Model -> {pooled layer name: its two-output view}. Weak keys: a view holds the
+# model's layers, not the model, so an entry goes when its model does and the cache
+# never outgrows the models still in use.
+_TWO_OUTPUT_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ModelOutputs(NamedTuple):
@@ -169,16 +177,13 @@ def probabilities_and_features(  # noqa: PLR0913 - the model, its input, and how
         the images as they are and, with ``flip_tta``, the flip-averaged
         probabilities.
     """
-    import keras  # noqa: PLC0415 - see the module docstring
-
     check_model_shape(model, image_size, list(class_names), error)
-    pooled = model.get_layer(_pooled_layer(model, error)).output
-    both = keras.Model(model.input, [model.output, pooled])
+    both = two_output_model(model, _pooled_layer(model, error))
     if not paths:
         empty = np.empty((0, len(class_names)))
         return ModelOutputs(
             empty,
-            np.empty((0, int(pooled.shape[-1]))),
+            np.empty((0, int(both.outputs[1].shape[-1]))),
             empty.copy() if flip_tta else None,
         )
     dataset = image_dataset(
@@ -203,6 +208,30 @@ def probabilities_and_features(  # noqa: PLR0913 - the model, its input, and how
         np.concatenate(features),
         np.concatenate(tta) if flip_tta else None,
     )
+
+
+def two_output_model(model: KerasModel, layer_name: str) -> KerasModel:
+    """The model with a second output, layer ``layer_name``'s, built once per model.
+
+    The view shares the model's layers and weights, and it keeps its traced
+    prediction graph between calls: building it and tracing IRv2 again would cost
+    seconds on every call.
+
+    Args:
+        model: A Keras functional model.
+        layer_name: The layer whose output is the second output.
+
+    Returns:
+        ``keras.Model(model.input, [model.output, <layer_name's output>])``, the same
+        object for the same model and layer name.
+    """
+    import keras  # noqa: PLC0415 - see the module docstring
+
+    views = _TWO_OUTPUT_MODELS.setdefault(model, {})
+    if layer_name not in views:
+        pooled = model.get_layer(layer_name).output
+        views[layer_name] = keras.Model(model.input, [model.output, pooled])
+    return views[layer_name]
 
 
 def _pooled_layer(model: KerasModel, error: type[Exception]) -> str:

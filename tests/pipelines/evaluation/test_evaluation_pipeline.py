@@ -129,6 +129,9 @@ def test_the_report_links_plots_that_exist_next_to_it(evaluated):
         assert (report_path.parent / link).is_file(), link
     assert "| accuracy | 0.8333 | [" in report
     assert "[counterfactual_report.md](counterfactual_report.md)" in report
+    assert report.rstrip().endswith("A later run replaces them with its own.")
+    assert "## Where the time went" in report
+    assert "[node_timings.md](node_timings.md)" in report
     assert "**small_test_set** (low)" in report
 
 

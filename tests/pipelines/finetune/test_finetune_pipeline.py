@@ -19,6 +19,7 @@ from kedro_datasets.pandas import CSVDataset
 from irv2_pipeline.datasets import ImageFolder, ImageFolderDataset
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
 from irv2_pipeline.pipelines.finetune import create_pipeline, nodes, training
+from irv2_pipeline.pipelines.finetune.checkpoints import CheckpointStore, TrainingState
 from irv2_pipeline.pipelines.finetune.examples import (
     ExamplesError,
     ResizedImages,
@@ -248,6 +249,49 @@ def test_bn_adaptation_sees_held_out_pixels_only_when_asked(
         for path in manifest.loc[manifest["split"] == split, "path"]
     ]
     assert seen["paths"] == expected
+
+
+def test_a_changed_resized_set_starts_training_afresh_instead_of_resuming(
+    tmp_path, finetune_params, plan_rules, monkeypatch
+):
+    manifest = demo_manifest(train_per_class=2, val_per_class=1)
+    resized_manifest, folder = resized_demo()
+    stores: list[CheckpointStore] = []
+
+    def hand_over(*args, store, **kwargs):
+        stores.append(store)
+        raise _Stop
+
+    monkeypatch.setattr(training, "run_stages", hand_over)
+    monkeypatch.setattr(nodes, "load_irv2", lambda weights, size: mini_irv2(size))
+
+    def checkpoint_store(resized: pd.DataFrame) -> CheckpointStore:
+        with pytest.raises(_Stop):
+            nodes.train_classifier(
+                image_manifest=manifest,
+                augmented_manifest=manifest.iloc[0:0],
+                finetune_plan={"stages": STAGES, "rationale": []},
+                resized_manifest=resized,
+                resized_images=ImageFolder(folder),
+                augmented_images=ImageFolder(tmp_path / "none"),
+                model={"weights": None, "image_size": IMAGE_SIZE, "seed": 7},
+                images={},
+                finetune=finetune_params,
+                plan_rules=plan_rules,
+            )
+        return stores[-1]
+
+    # A run stopped in its second stage left a checkpoint; the same inputs resume it.
+    checkpoint_store(resized_manifest).save(
+        TrainingState(stage_index=1), {"base": [np.zeros(3)]}
+    )
+    assert checkpoint_store(resized_manifest).load().stage_index == 1
+    # The resized files of two training images of one class swapped: every check
+    # passes, but training would read other pixels.
+    swapped = resized_manifest.copy()
+    rows = swapped.index[swapped["path"].isin(manifest["path"][:2])]
+    swapped.loc[rows, "file"] = swapped.loc[rows[::-1], "file"].to_numpy()
+    assert checkpoint_store(swapped).load() is None
 
 
 def test_training_refuses_resized_images_of_other_bytes_or_size():

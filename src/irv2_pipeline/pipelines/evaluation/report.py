@@ -35,6 +35,16 @@ COUNTERFACTUALS_POINTER = (
     "[counterfactual_report.md](counterfactual_report.md) next to this report."
 )
 
+TIMINGS_HEADING = "## Where the time went"
+# The run's node timings are complete only once its last node has ended, after this
+# report: the hook that records them writes them to a page of their own.
+TIMINGS_POINTER = (
+    "Each node's wall time, CPU time and memory are written when the `kedro run` "
+    "ends, after this report: the longest nodes in "
+    "[node_timings.md](node_timings.md) next to this report, every node in "
+    "`node_timings.csv`. A later run replaces them with its own."
+)
+
 
 def cell(value: Any) -> str:
     """One table cell: numbers with 4 significant digits, pipes escaped."""
@@ -332,5 +342,7 @@ def render_report(
         label_issues_section(label_noise, label_issues),
         "## Dataset",
         dataset_section(dataset_summary),
+        TIMINGS_HEADING,
+        TIMINGS_POINTER,
     ]
     return "\n\n".join(sections) + "\n"

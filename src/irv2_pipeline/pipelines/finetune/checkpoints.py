@@ -1,9 +1,9 @@
 """Checkpoints during training, so a killed run resumes where it was.
 
 A run's checkpoints live in ``<checkpoint_dir>/<key>/``, where the key hashes
-everything that shapes the training (parameters, stages, manifests, class names, the
-package version): a run with other parameters or other images never resumes from
-them. A run's folder is deleted once its model file is saved
+everything that shapes the training (parameters, stages, manifests, the resized
+files training reads, class names, the package version): a run with other parameters
+or other images never resumes from them. A run's folder is deleted once its model file is saved
 (``remove_finished_checkpoints``), not before: a run killed while saving the model
 resumes with its final weights instead of training again.
 

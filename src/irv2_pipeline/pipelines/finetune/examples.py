@@ -134,6 +134,23 @@ class ResizedImages:
         return str(self.folder.path_of(self.files[path]))
 
 
+def resized_identity(resized_manifest: pd.DataFrame) -> pd.DataFrame:
+    """What a checkpoint's key holds of ``resized_manifest``, whatever its row order.
+
+    Each image's file and the source bytes and size it was resized from: a resized
+    set written again under other names, or from other sources, gives another key.
+
+    Args:
+        resized_manifest: ``path``, ``file``, ``sha256``, ``image_size`` per image.
+
+    Returns:
+        Those columns, one row per image, sorted by ``path``.
+    """
+    return resized_manifest[list(RESIZED_COLUMNS)].sort_values(
+        "path", ignore_index=True
+    )
+
+
 def split_examples(
     image_manifest: pd.DataFrame,
     resized: ResizedImages,

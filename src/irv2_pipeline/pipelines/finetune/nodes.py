@@ -23,7 +23,12 @@ from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.inputs import class_names
 
-from .examples import ResizedImages, split_examples, training_examples
+from .examples import (
+    ResizedImages,
+    resized_identity,
+    split_examples,
+    training_examples,
+)
 from .report import training_curves_figure
 from .stages import resolve_stages
 
@@ -173,6 +178,9 @@ def train_classifier(
             irv2_pipeline.__version__,
             image_manifest[["path", "label", "split", "sha256"]],
             augmented_manifest,
+            # Training reads the resized files, not the raw ones: another resized
+            # set must not resume a run on the pixels of the old one.
+            resized_identity(resized_manifest),
         )
         store = CheckpointStore(finetune["checkpoint_dir"], key)
         logs = finetune.get("tensorboard_dir")
