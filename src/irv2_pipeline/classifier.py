@@ -3,7 +3,8 @@
 One set of layers serves three views:
 
 - ``model``: pixels to class probabilities, the model that is saved. It takes plain
-  RGB in ``[0, 255]``; IRv2's ``[-1, 1]`` preprocessing is its first layer.
+  RGB in ``[0, 255]``; the preprocessing (IRv2's ``[-1, 1]`` unless
+  ``finetune.input_scaling`` says otherwise) is its first layer.
 - ``features``: pixels to the pooled backbone features (what the cached head stage
   computes once).
 - ``head``: pooled features to probabilities.
@@ -115,7 +116,7 @@ def build_classifier(
         head: The head's layout.
         seed: Seed of the head's initial weights and dropout masks.
         input_scaling: How pixels are scaled before IRv2
-            (``backbone.INPUT_SCALINGS``; only the counterfactual runs change it).
+            (``backbone.INPUT_SCALINGS``; ``backbone.model_input_scaling`` picks it).
 
     Returns:
         The classifier; its softmax output is float32 under mixed precision too.
@@ -142,7 +143,7 @@ class SavedParts:
     """A saved classifier taken apart at its backbone (:func:`split_saved`).
 
     Attributes:
-        preprocess: ``[0, 255]`` RGB to IRv2's ``[-1, 1]``.
+        preprocess: ``[0, 255]`` RGB to what the backbone expects.
         backbone: The nested IRv2 model (its own graph: sub-models of it are safe).
         logits: The backbone's output maps to the head's pre-softmax scores.
     """
