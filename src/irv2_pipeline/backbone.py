@@ -219,6 +219,15 @@ def check_input_scaling(input_scaling: str) -> str:
     return input_scaling
 
 
+def preprocessed_zero(input_scaling: str) -> tuple[float, float, float]:
+    """The ``[0, 255]`` RGB pixel that ``input_scaling`` maps to 0 in every channel
+    (IRv2's mid-grey 127.5; the ImageNet mean colour for the caffe modes)."""
+    steps = INPUT_SCALINGS[check_input_scaling(input_scaling)]
+    zero = [value - steps.offset / steps.scale for value in steps.subtract]
+    red, green, blue = zero[::-1] if steps.bgr else zero
+    return red, green, blue
+
+
 def model_input_scaling(finetune: Mapping[str, Any], weights: str | None) -> str:
     """The preprocessing a model on ``weights`` is built with, checked against them.
 

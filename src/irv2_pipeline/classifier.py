@@ -18,6 +18,7 @@ that need the backbone's maps (Grad-CAM).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import keras
 
 from irv2_pipeline.backbone import (
+    INPUT_SCALINGS,
     PREPROCESS_LAYER,
     check_bn_policy,
     preprocessing_layer,
@@ -199,6 +201,22 @@ def split_saved(model: keras.Model) -> SavedParts:
         preprocess=model.get_layer(PREPROCESS_LAYER),
         backbone=backbone,
         logits=keras.Model(maps, head_logits(pooled), name="maps_to_logits"),
+    )
+
+
+def saved_input_scaling(model: keras.Model) -> str:
+    """The ``finetune.input_scaling`` a saved classifier was built with."""
+    layer = model.get_layer(PREPROCESS_LAYER)
+    if hasattr(layer, "input_scaling"):
+        return layer.input_scaling
+    # Models saved before the preprocessing had a layer of its own hold a Rescaling,
+    # known by its scale and offset.
+    return next(
+        name
+        for name, scaling in INPUT_SCALINGS.items()
+        if not scaling.bgr
+        and math.isclose(scaling.scale, layer.scale)
+        and scaling.offset == layer.offset
     )
 
 

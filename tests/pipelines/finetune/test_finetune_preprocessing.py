@@ -22,7 +22,7 @@ from irv2_pipeline.backbone import (
     batchnorm_layers,
     preprocessing_layer,
 )
-from irv2_pipeline.classifier import training_model
+from irv2_pipeline.classifier import saved_input_scaling, training_model
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
 from irv2_pipeline.pipelines.finetune.nodes import train_classifier
 
@@ -52,6 +52,16 @@ def test_a_saved_caffe_then_div_255_classifier_reloads_and_predicts_the_same(
     # that lost the preprocessing would not pass the check above.
     default = mini_classifier(seed=2).model.predict(pixels, verbose=0)
     assert np.abs(default - expected).max() > 1e-3
+
+
+def test_a_model_saved_with_a_rescaling_layer_is_known_by_its_scale():
+    pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    for scale, offset, expected in (
+        (1 / 127.5, -1.0, "minus_one_to_one"),
+        (1 / 255, 0.0, "zero_to_one"),
+    ):
+        layer = keras.layers.Rescaling(scale, offset=offset, name=PREPROCESS_LAYER)
+        assert saved_input_scaling(keras.Model(pixels, layer(pixels))) == expected
 
 
 @pytest.mark.parametrize("bn_policy", ["frozen", "train"])

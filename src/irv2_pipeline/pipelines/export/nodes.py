@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import irv2_pipeline
-from irv2_pipeline.backbone import INPUT_SCALINGS, PREPROCESS_LAYER
+from irv2_pipeline.backbone import INPUT_SCALINGS
 from irv2_pipeline.hints import KerasModel
 
 # Parameters that say where files go, not how the model trains: not in the hash.
@@ -53,22 +52,6 @@ def model_input_size(model: KerasModel, class_names: list[str], image_size: int)
             f"{len(class_names)} classes: rerun the finetune pipeline."
         )
     return image_size
-
-
-def model_input_scaling_of(model: KerasModel) -> str:
-    """The ``finetune.input_scaling`` a saved classifier was built with."""
-    layer = model.get_layer(PREPROCESS_LAYER)
-    if hasattr(layer, "input_scaling"):
-        return layer.input_scaling
-    # Models saved before the preprocessing had a layer of its own hold a Rescaling,
-    # known by its scale and offset.
-    return next(
-        name
-        for name, scaling in INPUT_SCALINGS.items()
-        if not scaling.bgr
-        and math.isclose(scaling.scale, layer.scale)
-        and scaling.offset == layer.offset
-    )
 
 
 def build_saved_model(
@@ -177,6 +160,9 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
     Raises:
         ValueError: If the metrics were computed for other classes.
     """
+    # Imported here, not at the top: see the module docstring.
+    from irv2_pipeline.classifier import saved_input_scaling  # noqa: PLC0415
+
     size = model_input_size(finetuned_model, class_names, int(model["image_size"]))
     evaluated = evaluation_metrics.get("classes")
     if evaluated is not None and list(evaluated) != list(class_names):
@@ -211,7 +197,7 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
             ),
             "preprocessing": (
                 "float [0, 255] RGB into the model, whose first layer maps it to "
-                f"{INPUT_SCALINGS[model_input_scaling_of(finetuned_model)].description}"
+                f"{INPUT_SCALINGS[saved_input_scaling(finetuned_model)].description}"
             ),
             "decoding": (
                 "JPEG (accurate integer DCT), PNG, BMP, GIF (first frame); grey "
