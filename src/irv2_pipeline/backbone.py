@@ -56,7 +56,7 @@ class WeightsError(RuntimeError):
 
 
 def load_irv2(weights: str | None, image_size: int) -> keras.Model:
-    """Builds IRv2 without its classifier, taking inputs already in ``[-1, 1]``.
+    """Builds IRv2 without its classifier, taking inputs already preprocessed.
 
     Args:
         weights: ``"imagenet"``, ``None`` (random init, not transfer learning) or the
