@@ -34,7 +34,7 @@ def test_every_modelled_key_has_its_rule(reference: str) -> None:
 def test_a_block_modelled_in_part_says_which_keys_have_rules(reference: str) -> None:
     # evaluation's rule thresholds have models; its other keys are checked by conf/base.
     assert "evaluation" not in parameters.MODELLED_BLOCKS
-    section = reference.split("### `evaluation`")[1].split("### ")[0]
+    section = reference.split("### `evaluation`")[1].split("### ", maxsplit=1)[0]
     assert "`evaluation.diagnosis.image_property_drift`" in section.split("|")[0]
     assert "the other keys are checked against conf/base's" in section
     assert rows(section)["evaluation.diagnosis.image_property_drift.alpha"][0]
