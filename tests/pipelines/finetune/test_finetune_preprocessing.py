@@ -8,6 +8,8 @@ run before anything is read.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -52,6 +54,31 @@ def test_a_saved_caffe_then_div_255_classifier_reloads_and_predicts_the_same(
     # that lost the preprocessing would not pass the check above.
     default = mini_classifier(seed=2).model.predict(pixels, verbose=0)
     assert np.abs(default - expected).max() > 1e-3
+
+
+# Loads a model file as a fresh `kedro run` does: through the catalog's dataset only.
+LOAD_SCRIPT = """
+import sys
+from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
+model = AtomicTensorFlowModelDataset(filepath=sys.argv[1]).load()
+print(model.get_layer("irv2_preprocess").input_scaling)
+"""
+
+
+def test_a_fresh_process_loads_the_saved_preprocessing_through_the_catalog(tmp_path):
+    path = tmp_path / "model.keras"
+    AtomicTensorFlowModelDataset(filepath=str(path)).save(
+        mini_classifier(input_scaling=RADIMAGENET).model
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == RADIMAGENET
 
 
 def test_a_model_saved_with_a_rescaling_layer_is_known_by_its_scale():
