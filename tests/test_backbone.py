@@ -210,3 +210,10 @@ def test_imagenet_weights_refuse_another_scaling_and_no_card_takes_any():
     with pytest.raises(ValueError, match="trained with 'minus_one_to_one'"):
         backbone.model_input_scaling({"input_scaling": "zero_to_one"}, "imagenet")
     assert backbone.model_input_scaling({"input_scaling": "caffe"}, None) == "caffe"
+
+
+def test_a_card_naming_an_unknown_preprocessing_is_named(tmp_path):
+    weights = tmp_path / "source.h5"
+    Path(f"{weights}{backbone.CARD_SUFFIX}").write_text('{"preprocessing": "torch"}')
+    with pytest.raises(backbone.WeightsError, match="names the preprocessing 'torch'"):
+        backbone.model_input_scaling({"input_scaling": "caffe"}, str(weights))

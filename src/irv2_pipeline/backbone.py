@@ -247,11 +247,17 @@ def model_input_scaling(finetune: Mapping[str, Any], weights: str | None) -> str
     Raises:
         ValueError: An unknown name, or one other than the card's without the
             override; the message names both and the fix.
+        WeightsError: The card is not JSON or names an unknown preprocessing.
     """
     input_scaling = check_input_scaling(
         str(finetune.get("input_scaling", "minus_one_to_one"))
     )
     trained_with = weights_card(weights).get("preprocessing")
+    if trained_with is not None and trained_with not in INPUT_SCALINGS:
+        raise WeightsError(
+            f"{weights}{CARD_SUFFIX} names the preprocessing {trained_with!r}; a card "
+            f"names one of {', '.join(INPUT_SCALINGS)}"
+        )
     if (
         trained_with is None
         or trained_with == input_scaling
