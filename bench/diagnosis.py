@@ -51,7 +51,7 @@ import keras  # noqa: E402 - after the log level
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from irv2_pipeline.backbone import load_irv2  # noqa: E402
+from irv2_pipeline.backbone import load_irv2, preprocessed_zero  # noqa: E402
 from irv2_pipeline.classifier import (  # noqa: E402
     HeadSpec,
     build_classifier,
@@ -165,7 +165,10 @@ def main() -> None:
     def occlusion() -> None:
         for batch in batches(pixels, args.batch_size):
             for mask in masks:
-                predict_padded(model, occlude(batch, mask, fill), args.batch_size)
+                hidden = occlude(
+                    batch, mask, fill, preprocessed_zero(classifier.input_scaling)
+                )
+                predict_padded(model, hidden, args.batch_size)
 
     pooled = pooled_features_layer(model)
     with_features = keras.Model(

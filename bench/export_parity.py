@@ -93,12 +93,17 @@ def served(saved_model: Path, files: list[Path], upright: list, work: Path) -> d
 
 def parity(project: Path, files: list[Path], work: Path) -> dict:
     """Largest absolute differences of each export from Keras on ``files``."""
-    import keras  # noqa: PLC0415 - TensorFlow only where it is needed
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415 - TensorFlow only where it is needed
 
+    from irv2_pipeline.datasets.atomic_model import (  # noqa: PLC0415
+        AtomicTensorFlowModelDataset,
+    )
     from irv2_pipeline.images import OpenPolicy, load_image, resize  # noqa: PLC0415
 
-    model = keras.saving.load_model(project / "data/06_models/finetuned_model.keras")
+    # As the catalog loads it: the dataset registers the model's preprocessing layer.
+    model = AtomicTensorFlowModelDataset(
+        filepath=str(project / "data/06_models/finetuned_model.keras")
+    ).load()
     size = int(model.input_shape[1])
     upright = [load_image(file, OpenPolicy()).pixels for file in files]
     pixels = np.stack([resize(image, size) for image in upright])

@@ -74,13 +74,17 @@ def folder_run(project: Path, count: int, size: int, logs: Path) -> dict:
 
 def streamed_vs_memory(project: Path) -> dict:
     """img/s of the saved model on the folder's images: streamed vs from memory."""
-    import keras  # noqa: PLC0415 - only this part needs TensorFlow in this process
-
+    from irv2_pipeline.datasets.atomic_model import (  # noqa: PLC0415
+        AtomicTensorFlowModelDataset,
+    )
     from irv2_pipeline.images import OpenPolicy, load_resized  # noqa: PLC0415
     from irv2_pipeline.inputs import image_dataset  # noqa: PLC0415
     from irv2_pipeline.predict import predict_padded  # noqa: PLC0415
 
-    model = keras.saving.load_model(project / "data/06_models/finetuned_model.keras")
+    # As the catalog loads it: the dataset registers the model's preprocessing layer.
+    model = AtomicTensorFlowModelDataset(
+        filepath=str(project / "data/06_models/finetuned_model.keras")
+    ).load()
     size = int(model.input_shape[1])
     paths = sorted(str(p) for p in (project / "data/01_raw/new_images").rglob("*.jpg"))
     warm = np.zeros((BATCH_SIZE, size, size, 3), np.float32)

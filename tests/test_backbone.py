@@ -1,10 +1,13 @@
-"""Tests of backbone.py: weights, the block map and freezing."""
+"""Tests of backbone.py: weights, the block map, freezing and preprocessing."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 from irv2_pipeline import backbone
@@ -99,3 +102,118 @@ def test_preprocessing_maps_pixels_to_minus_one_one():
     layer = backbone.preprocessing_layer()
     out = keras.ops.convert_to_numpy(layer(keras.ops.array([[0.0, 127.5, 255.0]])))
     assert out.tolist() == [[-1.0, 0.0, 1.0]]
+
+
+RED = [[[[255.0, 0.0, 0.0]]]]
+# What each preprocessing makes of a pure red pixel, written out by hand.
+RED_PREPROCESSED = {
+    "minus_one_to_one": [1.0, -1.0, -1.0],
+    "zero_to_one": [1.0, 0.0, 0.0],
+    "caffe": [-103.939, -116.779, 255.0 - 123.68],
+    "caffe_then_div_255": [-103.939 / 255, -116.779 / 255, (255.0 - 123.68) / 255],
+}
+
+
+def _preprocessed(input_scaling: str, pixels) -> np.ndarray:
+    layer = backbone.preprocessing_layer(input_scaling)
+    return keras.ops.convert_to_numpy(layer(keras.ops.array(pixels, "float32")))
+
+
+@pytest.mark.parametrize("input_scaling", sorted(RED_PREPROCESSED))
+def test_each_preprocessing_maps_a_red_pixel_as_written(input_scaling):
+    out = _preprocessed(input_scaling, RED)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(
+        out[0, 0, 0], RED_PREPROCESSED[input_scaling], rtol=1e-6, atol=1e-6
+    )
+
+
+def test_caffe_modes_are_keras_imagenet_utils_and_image_data_generator_order():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 4, 4, 3)).astype("float32")
+    caffe = keras.applications.imagenet_utils.preprocess_input(
+        pixels.copy(), mode="caffe"
+    )
+    np.testing.assert_allclose(_preprocessed("caffe", pixels), caffe, atol=1e-4)
+    # ImageDataGenerator(rescale=1/255, preprocessing_function=preprocess_input):
+    # its standardize() runs the function first, then multiplies by rescale.
+    generated = caffe * np.float32(1 / 255)
+    np.testing.assert_allclose(
+        _preprocessed("caffe_then_div_255", pixels), generated, atol=1e-6
+    )
+
+
+def test_minus_one_to_one_gives_the_rescaling_layer_numbers_bit_for_bit():
+    pixels = np.arange(256, dtype="float32").reshape(1, 1, -1, 1).repeat(3, axis=-1)
+    rescaling = keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32")
+    before = keras.ops.convert_to_numpy(rescaling(pixels))
+    assert np.array_equal(_preprocessed("minus_one_to_one", pixels), before)
+
+
+def test_preprocessing_stays_float32_under_mixed_precision():
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        out = _preprocessed("caffe_then_div_255", [[[[254.0, 254.0, 254.0]]]])
+        top = _preprocessed("caffe_then_div_255", [[[[255.0, 255.0, 255.0]]]])
+    finally:
+        keras.config.set_dtype_policy(policy)
+    assert out.dtype == np.float32
+    assert (top - out > 0).all()
+
+
+def test_an_unknown_preprocessing_lists_all_four():
+    with pytest.raises(ValueError, match="input_scaling = 'caffee'") as error:
+        backbone.preprocessing_layer("caffee")
+    for name in RED_PREPROCESSED:
+        assert name in str(error.value)
+
+
+@pytest.fixture
+def radimagenet_like(tmp_path) -> str:
+    """A local weights path whose card says caffe_then_div_255 (no weights needed:
+    the card is read before any model is built)."""
+    weights = tmp_path / "RadImageNet-IRV2_notop.h5"
+    Path(f"{weights}{backbone.CARD_SUFFIX}").write_text(
+        json.dumps({"preprocessing": "caffe_then_div_255", "image_size": 224})
+    )
+    return str(weights)
+
+
+def test_a_preprocessing_other_than_the_cards_stops_with_both_and_the_fix(
+    radimagenet_like,
+):
+    with pytest.raises(ValueError) as error:
+        backbone.model_input_scaling(
+            {"input_scaling": "minus_one_to_one"}, radimagenet_like
+        )
+    message = str(error.value)
+    assert "finetune.input_scaling = 'minus_one_to_one'" in message
+    assert "trained with 'caffe_then_div_255'" in message
+    assert "Set finetune.input_scaling: caffe_then_div_255" in message
+    assert "input_scaling_override: true" in message
+
+
+def test_the_cards_preprocessing_or_a_deliberate_override_is_used(radimagenet_like):
+    assert (
+        backbone.model_input_scaling(
+            {"input_scaling": "caffe_then_div_255"}, radimagenet_like
+        )
+        == "caffe_then_div_255"
+    )
+    deliberate = {"input_scaling": "zero_to_one", "input_scaling_override": True}
+    assert backbone.model_input_scaling(deliberate, radimagenet_like) == "zero_to_one"
+    assert backbone.model_input_scaling(deliberate, "imagenet") == "zero_to_one"
+
+
+def test_imagenet_weights_refuse_another_scaling_and_no_card_takes_any():
+    with pytest.raises(ValueError, match="trained with 'minus_one_to_one'"):
+        backbone.model_input_scaling({"input_scaling": "zero_to_one"}, "imagenet")
+    assert backbone.model_input_scaling({"input_scaling": "caffe"}, None) == "caffe"
+
+
+def test_a_card_naming_an_unknown_preprocessing_is_named(tmp_path):
+    weights = tmp_path / "source.h5"
+    Path(f"{weights}{backbone.CARD_SUFFIX}").write_text('{"preprocessing": "torch"}')
+    with pytest.raises(backbone.WeightsError, match="names the preprocessing 'torch'"):
+        backbone.model_input_scaling({"input_scaling": "caffe"}, str(weights))

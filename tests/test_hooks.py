@@ -379,3 +379,21 @@ def test_known_keys_and_own_presets_pass(tmp_path):
         "augmentation: {presets: {mine: []}}\n",
     )
     _check(tmp_path)
+
+
+def test_a_preprocessing_the_weights_were_not_trained_with_stops_the_run(tmp_path):
+    _project_with(tmp_path, "finetune: {input_scaling: caffe}\n")
+    message = _problems(tmp_path)
+    assert (
+        "conf/local/parameters.yml: finetune.input_scaling = 'caffe', but "
+        "model.weights (imagenet) were trained with 'minus_one_to_one'" in message
+    )
+    assert "Set finetune.input_scaling: minus_one_to_one" in message
+
+
+def test_a_deliberate_preprocessing_override_lets_the_run_start(tmp_path):
+    _project_with(
+        tmp_path,
+        "finetune: {input_scaling: zero_to_one, input_scaling_override: true}\n",
+    )
+    _check(tmp_path)

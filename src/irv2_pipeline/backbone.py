@@ -20,9 +20,10 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class WeightsError(RuntimeError):
 
 
 def load_irv2(weights: str | None, image_size: int) -> keras.Model:
-    """Builds IRv2 without its classifier, taking inputs already in ``[-1, 1]``.
+    """Builds IRv2 without its classifier, taking inputs already preprocessed.
 
     Args:
         weights: ``"imagenet"``, ``None`` (random init, not transfer learning) or the
@@ -153,14 +154,58 @@ def _load_local_weights(path: Path, shape: tuple[int, int, int]) -> keras.Model:
     return model
 
 
+# The per-channel means that Keras's "caffe" preprocessing subtracts, in BGR order.
+IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """One way to map ``[0, 255]`` RGB before IRv2: ``(x - subtract) * scale + offset``,
+    on the channels reversed to BGR first when ``bgr``.
+
+    Attributes:
+        bgr: Reverse the channels (RGB to BGR) first.
+        subtract: Per-channel values subtracted, in the order after ``bgr``.
+        scale: Factor applied after the subtraction.
+        offset: Added last.
+        description: What it computes, for people (the export's model card).
+    """
+
+    bgr: bool
+    subtract: tuple[float, float, float]
+    scale: float
+    offset: float
+    description: str
+
+
 # How the model maps its [0, 255] RGB input before IRv2 (``finetune.input_scaling``):
-#   minus_one_to_one: x / 127.5 - 1, IRv2's own preprocessing (ImageNet weights
-#                     were trained on it);
-#   zero_to_one:      x / 255, the textbook mistake, kept to measure what it costs
-#                     (the counterfactuals pipeline).
+#   minus_one_to_one:   IRv2's own (Keras's ImageNet weights were trained on it);
+#   zero_to_one:        the textbook mistake, kept to measure what it costs (the
+#                       counterfactuals pipeline);
+#   caffe:              Keras's caffe mode (ResNet50, VGG): BGR, ImageNet means off;
+#   caffe_then_div_255: caffe, then divided by 255: what Keras's ImageDataGenerator
+#                       computes with rescale=1/255 and imagenet_utils.preprocess_input
+#                       as its preprocessing_function (it runs that function first),
+#                       the recipe RadImageNet's weights were trained with.
 INPUT_SCALINGS = {
-    "minus_one_to_one": (1.0 / 127.5, -1.0),
-    "zero_to_one": (1.0 / 255.0, 0.0),
+    "minus_one_to_one": InputScaling(
+        False, (0.0, 0.0, 0.0), 1.0 / 127.5, -1.0, "[-1, 1] (x / 127.5 - 1, IRv2's)"
+    ),
+    "zero_to_one": InputScaling(False, (0.0, 0.0, 0.0), 1.0 / 255.0, 0.0, "x / 255"),
+    "caffe": InputScaling(
+        True,
+        IMAGENET_BGR_MEANS,
+        1.0,
+        0.0,
+        f"BGR minus the ImageNet means {list(IMAGENET_BGR_MEANS)} (Keras's caffe mode)",
+    ),
+    "caffe_then_div_255": InputScaling(
+        True,
+        IMAGENET_BGR_MEANS,
+        1.0 / 255.0,
+        0.0,
+        f"(BGR minus the ImageNet means {list(IMAGENET_BGR_MEANS)}) / 255",
+    ),
 }
 
 
@@ -174,10 +219,65 @@ def check_input_scaling(input_scaling: str) -> str:
     return input_scaling
 
 
+def preprocessed_zero(input_scaling: str) -> tuple[float, float, float]:
+    """The ``[0, 255]`` RGB pixel that ``input_scaling`` maps to 0 in every channel
+    (IRv2's mid-grey 127.5; the ImageNet mean colour for the caffe modes)."""
+    steps = INPUT_SCALINGS[check_input_scaling(input_scaling)]
+    zero = [value - steps.offset / steps.scale for value in steps.subtract]
+    red, green, blue = zero[::-1] if steps.bgr else zero
+    return red, green, blue
+
+
+def model_input_scaling(finetune: Mapping[str, Any], weights: str | None) -> str:
+    """The preprocessing a model on ``weights`` is built with, checked against them.
+
+    ``finetune.input_scaling``, which must equal the preprocessing the weights' card
+    names (:func:`weights_card`): features of weights fed other pixels than they were
+    trained on are off from the first layer, and nothing downstream says why.
+    ``finetune.input_scaling_override: true`` trains with it all the same, on purpose
+    (the counterfactual variants that measure a wrong scaling).
+
+    Args:
+        finetune: The ``finetune`` parameters.
+        weights: ``model.weights``.
+
+    Returns:
+        A key of :data:`INPUT_SCALINGS`.
+
+    Raises:
+        ValueError: An unknown name, or one other than the card's without the
+            override; the message names both and the fix.
+        WeightsError: The card is not JSON or names an unknown preprocessing.
+    """
+    input_scaling = check_input_scaling(
+        str(finetune.get("input_scaling", "minus_one_to_one"))
+    )
+    trained_with = weights_card(weights).get("preprocessing")
+    if trained_with is not None and trained_with not in INPUT_SCALINGS:
+        raise WeightsError(
+            f"{weights}{CARD_SUFFIX} names the preprocessing {trained_with!r}; a card "
+            f"names one of {', '.join(INPUT_SCALINGS)}"
+        )
+    if (
+        trained_with is None
+        or trained_with == input_scaling
+        or finetune.get("input_scaling_override", False)
+    ):
+        return input_scaling
+    source = "ImageNet" if weights == "imagenet" else f"{weights}{CARD_SUFFIX}"
+    raise ValueError(
+        f"finetune.input_scaling = {input_scaling!r}, but model.weights ({weights}) "
+        f"were trained with {trained_with!r} (says {source}). Set "
+        f"finetune.input_scaling: {trained_with} (conf/local/parameters.yml), or "
+        "finetune.input_scaling_override: true to train with "
+        f"{input_scaling!r} on purpose."
+    )
+
+
 def preprocessing_layer(
     input_scaling: str = "minus_one_to_one",
 ) -> keras.layers.Layer:
-    """IRv2's own preprocessing, ``[0, 255]`` RGB to ``[-1, 1]``, as a layer.
+    """The model's preprocessing of ``[0, 255]`` RGB, as a layer.
 
     It sits inside every model this project saves, so nobody can feed it ``1/255``
     images again. It computes in float32 whatever the dtype policy: under
@@ -185,15 +285,13 @@ def preprocessing_layer(
     neighbouring values (254 and 255) would come out equal.
 
     Args:
-        input_scaling: A key of :data:`INPUT_SCALINGS`; ``zero_to_one`` builds the
-            textbook ``1/255`` scaling instead, for the counterfactual runs.
+        input_scaling: A key of :data:`INPUT_SCALINGS`: ``minus_one_to_one`` is
+            IRv2's own; the others serve weights trained otherwise, and the
+            counterfactual runs.
     """
-    import keras  # noqa: PLC0415 - see the module docstring
+    from irv2_pipeline.preprocessing import Preprocess  # noqa: PLC0415 - Keras
 
-    scale, offset = INPUT_SCALINGS[check_input_scaling(input_scaling)]
-    return keras.layers.Rescaling(
-        scale=scale, offset=offset, name=PREPROCESS_LAYER, dtype="float32"
-    )
+    return Preprocess(input_scaling, name=PREPROCESS_LAYER)
 
 
 def unit_map(backbone: keras.Model) -> dict[str, str]:

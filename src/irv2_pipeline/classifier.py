@@ -3,7 +3,8 @@
 One set of layers serves three views:
 
 - ``model``: pixels to class probabilities, the model that is saved. It takes plain
-  RGB in ``[0, 255]``; IRv2's ``[-1, 1]`` preprocessing is its first layer.
+  RGB in ``[0, 255]``; the preprocessing (IRv2's ``[-1, 1]`` unless
+  ``finetune.input_scaling`` says otherwise) is its first layer.
 - ``features``: pixels to the pooled backbone features (what the cached head stage
   computes once).
 - ``head``: pooled features to probabilities.
@@ -17,6 +18,7 @@ that need the backbone's maps (Grad-CAM).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import keras
 
 from irv2_pipeline.backbone import (
+    INPUT_SCALINGS,
     PREPROCESS_LAYER,
     check_bn_policy,
     preprocessing_layer,
@@ -115,7 +118,7 @@ def build_classifier(
         head: The head's layout.
         seed: Seed of the head's initial weights and dropout masks.
         input_scaling: How pixels are scaled before IRv2
-            (``backbone.INPUT_SCALINGS``; only the counterfactual runs change it).
+            (``backbone.INPUT_SCALINGS``; ``backbone.model_input_scaling`` picks it).
 
     Returns:
         The classifier; its softmax output is float32 under mixed precision too.
@@ -142,7 +145,7 @@ class SavedParts:
     """A saved classifier taken apart at its backbone (:func:`split_saved`).
 
     Attributes:
-        preprocess: ``[0, 255]`` RGB to IRv2's ``[-1, 1]``.
+        preprocess: ``[0, 255]`` RGB to what the backbone expects.
         backbone: The nested IRv2 model (its own graph: sub-models of it are safe).
         logits: The backbone's output maps to the head's pre-softmax scores.
     """
@@ -198,6 +201,22 @@ def split_saved(model: keras.Model) -> SavedParts:
         preprocess=model.get_layer(PREPROCESS_LAYER),
         backbone=backbone,
         logits=keras.Model(maps, head_logits(pooled), name="maps_to_logits"),
+    )
+
+
+def saved_input_scaling(model: keras.Model) -> str:
+    """The ``finetune.input_scaling`` a saved classifier was built with."""
+    layer = model.get_layer(PREPROCESS_LAYER)
+    if hasattr(layer, "input_scaling"):
+        return layer.input_scaling
+    # Models saved before the preprocessing had a layer of its own hold a Rescaling,
+    # known by its scale and offset.
+    return next(
+        name
+        for name, scaling in INPUT_SCALINGS.items()
+        if not scaling.bgr
+        and math.isclose(scaling.scale, layer.scale)
+        and scaling.offset == layer.offset
     )
 
 

@@ -20,6 +20,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
+from irv2_pipeline.backbone import WeightsError, model_input_scaling
 from irv2_pipeline.cluster import ClusterRole, cluster_role
 from irv2_pipeline.parameters import is_modelled, parameter_problems
 
@@ -506,6 +507,10 @@ class ParameterCheckHook:
             f"{_origin(problem.key, origin)}: {problem.text}"
             for problem in parameter_problems(params)
         ]
+        problems += [
+            f"{_origin('finetune.input_scaling', origin)}: {text}"
+            for text in _preprocessing_problems(params)
+        ]
         if problems:
             raise ParameterError(
                 "The parameters cannot work:\n"
@@ -526,6 +531,18 @@ class ParameterCheckHook:
             # The models forbid unknown keys themselves, with a suggestion.
             and not is_modelled(key)
         ]
+
+
+def _preprocessing_problems(params: dict) -> list[str]:
+    """An unknown ``finetune.input_scaling``, or one the weights were not trained
+    with (``backbone.model_input_scaling``): found now, not when a model is built."""
+    try:
+        model_input_scaling(
+            params.get("finetune") or {}, (params.get("model") or {}).get("weights")
+        )
+    except (ValueError, WeightsError) as error:
+        return [str(error)]
+    return []
 
 
 def _read_yaml(path: Path) -> dict:

@@ -5,8 +5,8 @@ orientation, every colour mode, no silent truncation) on parallel threads and re
 to the model's size. Files this project generated (the augmented copies: plain RGB
 JPEG or PNG, upright, already at the model's size) are decoded by TensorFlow's own
 decoders inside the graph instead, without Python, which reads them about twice as
-fast. Either way images come as ``float32`` RGB in ``[0, 255]``: the model itself maps
-them to IRv2's ``[-1, 1]``.
+fast. Either way images come as ``float32`` RGB in ``[0, 255]``: the model itself
+preprocesses them (``finetune.input_scaling``).
 
 TensorFlow is imported by the functions that build datasets: ``class_names`` and
 ``check_pixel_range`` serve node modules that every ``kedro`` command loads.
@@ -352,11 +352,10 @@ def check_pixel_range(batch: np.ndarray) -> None:
     if low < 0.0 or high > 255.0:
         raise PixelRangeError(
             f"Input pixels span [{low:.3g}, {high:.3g}]; the model expects RGB in "
-            "[0, 255] and applies IRv2's own preprocessing itself."
+            "[0, 255] and preprocesses them itself."
         )
     if high <= 1.0 and values.size > 0:
         raise PixelRangeError(
             f"Input pixels span [{low:.3g}, {high:.3g}]: they look scaled by 1/255. "
-            "Feed plain [0, 255] RGB: the model applies IRv2's [-1, 1] preprocessing "
-            "itself."
+            "Feed plain [0, 255] RGB: the model preprocesses them itself."
         )

@@ -14,6 +14,9 @@ from kedro_datasets.tensorflow import TensorFlowModelDataset
 
 from irv2_pipeline.atomic import replaced_atomically
 
+# Registers the models' preprocessing layer, which loading must find by name.
+from irv2_pipeline.preprocessing import Preprocess  # noqa: F401
+
 
 class AtomicKerasModelFile(TensorFlowModelDataset):
     """A ``.keras`` model file that is either the old model or the new one, never half.

@@ -54,7 +54,10 @@ COPIES = pd.DataFrame(
 )
 # Each ablation and the only part of the training node's inputs it may change.
 ABLATIONS = {
-    "zero_to_one_scaling": {"finetune.input_scaling"},
+    "zero_to_one_scaling": {
+        "finetune.input_scaling",
+        "finetune.input_scaling_override",
+    },
     "batchnorm_training_mode": {f"stages.{i}.bn_policy" for i in range(3)},
     "no_augmented_copies": {"augmented_copies"},
     "all_unfrozen_one_stage": {"stages"},

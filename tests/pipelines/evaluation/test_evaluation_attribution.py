@@ -8,7 +8,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from irv2_pipeline.backbone import load_irv2
+from irv2_pipeline.backbone import (
+    INPUT_SCALINGS,
+    load_irv2,
+    preprocessed_zero,
+    preprocessing_layer,
+)
 from irv2_pipeline.classifier import (
     HeadSpec,
     build_classifier,
@@ -17,7 +22,6 @@ from irv2_pipeline.classifier import (
 )
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.pipelines.evaluation.attribution import (
-    PREPROCESSED_ZERO,
     OcclusionSpec,
     flip_table,
     grad_cam,
@@ -50,20 +54,23 @@ def test_bad_occlusion_parameters_are_refused_by_name():
         OcclusionSpec.from_params({"border_fraction": 0.1, "fill": "black"})
 
 
-def test_fills_are_the_images_mean_or_irv2s_zero():
+def test_fills_are_the_images_mean_or_the_preprocessings_zero():
     rng = np.random.default_rng(0)
     batch = rng.uniform(0, 255, size=(2, 20, 20, 3)).astype(np.float32)
     border, centre = occlusion_masks(20, 0.1)
-    by_mean = occlude(batch, border, "mean")
+    by_mean = occlude(batch, border, "mean", preprocessed_zero("minus_one_to_one"))
     # The mean of what stays visible: nothing of the hidden pixels leaks into it.
     visible_mean = batch[:, ~border].mean(axis=1)
     np.testing.assert_allclose(by_mean[:, 0, 0], visible_mean, rtol=1e-5)
     np.testing.assert_array_equal(by_mean[:, ~border], batch[:, ~border])
-    by_zero = occlude(batch, centre, "zero")
-    # IRv2's preprocessing, x / 127.5 - 1, maps the fill to exactly 0.
-    assert (by_zero[:, centre] / 127.5 - 1 == 0).all()
-    assert PREPROCESSED_ZERO == 127.5
-    np.testing.assert_array_equal(by_zero[:, ~centre], batch[:, ~centre])
+    assert preprocessed_zero("minus_one_to_one") == (127.5, 127.5, 127.5)
+    assert preprocessed_zero("caffe") == (123.68, 116.779, 103.939)
+    for input_scaling in INPUT_SCALINGS:
+        by_zero = occlude(batch, centre, "zero", preprocessed_zero(input_scaling))
+        # The model's own preprocessing maps the fill to exactly 0.
+        scaled = keras.ops.convert_to_numpy(preprocessing_layer(input_scaling)(by_zero))
+        assert (scaled[:, centre] == 0).all(), input_scaling
+        np.testing.assert_array_equal(by_zero[:, ~centre], batch[:, ~centre])
 
 
 def test_flip_table_counts_each_mask_per_true_class():

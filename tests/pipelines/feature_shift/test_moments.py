@@ -1,18 +1,28 @@
-"""The moments collected inside the graph equal NumPy's over the same feature maps."""
+"""The moments collected inside the graph equal NumPy's over the same feature maps,
+of the pixels the model's preprocessing makes."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
-from irv2_pipeline.backbone import preprocessing_layer, unit_order
+from irv2_pipeline.backbone import CARD_SUFFIX, preprocessing_layer, unit_order
 from irv2_pipeline.images import OpenPolicy, load_image, resize
 from irv2_pipeline.pipelines.feature_shift.moments import (
+    build_probe,
     is_grayscale,
+    run_pass,
     unit_output_layer,
 )
+from irv2_pipeline.pipelines.feature_shift.nodes import measure_backbone
+from tests.pipelines.finetune.conftest import mini_irv2
 
 from .conftest import IMAGE_SIZE, UNITS
 
@@ -102,3 +112,44 @@ def test_grey_images_are_told_from_colour_ones_even_after_jpeg(tmp_path):
     colour = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     batch = np.stack([grey, jpeg, tinted, colour])
     assert is_grayscale(batch).tolist() == [True, True, False, False]
+
+
+def test_the_probe_measures_the_pixels_the_models_preprocessing_makes():
+    backbone = mini_irv2(seed=4)
+    probe, layout = build_probe(backbone, ["conv_7b"], "caffe_then_div_255")
+    pixels = np.random.default_rng(5).integers(0, 256, (6, 75, 75, 3))
+    measured = run_pass(
+        probe,
+        layout,
+        [pixels.astype("float32")],
+        batch_size=6,
+        n_images=6,
+        what="test",
+        logger=logging.getLogger(__name__),
+    )
+    first = layout.batch_norms[0].name
+    conv = keras.Model(backbone.input, backbone.get_layer(first).input)
+
+    def first_bn_means(input_scaling: str) -> np.ndarray:
+        scaled = preprocessing_layer(input_scaling)(pixels.astype("float32"))
+        return conv.predict(scaled, verbose=0).astype(np.float64).mean(axis=(0, 1, 2))
+
+    expected = first_bn_means("caffe_then_div_255")
+    np.testing.assert_allclose(measured.bn_means[first], expected, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(first_bn_means("minus_one_to_one"), expected, rtol=1e-2)
+
+
+def test_measuring_stops_on_a_preprocessing_the_weights_were_not_trained_with(
+    tmp_path,
+):
+    weights = tmp_path / "source.h5"
+    Path(f"{weights}{CARD_SUFFIX}").write_text(json.dumps({"preprocessing": "caffe"}))
+    with pytest.raises(ValueError, match="Set finetune.input_scaling: caffe"):
+        measure_backbone(
+            feature_shift_sample=pd.DataFrame(),
+            raw_images=None,
+            model={"weights": str(weights), "image_size": 75, "seed": 0},
+            images={},
+            feature_shift={"depths": ["conv_7b"]},
+            finetune={"input_scaling": "minus_one_to_one"},
+        )

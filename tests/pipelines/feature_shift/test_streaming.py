@@ -79,11 +79,12 @@ def test_images_are_decoded_once_in_step_with_the_probe_and_no_map_is_kept(
 
     params = project_parameters("smoke")
     measured = measure_backbone(
-        sample,
-        folder,
-        {**params["model"], "image_size": IMAGE_SIZE},
-        params["images"],
-        {**params["feature_shift"], "batch_size": BATCH_SIZE},
+        feature_shift_sample=sample,
+        raw_images=folder,
+        model={**params["model"], "image_size": IMAGE_SIZE},
+        images=params["images"],
+        feature_shift={**params["feature_shift"], "batch_size": BATCH_SIZE},
+        finetune=params["finetune"],
     )
 
     assert decoded.count == len(sample)

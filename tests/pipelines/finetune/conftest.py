@@ -175,10 +175,16 @@ def finetune_params(tmp_path) -> dict:
 CLASSES = ["bag", "sneaker", "trouser"]
 
 
-def mini_classifier(seed: int = 0, dropout: float = 0.0) -> Classifier:
+def mini_classifier(
+    seed: int = 0, dropout: float = 0.0, input_scaling: str = "minus_one_to_one"
+) -> Classifier:
     """``mini_irv2`` with a one-layer head over the demo classes."""
     return build_classifier(
-        mini_irv2(seed=seed), CLASSES, HeadSpec(dropout=dropout), seed=seed
+        mini_irv2(seed=seed),
+        CLASSES,
+        HeadSpec(dropout=dropout),
+        seed=seed,
+        input_scaling=input_scaling,
     )
 
 

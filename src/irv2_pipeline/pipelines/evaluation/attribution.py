@@ -13,10 +13,11 @@ The occlusion test masks, on every test image, a band along the border and, inst
 a centre square of the same area, and counts per class the predictions that change.
 A model that reads the object changes its mind when the centre goes; one that keys on
 something in the border (a watermark, a frame, a corner mark) when the border goes.
-Masked pixels take the mean colour of the pixels left visible by default: IRv2's zero
-after preprocessing is mid-grey (127.5), which on a dark or light background draws a
-new frame around the whole image, an edge the model never saw, and that artefact alone
-can change predictions. Both fills are offered (``fill: mean | zero``).
+Masked pixels take the mean colour of the pixels left visible by default: the pixel the
+model's preprocessing maps to zero (IRv2's mid-grey 127.5, the ImageNet mean colour for
+the caffe modes) on a dark or light background draws a new frame around the whole
+image, an edge the model never saw, and that artefact alone can change predictions.
+Both fills are offered (``fill: mean | zero``).
 
 Keras and TensorFlow are imported by the function that needs them: the masks and the
 flip table serve the diagnosis, which every ``kedro`` command loads.
@@ -41,8 +42,6 @@ FILLS = ("mean", "zero")
 # Beyond (1 - 1/sqrt(2)) / 2 = 0.146 the centre square of the band's area is wider than
 # the inside of the band and would mask part of the band too.
 MAX_BORDER_FRACTION = 0.14
-# The [0, 255] pixel value IRv2's preprocessing (x / 127.5 - 1) maps to 0.
-PREPROCESSED_ZERO = 127.5
 FLIP_COLUMNS = (
     "class",
     "n",
@@ -121,17 +120,23 @@ def occlusion_masks(size: int, border_fraction: float) -> tuple[np.ndarray, np.n
     return border, centre
 
 
-def occlude(batch: np.ndarray, mask: np.ndarray, fill: str) -> np.ndarray:
+def occlude(
+    batch: np.ndarray,
+    mask: np.ndarray,
+    fill: str,
+    zero: Sequence[float],
+) -> np.ndarray:
     """``batch`` (``(n, h, w, 3)``, ``[0, 255]``) with ``mask``'s pixels filled.
 
     ``mean`` fills with the mean colour of the pixels the mask leaves visible, so the
     fill carries nothing of what it hides (a mark's colour would tint a whole-image
-    mean).
+    mean). ``zero`` fills with ``zero``: the RGB pixel the model's preprocessing maps
+    to 0 (``backbone.preprocessed_zero``).
     """
     if fill == "mean":
         value = batch[:, ~mask].mean(axis=1)[:, None, None, :]
     else:
-        value = np.full((len(batch), 1, 1, batch.shape[-1]), PREPROCESSED_ZERO)
+        value = np.asarray(zero, dtype=np.float64)[None, None, None, :]
     return np.where(mask[None, :, :, None], value, batch).astype(batch.dtype)
 
 

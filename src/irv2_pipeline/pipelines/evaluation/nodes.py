@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from irv2_pipeline.backbone import preprocessed_zero
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy
@@ -235,7 +236,11 @@ def occlude_test_split(
         ``occlusion_flips``: per class, the test predictions each mask changes
         (``attribution.flip_table``).
     """
+    # Imported here: it imports Keras, which other commands need not load.
+    from irv2_pipeline.classifier import saved_input_scaling  # noqa: PLC0415
+
     spec = OcclusionSpec.from_params(evaluation["attribution"]["occlusion"])
+    zero = preprocessed_zero(saved_input_scaling(finetuned_model))
     image_size = int(model["image_size"])
     batch_size = int(evaluation["batch_size"])
     classes = classes_of(test_predictions)
@@ -244,7 +249,7 @@ def occlude_test_split(
     progress = ProgressLog("test images occluded", len(test_predictions), logger)
     for batch in _test_batches(test_predictions, raw_images, model, images, evaluation):
         for predictions, mask in zip(masked, masks, strict=True):
-            hidden = occlude(batch, mask, spec.fill)
+            hidden = occlude(batch, mask, spec.fill, zero)
             predictions.append(_probabilities(finetuned_model, hidden, batch_size))
         progress.advance(len(batch))
     border, centre = (np.concatenate(rows).argmax(axis=1) for rows in masked)

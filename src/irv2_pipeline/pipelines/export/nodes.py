@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import irv2_pipeline
+from irv2_pipeline.backbone import INPUT_SCALINGS
 from irv2_pipeline.hints import KerasModel
 
 # Parameters that say where files go, not how the model trains: not in the hash.
@@ -159,6 +160,9 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
     Raises:
         ValueError: If the metrics were computed for other classes.
     """
+    # Imported here, not at the top: see the module docstring.
+    from irv2_pipeline.classifier import saved_input_scaling  # noqa: PLC0415
+
     size = model_input_size(finetuned_model, class_names, int(model["image_size"]))
     evaluated = evaluation_metrics.get("classes")
     if evaluated is not None and list(evaluated) != list(class_names):
@@ -193,7 +197,7 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
             ),
             "preprocessing": (
                 "float [0, 255] RGB into the model, whose first layer maps it to "
-                "[-1, 1] (x / 127.5 - 1, InceptionResNetV2's)"
+                f"{INPUT_SCALINGS[saved_input_scaling(finetuned_model)].description}"
             ),
             "decoding": (
                 "JPEG (accurate integer DCT), PNG, BMP, GIF (first frame); grey "

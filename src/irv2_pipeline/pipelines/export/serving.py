@@ -5,8 +5,8 @@ The graph takes what a program outside this project has (encoded JPEG/PNG bytes,
 uint8 RGB pixels of any size) and gives the fine-tuned model's probabilities. It
 turns encoded images upright by their EXIF orientation (``orientation.py``) and
 resizes as ``images.resize`` does (Pillow's antialiased bilinear, ``resize.py``),
-as training opened its images, and feeds the model float ``[0, 255]``: IRv2's
-``[-1, 1]`` preprocessing is the model's first layer.
+as training opened its images, and feeds the model float ``[0, 255]``: the
+preprocessing (``finetune.input_scaling``) is the model's first layer.
 """
 
 from __future__ import annotations

@@ -117,7 +117,9 @@ def unit_output_layer(backbone: keras.Model, unit: str) -> str:
 
 
 def build_probe(
-    backbone: keras.Model, depths: Sequence[str]
+    backbone: keras.Model,
+    depths: Sequence[str],
+    input_scaling: str = "minus_one_to_one",
 ) -> tuple[keras.Model, ProbeLayout]:
     """Builds the probe: ``[0, 255]`` RGB in, BN input moments and pooled features out.
 
@@ -127,6 +129,9 @@ def build_probe(
     Args:
         backbone: IRv2 from ``backbone.load_irv2``.
         depths: Unit names whose outputs are pooled, e.g. ``mixed_6a``, ``conv_7b``.
+        input_scaling: The preprocessing of the model finetune builds on this
+            backbone (``backbone.model_input_scaling``), so that the moments are
+            those of the pixels that model feeds it.
 
     Returns:
         The probe and where each layer's numbers sit in its outputs.
@@ -154,7 +159,9 @@ def build_probe(
     )
     images = keras.Input(backbone.input.shape[1:], name="images")
     probe = keras.Model(
-        images, measured(irv2.preprocessing_layer()(images)), name="irv2_probe"
+        images,
+        measured(irv2.preprocessing_layer(input_scaling)(images)),
+        name="irv2_probe",
     )
     layout = ProbeLayout(
         batch_norms=tuple(batch_norms),

@@ -140,11 +140,13 @@ def sample_images(
 
 
 def measure_backbone(
+    *,
     feature_shift_sample: pd.DataFrame,
     raw_images: ImageFolder,
     model: dict[str, Any],
     images: dict[str, Any],
     feature_shift: dict[str, Any],
+    finetune: dict[str, Any],
 ) -> BackboneMeasurements:
     """Runs every sampled image through IRv2 once, measuring inside the graph.
 
@@ -158,6 +160,9 @@ def measure_backbone(
         model: The shared ``model`` parameters (weights, image size).
         images: The ``images`` parameters (how images are opened).
         feature_shift: The ``feature_shift`` parameters (depths, batch size).
+        finetune: The ``finetune`` parameters: the images are preprocessed as the
+            model finetune trains preprocesses them (``finetune.input_scaling``,
+            checked against the weights' card).
 
     Returns:
         The measurements of every split.
@@ -168,6 +173,7 @@ def measure_backbone(
     from . import moments  # noqa: PLC0415
 
     weights = model["weights"]
+    input_scaling = irv2.model_input_scaling(finetune, weights)
     size = int(model["image_size"])
     depths = [str(depth) for depth in feature_shift["depths"]]
     if not depths:
@@ -175,7 +181,7 @@ def measure_backbone(
     # Random-init weights (model.weights: null) are drawn from this seed.
     keras.utils.set_random_seed(int(model["seed"]))
     backbone = irv2.load_irv2(weights, size)
-    probe, layout = moments.build_probe(backbone, depths)
+    probe, layout = moments.build_probe(backbone, depths, input_scaling)
     batch_size = int(feature_shift["batch_size"])
     if batch_size < 1:
         raise FeatureShiftError(

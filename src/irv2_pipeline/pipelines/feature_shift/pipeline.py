@@ -25,13 +25,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 measure_backbone,
-                inputs=[
-                    "feature_shift_sample",
-                    "raw_images",
-                    "params:model",
-                    "params:images",
-                    "params:feature_shift",
-                ],
+                inputs={
+                    "feature_shift_sample": "feature_shift_sample",
+                    "raw_images": "raw_images",
+                    "model": "params:model",
+                    "images": "params:images",
+                    "feature_shift": "params:feature_shift",
+                    "finetune": "params:finetune",
+                },
                 outputs="feature_shift_measurements",
                 name="measure_backbone",
             ),

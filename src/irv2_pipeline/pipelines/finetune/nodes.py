@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 import irv2_pipeline
-from irv2_pipeline.backbone import check_input_scaling, load_irv2, unit_order
+from irv2_pipeline.backbone import load_irv2, model_input_scaling, unit_order
 from irv2_pipeline.cluster import cluster_role
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
@@ -112,6 +112,8 @@ def train_classifier(
     )
     from .training import TrainingSettings, found_curves, run_stages  # noqa: PLC0415
 
+    # Before anything is read or built: a mismatch is a configuration error.
+    input_scaling = model_input_scaling(finetune, model["weights"])
     classes = class_names(image_manifest)
     resized = ResizedImages.checked(
         resized_manifest, resized_images, image_manifest, int(model["image_size"])
@@ -165,7 +167,7 @@ def train_classifier(
             classes,
             HeadSpec.from_params(finetune.get("head") or {}),
             seed,
-            check_input_scaling(finetune.get("input_scaling", "minus_one_to_one")),
+            input_scaling,
         )
         key = checkpoint_key(
             {k: v for k, v in finetune.items() if k not in _LOCATION_PARAMETERS},

@@ -1,0 +1,138 @@
+"""Every model finetune builds or saves preprocesses with ``finetune.input_scaling``.
+
+The saved classifier, the graphs the stages train, AdaBN and the run's start all use
+the one preprocessing layer; a preprocessing other than the weights' card stops the
+run before anything is read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from irv2_pipeline.backbone import (
+    CARD_SUFFIX,
+    PREPROCESS_LAYER,
+    adapt_batchnorm,
+    batchnorm_layers,
+    preprocessing_layer,
+)
+from irv2_pipeline.classifier import saved_input_scaling, training_model
+from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
+from irv2_pipeline.pipelines.finetune.nodes import train_classifier
+
+from .conftest import IMAGE_SIZE, load_parameters, mini_classifier, mini_irv2
+
+RADIMAGENET = "caffe_then_div_255"
+
+
+def _pixels(count: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return rng.integers(0, 256, (count, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
+
+
+def test_a_saved_caffe_then_div_255_classifier_reloads_and_predicts_the_same(
+    tmp_path,
+):
+    classifier = mini_classifier(seed=2, input_scaling=RADIMAGENET)
+    model_file = AtomicTensorFlowModelDataset(filepath=str(tmp_path / "model.keras"))
+    model_file.save(classifier.model)
+    loaded = model_file.load()
+
+    pixels = _pixels()
+    expected = classifier.model.predict(pixels, verbose=0)
+    assert loaded.get_layer(PREPROCESS_LAYER).input_scaling == RADIMAGENET
+    np.testing.assert_array_equal(loaded.predict(pixels, verbose=0), expected)
+    # The same weights behind IRv2's own preprocessing predict otherwise: a reload
+    # that lost the preprocessing would not pass the check above.
+    default = mini_classifier(seed=2).model.predict(pixels, verbose=0)
+    assert np.abs(default - expected).max() > 1e-3
+
+
+# Loads a model file as a fresh `kedro run` does: through the catalog's dataset only.
+LOAD_SCRIPT = """
+import sys
+from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
+model = AtomicTensorFlowModelDataset(filepath=sys.argv[1]).load()
+print(model.get_layer("irv2_preprocess").input_scaling)
+"""
+
+
+def test_a_fresh_process_loads_the_saved_preprocessing_through_the_catalog(tmp_path):
+    path = tmp_path / "model.keras"
+    AtomicTensorFlowModelDataset(filepath=str(path)).save(
+        mini_classifier(input_scaling=RADIMAGENET).model
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == RADIMAGENET
+
+
+def test_a_model_saved_with_a_rescaling_layer_is_known_by_its_scale():
+    pixels = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    for scale, offset, expected in (
+        (1 / 127.5, -1.0, "minus_one_to_one"),
+        (1 / 255, 0.0, "zero_to_one"),
+    ):
+        layer = keras.layers.Rescaling(scale, offset=offset, name=PREPROCESS_LAYER)
+        assert saved_input_scaling(keras.Model(pixels, layer(pixels))) == expected
+
+
+@pytest.mark.parametrize("bn_policy", ["frozen", "train"])
+def test_the_graph_a_stage_trains_preprocesses_as_the_saved_model(bn_policy):
+    classifier = mini_classifier(seed=2, input_scaling="caffe")
+    pixels = _pixels()
+    trained = training_model(classifier, bn_policy).predict(pixels, verbose=0)
+    np.testing.assert_allclose(
+        trained, classifier.model.predict(pixels, verbose=0), atol=1e-6
+    )
+
+
+def test_adabn_estimates_the_statistics_of_the_preprocessing_it_is_given():
+    backbone = mini_irv2(seed=1)
+    first_bn = batchnorm_layers(backbone)[0]
+    pixels = _pixels(6)
+    assert adapt_batchnorm(backbone, [pixels], "caffe") == 6
+    conv = keras.Model(backbone.input, first_bn.input)
+    values = conv.predict(preprocessing_layer("caffe")(pixels), verbose=0)
+    expected = values.astype(np.float64).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(first_bn.moving_mean.numpy(), expected, rtol=1e-4)
+    default = conv.predict(preprocessing_layer()(pixels), verbose=0)
+    assert not np.allclose(default.mean(axis=(0, 1, 2)), expected, rtol=1e-2)
+
+
+def test_training_stops_before_reading_anything_on_another_preprocessing(tmp_path):
+    weights = tmp_path / "RadImageNet-IRV2_notop.h5"
+    Path(f"{weights}{CARD_SUFFIX}").write_text(
+        json.dumps({"preprocessing": RADIMAGENET})
+    )
+    params = load_parameters("parameters", "smoke")
+    nothing = pd.DataFrame()
+    with pytest.raises(ValueError) as error:
+        train_classifier(
+            image_manifest=nothing,
+            augmented_manifest=nothing,
+            finetune_plan={},
+            resized_manifest=nothing,
+            resized_images=None,
+            augmented_images=None,
+            model={**params["model"], "weights": str(weights)},
+            images=params["images"],
+            finetune={**params["finetune"], "input_scaling": "minus_one_to_one"},
+            plan_rules=params["feature_shift"]["plan_rules"],
+        )
+    assert "finetune.input_scaling = 'minus_one_to_one'" in str(error.value)
+    assert f"finetune.input_scaling: {RADIMAGENET}" in str(error.value)
