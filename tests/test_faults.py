@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from irv2_pipeline.hooks import TIMINGS_COLUMNS
+from irv2_pipeline.pipelines.ingestion import create_pipeline as ingestion
 from tests.conftest import kedro, kedro_killed_when
 
 # The size of a tmpfs mounted for the project copy, and what is left free on it when
@@ -108,6 +110,13 @@ def test_a_full_disk_fails_the_run_with_the_error_and_keeps_earlier_outputs(
     before, after = contents(out / "data_before"), contents(out / "data_after")
     before.pop(".kedro_run.lock")  # holds the pid of the run that last took it
     after.pop(".kedro_run.lock")
+    # The failed run's own timings replace the first run's: where it spent its time
+    # up to the failure (the nodes that ended, the one whose output failed included).
+    for timings in ("08_reporting/node_timings.csv", "08_reporting/node_timings.md"):
+        assert before.pop(timings) != after.pop(timings)
+    failed_run = pd.read_csv(out / "data_after" / "08_reporting" / "node_timings.csv")
+    assert list(failed_run.columns) == list(TIMINGS_COLUMNS)
+    assert set(failed_run["node"]) <= {node.name for node in ingestion().nodes}
     assert after == before, "every earlier output is whole and nothing else was left"
 
 

@@ -123,8 +123,12 @@ def from_layer_500(model: keras.Model) -> list[int]:
 
 
 def scaling(model: keras.Model) -> tuple[float, float]:
-    config = model.get_layer("irv2_preprocess").get_config()
-    return config["scale"], config["offset"]
+    """The model's preprocessing as ``pixel * scale + offset``, read from what it
+    makes of grey pixels 0 and 1 (the same in every channel, as a rescaling is)."""
+    grey = np.array([[[[0.0] * 3, [1.0] * 3]]], dtype="float32")
+    out = keras.ops.convert_to_numpy(model.get_layer("irv2_preprocess")(grey))[0, 0]
+    assert np.allclose(out, out[:, :1]), "a preprocessing other than a rescaling"
+    return float(out[1, 0] - out[0, 0]), float(out[0, 0])
 
 
 def head_layout(model: keras.Model) -> list[tuple]:
