@@ -143,9 +143,11 @@ def test_property_drift_fires_on_clean_splits_at_most_at_its_error_rate(
 def test_property_drift_is_not_judged_on_too_few_images(tmp_path, pool, thresholds):
     darker = write_images(tmp_path, 4, seed=2, scale=0.45)
     manifest = pd.concat([with_split(pool, "train"), with_split(darker, "test")])
-    assert (
-        checks.image_property_drift(manifest, thresholds["image_property_drift"])
-        is None
+    result = checks.image_property_drift(manifest, thresholds["image_property_drift"])
+    assert isinstance(result, diagnosis.NotJudged)
+    assert result.reason == (
+        f"{len(pool)} training and 4 test images: the KS test needs at least "
+        f"{thresholds['image_property_drift']['min_images']} in each (min_images)"
     )
 
 

@@ -226,7 +226,11 @@ def test_miscalibration_is_silent_on_a_model_near_chance(thresholds):
         "accuracy": 0.18,
         "classes": [f"c{index}" for index in range(10)],
     }
-    assert diagnosis.miscalibration(poor, thresholds["miscalibration"]) is None
+    result = diagnosis.miscalibration(poor, thresholds["miscalibration"])
+    assert isinstance(result, diagnosis.NotJudged)
+    assert result.reason.startswith(
+        "test accuracy 0.180 is 0.09 of the way from chance"
+    )
 
 
 def test_underfitting_is_silent_when_the_model_fits(thresholds):
@@ -324,7 +328,12 @@ def test_domain_gap_is_silent_on_a_small_shift_or_random_weights(thresholds):
     large = shift_profile({"stem": 5.0})
     settings = thresholds["domain_gap"]
     assert diagnosis.domain_gap(small, trained(None), "imagenet", settings) is None
-    assert diagnosis.domain_gap(large, trained(None), None, settings) is None
+    random_init = diagnosis.domain_gap(large, trained(None), None, settings)
+    assert random_init == diagnosis.NotJudged(
+        "domain_gap",
+        "model.weights is null: the BatchNorm statistics the shift is measured "
+        "against are no pretrained source's",
+    )
 
 
 def split_table(val_p: float, test_p: float) -> pd.DataFrame:
@@ -409,7 +418,7 @@ def test_diagnose_run_on_a_run_that_kept_an_earlier_stage(
 ):
     history = distorted_history()
     metrics = diagnosis_inputs["evaluation_metrics"]
-    findings = diagnose_run(
+    findings, _ = diagnose_run(
         model=model_params,
         **{
             **diagnosis_inputs,
@@ -828,12 +837,17 @@ def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> 
 
 
 def test_diagnose_run_lists_only_what_fired(diagnosis_inputs, model_params):
-    healthy = diagnose_run(model=model_params, **diagnosis_inputs)
+    healthy, healthy_not_judged = diagnose_run(model=model_params, **diagnosis_inputs)
     assert [finding["rule"] for finding in healthy] == ["small_test_set"]
+    # Six test images: too few for the KS test (10) or a slice (5, not all six).
+    too_few = ["image_property_drift", "weak_segment"]
+    assert [rule["rule"] for rule in healthy_not_judged] == too_few
+    assert healthy_not_judged[0]["reason"].startswith("6 training and 6 test images")
 
-    random_init = diagnose_run(
+    random_init, random_not_judged = diagnose_run(
         model={**model_params, "weights": None}, **diagnosis_inputs
     )
+    assert [rule["rule"] for rule in random_not_judged] == ["domain_gap", *too_few]
     assert [finding["rule"] for finding in random_init] == [
         "random_weights",
         "small_test_set",
@@ -855,7 +869,7 @@ def test_diagnose_run_orders_findings_by_priority_then_severity(
     # with a border shortcut (high) and one weak class (high), over-confident
     # (medium), on a small test set (low).
     history = history_frame({"head": [(1.0, 0.6, 1.0, 0.6), (0.8, 0.7, 0.8, 0.7)]})
-    findings = diagnose_run(
+    findings, _ = diagnose_run(
         model={**model_params, "weights": None},
         **{
             **diagnosis_inputs,
@@ -905,7 +919,7 @@ def test_diagnose_run_flags_a_learning_rate_the_plan_rules_reject(
 ):
     reckless = stages_frame(None, "block8_1")
     reckless.loc[1, "learning_rate"] = 10 * plan_rules["max_backbone_learning_rate"]
-    findings = diagnose_run(
+    findings, _ = diagnose_run(
         model=model_params, **{**diagnosis_inputs, "finetune_stages": reckless}
     )
     unstable = [f for f in findings if f["rule"] == "unstable_training"]
@@ -988,3 +1002,69 @@ def test_every_parameter_a_finding_names_exists(colour_images, thresholds):
     known = base_parameter_keys()
     for finding in findings:
         assert set(finding.parameters) <= known, finding.rule
+
+
+# ------------------------------------------------- rules with too little to judge
+
+NAN = float("nan")
+
+
+def test_a_rule_without_the_figures_it_compares_says_it_could_not_judge(thresholds):
+    no_validation = history_frame({"head": [(1.0, 0.5, NAN, NAN)]})
+    no_train_accuracy = history_frame({"head": [(1.0, NAN, 0.9, 0.5)]})
+    no_val_accuracy = history_frame({"head": [(1.0, 0.5, 0.9, NAN)]})
+    one_stage = history_frame({"head": [(1.0, 0.5, 0.9, 0.5)]})
+    results = [
+        diagnosis.overfitting(no_validation, thresholds["overfitting"]),
+        underfitting(no_train_accuracy, thresholds),
+        feature_distortion(one_stage, thresholds),
+        validation_test_gap(no_val_accuracy, 0.5, [0.3, 0.7], thresholds),
+        diagnosis.split_shift(split_table(NAN, NAN), thresholds["split_shift"]),
+    ]
+    assert all(isinstance(result, diagnosis.NotJudged) for result in results)
+    reasons = {result.rule: result.reason for result in results}
+    assert reasons["overfitting"].startswith("no epoch of any stage recorded both")
+    assert reasons["underfitting"] == (
+        "the stage the model was saved from, 'head', recorded no training accuracy"
+    )
+    assert reasons["feature_distortion"].startswith("1 of the 1 stages trained have")
+    assert reasons["validation_test_gap"].startswith(
+        "the epoch the model was saved from (stage 'head', epoch 1) recorded no"
+    )
+    assert reasons["split_shift"].startswith("feature_shift compared no pair")
+
+
+def test_class_imbalance_is_not_judged_on_one_test_image_a_class(thresholds):
+    settings = thresholds["class_imbalance"]
+    assert settings["min_test_images"] > 1
+    result = diagnosis.class_imbalance(
+        {"accuracy": 0.67, "balanced_accuracy": 0.67},
+        class_report({"a": 1.0, "b": 1.0, "c": 0.0}, support=1),
+        {"a": 40, "b": 40, "c": 4},
+        settings,
+    )
+    assert result == diagnosis.NotJudged(
+        "class_imbalance",
+        f"0 of the 3 classes have at least {settings['min_test_images']} test "
+        "images (min_test_images): too few to compare a class with the others",
+    )
+
+
+def test_the_rules_not_judged_come_in_priority_order_and_findings_leave_them_out():
+    later = diagnosis.NotJudged("miscalibration", "near chance")
+    earlier = diagnosis.NotJudged("domain_gap", "random weights")
+    caveat = diagnosis.Finding(
+        rule="small_test_set",
+        cause="Too few test images.",
+        severity="low",
+        suggestion="Add test images.",
+        parameters=[],
+    )
+    results = [later, None, caveat, earlier]
+    assert diagnosis.not_judged(results) == [
+        {"rule": "domain_gap", "reason": "random weights"},
+        {"rule": "miscalibration", "reason": "near chance"},
+    ]
+    assert [finding["rule"] for finding in diagnosis.in_priority(results)] == [
+        "small_test_set"
+    ]

@@ -152,9 +152,20 @@ def test_the_html_report_holds_the_reports_plots_and_tables_inline(evaluated):
     markdown = (evaluated / "data/08_reporting/evaluation_report.md").read_text()
     findings = json.loads((evaluated / "data/08_reporting/diagnosis.json").read_text())
     assert len(findings) == 2  # its verdict is "Didn't pass" at their worst severity
+    reports = evaluated / "data/08_reporting"
+    not_judged = json.loads((reports / "diagnosis_not_judged.json").read_text())
     outcome = verdict.worst_severity(findings)
-    line = html.escape(verdict.summary(findings, "none"))
+    line = html.escape(verdict.summary(findings, not_judged, "none"))
     assert f'<p class="verdict {outcome}">{line}</p>' in page
+    # A handful of test images: too few for the KS test, a class or a slice.
+    assert [rule["rule"] for rule in not_judged] == [
+        "image_property_drift",
+        "class_imbalance",
+        "weak_segment",
+    ]
+    for rule in not_judged:
+        assert f"<code>{rule['rule']}</code>: {html.escape(rule['reason'])}" in page
+        assert f"- `{rule['rule']}`: {rule['reason']}" in markdown
     assert "<h2>Findings</h2>" not in page
     for heading in re.findall(r"^## (.+)$", markdown, re.M)[1:]:
         assert f"<h2>{heading}</h2>" in page, heading

@@ -44,8 +44,15 @@ def planted(severity: str = "high") -> list[dict]:
     return diagnosis.in_priority([caveat, leak])
 
 
+def not_judged() -> list[dict]:
+    """``domain_gap`` with too little to judge, as ``diagnosis_not_judged`` holds it."""
+    return diagnosis.not_judged(
+        [diagnosis.domain_gap(pd.DataFrame(), [], None, {"max_block_shift": 1.0})]
+    )
+
+
 def test_the_junit_xml_has_one_testcase_per_rule_and_fails_the_raised_ones():
-    root = ET.fromstring(verdict.junit_xml(planted()))
+    root = ET.fromstring(verdict.junit_xml(planted(), []))
     (suite,) = root.findall("testsuite")
     cases = suite.findall("testcase")
     assert [case.get("name") for case in cases] == list(verdict.RULES)
@@ -64,9 +71,24 @@ def test_the_junit_xml_has_one_testcase_per_rule_and_fails_the_raised_ones():
 
 
 def test_the_junit_xml_of_a_clean_run_passes_every_rule():
-    root = ET.fromstring(verdict.junit_xml([]))
+    root = ET.fromstring(verdict.junit_xml([], []))
     assert root.find("testsuite").get("failures") == "0"
-    assert all(case.find("failure") is None for case in root.iter("testcase"))
+    assert root.find("testsuite").get("skipped") == "0"
+    assert all(len(case) == 0 for case in root.iter("testcase"))
+
+
+def test_the_junit_xml_skips_a_rule_that_could_not_judge_with_why():
+    root = ET.fromstring(verdict.junit_xml(planted(), not_judged()))
+    suite = root.find("testsuite")
+    assert suite.get("skipped") == "1"
+    assert suite.get("failures") == "2"
+    skipped = {
+        case.get("name"): case.find("skipped").get("message")
+        for case in suite
+        if case.find("skipped") is not None
+    }
+    assert list(skipped) == ["domain_gap"]
+    assert skipped["domain_gap"].startswith("model.weights is null")
 
 
 def test_every_rule_of_the_priority_is_a_testcase_once():
@@ -135,7 +157,8 @@ def run_the_verdict(root: Path, inputs: dict, upstream: dict, params: dict) -> N
     """Runs the pipeline from ``diagnose_run`` on, its reports saved under ``root``."""
     config = catalog_config(root)
     catalog = DataCatalog.from_config(
-        {name: config[name] for name in ("diagnosis", "diagnosis_junit")}
+        {name: config[name] for name in ("diagnosis", "diagnosis_not_judged")}
+        | {name: config[name] for name in ("diagnosis_junit",)}
         | {name: config[name] for name in ("evaluation_report", "report_html")}
     )
     memory = {
@@ -173,6 +196,9 @@ def test_a_run_fails_on_fail_on_only_after_writing_every_report(
     suite = ET.parse(reports / "diagnosis_junit.xml").getroot().find("testsuite")
     failed = [case.get("name") for case in suite if case.find("failure") is not None]
     assert failed == ["small_test_set"]
+    not_judged = json.loads((reports / "diagnosis_not_judged.json").read_text())
+    skipped = [case.get("name") for case in suite if case.find("skipped") is not None]
+    assert skipped == [rule["rule"] for rule in not_judged]
 
 
 def test_the_verdict_is_the_pipelines_last_node():

@@ -127,7 +127,8 @@ def test_a_class_with_one_training_group_is_not_estimated(settings):
     assert estimate["estimated"] is False
     assert "single training image group" in estimate["statement"]
     rule = settings["diagnosis"]["label_noise"]
-    assert diagnosis.label_noise(estimate, len(CLASSES), rule) is None
+    result = diagnosis.label_noise(estimate, len(CLASSES), rule)
+    assert result == diagnosis.NotJudged("label_noise", estimate["statement"])
 
 
 def test_folds_are_lowered_to_the_smallest_class_groups():
@@ -165,8 +166,18 @@ def test_settings_that_cannot_work_are_named():
 )
 def test_label_noise_fires_on_a_noisy_class_only(evaluation_params, changes, fires):
     settings = evaluation_params["diagnosis"]["label_noise"]
-    finding = diagnosis.label_noise(noise_estimate(**changes), 3, settings)
-    assert (finding is not None) == fires
+    result = diagnosis.label_noise(noise_estimate(**changes), 3, settings)
+    assert isinstance(result, diagnosis.Finding) == fires
+
+
+def test_label_noise_is_not_judged_with_a_probe_near_chance(evaluation_params):
+    settings = evaluation_params["diagnosis"]["label_noise"]
+    estimate = noise_estimate(n_flagged=30, out_of_sample_accuracy=0.40)
+    result = diagnosis.label_noise(estimate, 3, settings)
+    assert isinstance(result, diagnosis.NotJudged)
+    assert result.reason.startswith(
+        "the cross-validated probe's out-of-sample accuracy 0.400 is 0.10 of the way"
+    )
 
 
 def test_label_noise_severity_is_high_at_twice_the_limit(evaluation_params):

@@ -38,6 +38,12 @@ PLANTED = (
     ("miscalibration", "medium"),
     ("small_test_set", "low"),
 )
+# Rules the run gave too little to judge, as ``diagnosis_not_judged.json`` holds them.
+NOT_JUDGED = [
+    {"rule": "domain_gap", "reason": "model.weights is null: no source's statistics"},
+    {"rule": "weak_segment", "reason": "no bin holds at least 5 of the 16 test images"},
+]
+JUDGED = [rule for rule in RULES if rule not in {"domain_gap", "weak_segment"}]
 
 
 def finding(rule: str, severity: str) -> dict:
@@ -52,14 +58,14 @@ def finding(rule: str, severity: str) -> dict:
     }
 
 
-def markdown_report(findings: list[dict]) -> str:
+def markdown_report(findings: list[dict], not_judged: list[dict] = NOT_JUDGED) -> str:
     """A Markdown report in ``render_report``'s shape: intro, findings, metrics, plot."""
     metrics = pd.DataFrame({"metric": ["accuracy"], "value": [0.8125]})
     sections = [
         "# Evaluation report",
         "Backbone weights: `imagenet`; input size 299 px; 16 test images.",
         FINDINGS_HEADING,
-        findings_section(findings),
+        findings_section(findings, not_judged),
         "## Test metrics",
         markdown_table(metrics),
         "### Plots",
@@ -80,7 +86,9 @@ def page(tmp_path, findings) -> Path:
     Image.fromarray(plot).save(tmp_path / "confusion_matrix.png")
     dataset = HTMLReportDataset(filepath=str(tmp_path / "report.html"))
     dataset.save(
-        write_html_report(markdown_report(findings), findings, {"fail_on": "none"})
+        write_html_report(
+            markdown_report(findings), findings, NOT_JUDGED, {"fail_on": "none"}
+        )
     )
     return tmp_path / "report.html"
 
@@ -91,19 +99,24 @@ def section(markdown: str, heading: str) -> str:
 
 
 def test_the_verdict_comes_first_and_is_the_worst_severity(findings):
-    markdown = render_html_report(markdown_report(findings), findings, "none")
+    markdown = render_html_report(
+        markdown_report(findings), findings, NOT_JUDGED, "none"
+    )
     title, verdict, introduction = markdown.split("\n\n")[:3]
     assert title == "# Evaluation report"
     assert verdict == (
         '<p class="verdict high">Didn&#x27;t pass: 4 of the '
-        f"{len(RULES)} rules of the diagnosis raised a finding (1 high, 1 medium, "
-        "2 low). At evaluation.fail_on = none the run does not fail on them.</p>"
+        f"{len(JUDGED)} rules that judged this run raised a finding (1 high, 1 "
+        "medium, 2 low). At evaluation.fail_on = none the run does not fail on them. "
+        "2 more had too little to judge (Not run).</p>"
     )
     assert introduction.startswith("Backbone weights: `imagenet`")
 
 
 def test_the_verdict_says_when_fail_on_fails_the_run(findings):
-    markdown = render_html_report(markdown_report(findings), findings, "medium")
+    markdown = render_html_report(
+        markdown_report(findings), findings, NOT_JUDGED, "medium"
+    )
     assert (
         "2 at or above evaluation.fail_on = medium: the run fails once its reports "
         "are written." in markdown
@@ -113,7 +126,9 @@ def test_the_verdict_says_when_fail_on_fails_the_run(findings):
 def test_didnt_pass_lists_the_findings_most_severe_first_with_evidence_and_fix(
     findings,
 ):
-    markdown = render_html_report(markdown_report(findings), findings, "none")
+    markdown = render_html_report(
+        markdown_report(findings), findings, NOT_JUDGED, "none"
+    )
     failed = section(markdown, "## Didn't pass")
     assert re.findall(r"^\d+\. \*\*(\w+)\*\* \((\w+)\)", failed, re.M) == [
         ("underfitting", "high"),
@@ -126,19 +141,35 @@ def test_didnt_pass_lists_the_findings_most_severe_first_with_evidence_and_fix(
         assert f"   - *What to change:* Change what {rule} says." in failed
 
 
-def test_passed_lists_every_other_rule_and_not_run_says_why_it_is_empty(findings):
-    markdown = render_html_report(markdown_report(findings), findings, "none")
+def test_passed_lists_the_other_rules_that_judged_and_not_run_says_why(findings):
+    markdown = render_html_report(
+        markdown_report(findings), findings, NOT_JUDGED, "none"
+    )
     passed = section(markdown, "## Passed")
-    others = [rule for rule in RULES if rule not in dict(PLANTED)]
+    others = [rule for rule in JUDGED if rule not in dict(PLANTED)]
     assert passed.startswith(f"{len(others)} rules raised no finding: `")
     assert re.findall(r"`(\w+)`", passed) == others
-    assert section(markdown, "## Not run").startswith("None: the diagnosis runs every")
+    assert section(markdown, "## Not run").splitlines() == [
+        f"- `{rule['rule']}`: {rule['reason']}" for rule in NOT_JUDGED
+    ]
+
+
+def test_not_run_says_none_when_every_rule_judged(findings):
+    markdown = render_html_report(markdown_report(findings, []), findings, [], "none")
+    assert section(markdown, "## Not run") == (
+        "None: every rule of the diagnosis judged this run."
+    )
+    others = [rule for rule in RULES if rule not in dict(PLANTED)]
+    assert re.findall(r"`(\w+)`", section(markdown, "## Passed")) == others
 
 
 def test_the_markdown_reports_own_findings_give_way_and_the_rest_follows(findings):
-    markdown = render_html_report(markdown_report(findings), findings, "none")
+    markdown = render_html_report(
+        markdown_report(findings), findings, NOT_JUDGED, "none"
+    )
     assert FINDINGS_HEADING not in markdown
     assert markdown.count("The underfitting cause.") == 1
+    assert markdown.count(NOT_JUDGED[0]["reason"]) == 1
     headings = re.findall(r"^#+ .*$", markdown, re.M)
     assert headings == [
         "# Evaluation report",
@@ -152,18 +183,19 @@ def test_the_markdown_reports_own_findings_give_way_and_the_rest_follows(finding
 
 
 def test_a_run_without_findings_passed():
-    markdown = render_html_report(markdown_report([]), [], "low")
+    markdown = render_html_report(markdown_report([]), [], NOT_JUDGED, "low")
     assert (
-        f'<p class="verdict passed">Passed: none of the {len(RULES)} rules of the '
-        "diagnosis raised a finding.</p>"
+        f'<p class="verdict passed">Passed: none of the {len(JUDGED)} rules that '
+        "judged this run raised a finding. 2 more had too little to judge (Not "
+        "run).</p>"
     ) in markdown
     assert section(markdown, "## Didn't pass") == "No rule raised a finding."
-    assert re.findall(r"`(\w+)`", section(markdown, "## Passed")) == list(RULES)
+    assert re.findall(r"`(\w+)`", section(markdown, "## Passed")) == JUDGED
 
 
 def test_a_report_without_its_findings_section_is_refused():
     with pytest.raises(ValueError, match="evaluation_report has no '## Findings'"):
-        render_html_report("# Evaluation report\n\nNothing else.\n", [], "none")
+        render_html_report("# Evaluation report\n\nNothing else.\n", [], [], "none")
 
 
 def test_the_page_is_one_file_with_its_plot_inline_and_no_remote_resource(page):

@@ -6,7 +6,8 @@ the run was tested on: whether the test images look like the training images
 frequent class (:func:`dummy_baseline`), whether a slice of the test images is
 classified far worse than the rest (:func:`weak_segment`), and whether the test split
 has classes that training never saw (:func:`new_test_labels`). Each returns a
-:class:`~.diagnosis.Finding` or ``None``, in the style of :mod:`.diagnosis`.
+:class:`~.diagnosis.Finding`, ``None`` or a :class:`~.diagnosis.NotJudged`, in the
+style of :mod:`.diagnosis`.
 
 They judge many figures at once (six properties, every bin of every property), so
 each holds its p-values to a family-wise error rate with Holm's correction
@@ -25,7 +26,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .diagnosis import DiagnosisInputError, Finding, require_columns
+from .diagnosis import (
+    DiagnosisInputError,
+    Finding,
+    Judgement,
+    NotJudged,
+    require_columns,
+)
 from .metrics import (
     accuracy,
     class_f1,
@@ -97,7 +104,7 @@ def image_properties(image_manifest: pd.DataFrame) -> pd.DataFrame:
 
 def image_property_drift(
     image_manifest: pd.DataFrame, settings: dict[str, Any]
-) -> Finding | None:
+) -> Judgement:
     """Test images whose brightness, contrast, shape or colour differ from training's.
 
     Per property of :data:`IMAGE_PROPERTIES`, a two-sample Kolmogorov-Smirnov test of
@@ -114,8 +121,13 @@ def image_property_drift(
     properties = image_properties(image_manifest)
     train = properties[properties["split"] == "train"]
     test = properties[properties["split"] == "test"]
-    if min(len(train), len(test)) < int(settings["min_images"]):
-        return None
+    minimum = int(settings["min_images"])
+    if min(len(train), len(test)) < minimum:
+        return NotJudged(
+            "image_property_drift",
+            f"{len(train)} training and {len(test)} test images: the KS test needs "
+            f"at least {minimum} in each (min_images)",
+        )
     alpha = float(settings["alpha"])
     tests = [stats.ks_2samp(train[name], test[name]) for name in IMAGE_PROPERTIES]
     adjusted = holm_adjusted([result.pvalue for result in tests])
@@ -242,7 +254,7 @@ def weak_segment(
     test_predictions: pd.DataFrame,
     image_manifest: pd.DataFrame,
     settings: dict[str, Any],
-) -> Finding | None:
+) -> Judgement:
     """A slice of the test images by an image property classified far worse.
 
     Each property of :data:`IMAGE_PROPERTIES` splits the test images into
@@ -251,7 +263,8 @@ def weak_segment(
     its accuracy is at most ``max_relative_accuracy`` times the accuracy over all
     test images and a one-sided binomial test of its correct predictions against
     that accuracy has a Holm-adjusted p-value (over every bin tested) below
-    ``alpha``. High when the bin's accuracy is at most half the overall one.
+    ``alpha``. High when the bin's accuracy is at most half the overall one. Not
+    judged when no bin is large enough to be a slice.
 
     Args:
         test_predictions: ``path``, ``label``, ``predicted``.
@@ -294,7 +307,11 @@ def weak_segment(
                 p = stats.binomtest(right, n, mean, alternative="less").pvalue
                 bins.append((name, code, len(edges) - 1, edges, n, right, p))
     if not bins:
-        return None
+        return NotJudged(
+            "weak_segment",
+            f"no bin of an image property holds at least {smallest} of the "
+            f"{len(test)} test images (min_images, min_share) and fewer than all",
+        )
     alpha = float(settings["alpha"])
     adjusted = holm_adjusted([row[-1] for row in bins])
     weak, evidence, worst = [], [], 1.0

@@ -1,8 +1,11 @@
 """Diagnosis rules: one small pure function per cause of poor test accuracy.
 
 Each rule reads this run's outputs and its thresholds (``evaluation.diagnosis.<rule>``)
-and returns a :class:`Finding` quoting the numbers it rests on, or ``None`` when the
-cause is not present. ``parameters`` of a finding names the parameters its suggestion
+and returns a :class:`Finding` quoting the numbers it rests on, ``None`` when the
+cause is not present, or a :class:`NotJudged` saying why this run gives it too little
+to judge (random weights for ``domain_gap``, a probe too weak for ``label_noise``, too
+few test images for ``image_property_drift``): a rule that could not look is not a rule
+that passed. ``parameters`` of a finding names the parameters its suggestion
 changes, as dotted keys of ``conf/base/parameters*.yml``.
 
 A rule fires on a cause, not on a figure that merely follows from another cause: a
@@ -117,6 +120,26 @@ class Finding:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class NotJudged:
+    """A rule that this run gives too little to judge; it raises no finding.
+
+    Attributes:
+        rule: The rule.
+        reason: Why it could not judge, with the figures and the threshold.
+    """
+
+    rule: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        """The rule and its reason as a JSON-able dict."""
+        return asdict(self)
+
+
+Judgement = Finding | NotJudged | None
+
+
 def require_columns(table: pd.DataFrame, columns: Sequence[str], dataset: str) -> None:
     """Stops with a clear error when ``table`` lacks columns a rule needs."""
     missing = [column for column in columns if column not in table.columns]
@@ -228,20 +251,22 @@ def skill_over_chance(score: np.ndarray | float, n_classes: int) -> np.ndarray:
     return np.clip((np.asarray(score, dtype=np.float64) - chance) / (1 - chance), 0, 1)
 
 
-def overfitting(history: pd.DataFrame, settings: dict[str, Any]) -> Finding | None:
+def overfitting(history: pd.DataFrame, settings: dict[str, Any]) -> Judgement:
     """Training accuracy far above validation, or validation loss rising late.
 
     Per stage: the accuracy gap at its last epoch above ``max_accuracy_gap``, or the
     last validation loss more than ``max_val_loss_rise`` (relative) above the stage's
-    best while the training loss kept falling.
+    best while the training loss kept falling. Not judged when no epoch recorded
+    both the training and the validation figures.
     """
     max_gap = float(settings["max_accuracy_gap"])
     max_rise = float(settings["max_val_loss_rise"])
-    evidence, worst_gap = [], 0.0
+    evidence, worst_gap, compared = [], 0.0, 0
     for stage, epochs in stages_of(history):
         rows = epochs.dropna(subset=["loss", "accuracy", "val_loss", "val_accuracy"])
         if rows.empty:
             continue
+        compared += 1
         last = rows.iloc[-1]
         gap = float(last["accuracy"] - last["val_accuracy"])
         if gap > max_gap:
@@ -260,6 +285,12 @@ def overfitting(history: pd.DataFrame, settings: dict[str, Any]) -> Finding | No
                 f"{int(last['epoch'])}, +{rise:.0%} > {max_rise:.0%}) while training "
                 f"loss fell from {best['loss']:.3f} to {last['loss']:.3f}"
             )
+    if not compared:
+        return NotJudged(
+            "overfitting",
+            "no epoch of any stage recorded both training and validation loss and "
+            "accuracy, so training and validation cannot be compared",
+        )
     if not evidence:
         return None
     return Finding(
@@ -287,7 +318,7 @@ def underfitting(
     finetune_stages: pd.DataFrame,
     n_classes: int,
     settings: dict[str, Any],
-) -> Finding | None:
+) -> Judgement:
     """Accuracy low on the training images and on the validation images alike.
 
     Both the best training and the best validation accuracy of the stage the model
@@ -300,7 +331,13 @@ def underfitting(
     rows = stage_history(history, stage)
     train = float(rows["accuracy"].max())
     validation = float(rows["val_accuracy"].max())
-    if np.isnan(train) or train >= minimum or validation >= minimum:
+    if np.isnan(train):
+        return NotJudged(
+            "underfitting",
+            f"the stage the model was saved from, {stage!r}, recorded no training "
+            "accuracy",
+        )
+    if train >= minimum or validation >= minimum:
         return None
     chance = 1.0 / n_classes
     return Finding(
@@ -331,7 +368,7 @@ def feature_distortion(
     finetune_stages: pd.DataFrame,
     weights: str | None,
     settings: dict[str, Any],
-) -> Finding | None:
+) -> Judgement:
     """A backbone stage that validated worse than the stages before it.
 
     Each stage after the first is held against the lowest best validation loss of
@@ -341,7 +378,8 @@ def feature_distortion(
     accuracy (at its best epoch) is more than ``high_val_accuracy_drop`` below the
     earlier stage's. With random weights there are no pretrained features to
     distort; the finding then says that the stage's own training undid what the
-    stage before it had fitted, so its rate and length are the suspects.
+    stage before it had fitted, so its rate and length are the suspects. Not judged
+    with fewer than two stages that have a validation loss: nothing to compare.
 
     Args:
         history: One row per epoch of every stage.
@@ -357,6 +395,12 @@ def feature_distortion(
     stages = finetune_stages.reset_index(drop=True)
     # A stage without a validation loss (None, or NaN from CSV) has nothing to compare.
     losses = pd.to_numeric(stages["best_val_loss"], errors="coerce")
+    if losses.notna().sum() < 2:
+        return NotJudged(
+            "feature_distortion",
+            f"{int(losses.notna().sum())} of the {len(stages)} stages trained have a "
+            "validation loss: a stage needs one before it to be compared with",
+        )
     accuracies = [
         val_accuracy_at(history, str(row["stage"]), int(row["best_epoch"]))
         for row in stages.to_dict("records")
@@ -402,7 +446,7 @@ def feature_distortion(
     )
 
 
-def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Finding | None:
+def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Judgement:
     """Confidence that does not match accuracy: ECE above ``max_ece``.
 
     Silent when the test accuracy is less than ``min_skill`` of the way from chance
@@ -412,8 +456,16 @@ def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Finding
     """
     ece = float(metrics["ece"])
     limit = float(settings["max_ece"])
-    skill = skill_over_chance(metrics["accuracy"], len(metrics["classes"]))
-    if ece <= limit or skill < float(settings["min_skill"]):
+    skill = float(skill_over_chance(metrics["accuracy"], len(metrics["classes"])))
+    min_skill = float(settings["min_skill"])
+    if skill < min_skill:
+        return NotJudged(
+            "miscalibration",
+            f"test accuracy {float(metrics['accuracy']):.3f} is {skill:.2f} of the way "
+            f"from chance to perfect, below min_skill {min_skill:g}: there is no "
+            "accuracy for the confidence to match",
+        )
+    if ece <= limit:
         return None
     confidence = float(metrics["mean_confidence"])
     accuracy = float(metrics["accuracy"])
@@ -445,7 +497,7 @@ def domain_gap(
     weights: str | None,
     settings: dict[str, Any],
     depth_limit: dict[str, Any] | None = None,
-) -> Finding | None:
+) -> Judgement:
     """Large source-to-target BN shift, and whether the stages trained unfroze it.
 
     The block named is where the shift starts (``plan_rules.shift_start``: the
@@ -453,8 +505,8 @@ def domain_gap(
     images), as the plan reads it. When the stages stop above it because the plan's
     ``depth_limit`` bound them (too few images for a deeper fine-tune), the finding
     names that cap instead of a threshold: a lower threshold would change nothing.
-    Silent with random weights: the stored BN statistics are then no source's, so the
-    shift means nothing (the ``random_weights`` rule says so).
+    Not judged with random weights: the stored BN statistics are then no source's, so
+    the shift means nothing (the ``random_weights`` rule says so).
 
     Args:
         bn_shift_profile: One row per BN layer (``feature_shift``).
@@ -465,7 +517,11 @@ def domain_gap(
         depth_limit: ``finetune_plan``'s ``depth_limit``, if the plan had one.
     """
     if weights is None:
-        return None
+        return NotJudged(
+            "domain_gap",
+            "model.weights is null: the BatchNorm statistics the shift is measured "
+            "against are no pretrained source's",
+        )
     require_columns(bn_shift_profile, SHIFT_PROFILE_COLUMNS, "bn_shift_profile")
     threshold = float(settings["max_block_shift"])
     blocks = block_shift(bn_shift_profile)
@@ -547,13 +603,20 @@ def domain_gap(
     )
 
 
-def split_shift(table: pd.DataFrame, settings: dict[str, Any]) -> Finding | None:
+def split_shift(table: pd.DataFrame, settings: dict[str, Any]) -> Judgement:
     """Validation or test features that differ from training features.
 
     Needs ``pair`` (e.g. ``train-vs-test``) and ``p_value`` (NaN: not compared);
-    quotes ``mmd2``, ``frechet`` and the image counts when present.
+    quotes ``mmd2``, ``frechet`` and the image counts when present. Not judged when
+    no pair was compared.
     """
     require_columns(table, ("pair", "p_value"), "split_shift")
+    if table["p_value"].isna().all():
+        return NotJudged(
+            "split_shift",
+            "feature_shift compared no pair of splits (split_shift has no p-value): "
+            "a split has too few images for the two-sample test",
+        )
     alpha = float(settings["alpha"])
     differing = table[table["p_value"] < alpha]
     if differing.empty:
@@ -588,7 +651,7 @@ def validation_test_gap(
     finetune_stages: pd.DataFrame,
     metrics: dict[str, Any],
     settings: dict[str, Any],
-) -> Finding | None:
+) -> Judgement:
     """Test accuracy far below the validation accuracy of the saved weights.
 
     The validation accuracy is the one at the epoch whose weights the model has
@@ -602,7 +665,13 @@ def validation_test_gap(
     test = float(metrics["accuracy"])
     low, high = metrics["accuracy_ci95"]
     limit = float(settings["max_gap"])
-    if np.isnan(validation) or validation - test <= limit or validation <= high:
+    if np.isnan(validation):
+        return NotJudged(
+            "validation_test_gap",
+            f"the epoch the model was saved from (stage {stage!r}, epoch {epoch}) "
+            "recorded no validation accuracy",
+        )
+    if validation - test <= limit or validation <= high:
         return None
     return Finding(
         rule="validation_test_gap",
@@ -709,7 +778,7 @@ def label_conflicts(
 
 def label_noise(
     estimate: dict[str, Any], n_classes: int, settings: dict[str, Any]
-) -> Finding | None:
+) -> Judgement:
     """Training labels that confident learning estimates to be wrong.
 
     A class is noisy when the share of its images filed under another label
@@ -725,10 +794,20 @@ def label_noise(
         settings: ``max_class_noise_rate``, ``min_flagged``, ``min_skill``.
     """
     if not estimate.get("estimated"):
-        return None
+        return NotJudged(
+            "label_noise",
+            str(estimate.get("statement", "the label noise was not estimated")),
+        )
     skill = float(skill_over_chance(estimate["out_of_sample_accuracy"], n_classes))
-    if skill < float(settings["min_skill"]):
-        return None
+    min_skill = float(settings["min_skill"])
+    if skill < min_skill:
+        return NotJudged(
+            "label_noise",
+            "the cross-validated probe's out-of-sample accuracy "
+            f"{estimate['out_of_sample_accuracy']:.3f} is {skill:.2f} of the way from "
+            f"chance to perfect, below min_skill {min_skill:g}: its mistakes would "
+            "pass for wrong labels",
+        )
     limit = float(settings["max_class_noise_rate"])
     noisy = [
         row
@@ -912,7 +991,7 @@ def class_imbalance(
     classification_report: pd.DataFrame,
     train_counts: dict[str, int],
     settings: dict[str, Any],
-) -> Finding | None:
+) -> Judgement:
     """Balanced accuracy well below accuracy, or a class far weaker than the others.
 
     Both accuracies are over the classes judged (:func:`accuracy_gap`); weak classes
@@ -927,13 +1006,22 @@ def class_imbalance(
     every rare class (fewer training images than the largest class's over
     ``max_train_imbalance_ratio``) with its test recall: a class of a dozen images has
     one or two test images, too few for its own recall to single it out, yet the
-    imbalance concerns it as much as the smallest.
+    imbalance concerns it as much as the smallest. Not judged when fewer than two
+    classes have ``min_test_images`` test images: there is no class to compare with.
     """
     max_gap = float(settings["max_balanced_accuracy_gap"])
     min_skill_gap = float(settings["min_skill_gap"])
     classes = classification_report[
         classification_report["class"].isin(list(train_counts))
     ]
+    judged = judged_classes(classes, settings)
+    if len(judged) < 2:
+        return NotJudged(
+            "class_imbalance",
+            f"{len(judged)} of the {len(classes)} classes have at least "
+            f"{int(settings['min_test_images'])} test images (min_test_images): "
+            "too few to compare a class with the others",
+        )
     accuracy, balanced, over = accuracy_gap(metrics, classes, settings)
     gap = accuracy - balanced
     weak = weak_classes(classes, len(train_counts), settings)
@@ -1200,16 +1288,23 @@ def small_test_set(metrics: dict[str, Any], settings: dict[str, Any]) -> Finding
     )
 
 
-def in_priority(findings: Sequence[Finding | None]) -> list[dict[str, Any]]:
+def in_priority(results: Sequence[Judgement]) -> list[dict[str, Any]]:
     """The findings that fired, as JSON-able dicts, in :data:`PRIORITY` order.
 
     Peers (rules in one tuple of it) are ordered most severe first.
     """
-    fired = [finding for finding in findings if finding is not None]
+    fired = [result for result in results if isinstance(result, Finding)]
     fired.sort(
         key=lambda finding: (RANK[finding.rule], SEVERITIES.index(finding.severity))
     )
     return [finding.as_dict() for finding in fired]
+
+
+def not_judged(results: Sequence[Judgement]) -> list[dict[str, str]]:
+    """The rules that could not judge this run, with why, in :data:`PRIORITY` order."""
+    skipped = [result for result in results if isinstance(result, NotJudged)]
+    skipped.sort(key=lambda result: RANK[result.rule])
+    return [result.as_dict() for result in skipped]
 
 
 def _hash_array(phashes: pd.Series) -> np.ndarray:

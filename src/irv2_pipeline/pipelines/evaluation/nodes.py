@@ -500,7 +500,7 @@ def diagnose_run(
     model: dict[str, Any],
     plan_rules: dict[str, Any],
     evaluation: dict[str, Any],
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Runs every diagnosis rule on this run's outputs.
 
     Args:
@@ -528,76 +528,80 @@ def diagnose_run(
 
     Returns:
         ``diagnosis``: the findings, the cause that explains the others first
-        (``diagnosis.PRIORITY``), then most severe first.
+        (``diagnosis.PRIORITY``), then most severe first; and
+        ``diagnosis_not_judged``: the rules this run gave too little to judge
+        (``rule``, ``reason``), in the same order.
     """
     thresholds = evaluation["diagnosis"]
     weights = model.get("weights")
     stages = diagnosis.stage_records(finetune_stages)
     train_counts = _train_counts(image_manifest, evaluation_metrics["classes"])
-    findings = diagnosis.in_priority(
-        [
-            *_data_checks(test_predictions, image_manifest, train_counts, evaluation),
-            diagnosis.random_weights(weights),
-            diagnosis.leakage(image_manifest, thresholds["leakage"]),
-            diagnosis.label_conflicts(dataset_summary, duplicate_report),
-            diagnosis.label_noise(
-                label_noise_estimate,
-                len(evaluation_metrics["classes"]),
-                thresholds["label_noise"],
-            ),
-            diagnosis.split_shift(split_shift, thresholds["split_shift"]),
-            diagnosis.domain_gap(
-                bn_shift_profile,
-                stages,
-                weights,
-                thresholds["domain_gap"],
-                finetune_plan.get("depth_limit"),
-            ),
-            diagnosis.unstable_training(
-                training_history,
-                learning_rate_problems(stages, plan_rules),
-                thresholds["unstable_training"],
-            ),
-            diagnosis.underfitting(
-                training_history,
-                finetune_stages,
-                len(evaluation_metrics["classes"]),
-                thresholds["underfitting"],
-            ),
-            diagnosis.overfitting(training_history, thresholds["overfitting"]),
-            diagnosis.feature_distortion(
-                training_history,
-                finetune_stages,
-                weights,
-                thresholds["feature_distortion"],
-            ),
-            diagnosis.validation_test_gap(
-                training_history,
-                finetune_stages,
-                evaluation_metrics,
-                thresholds["validation_test_gap"],
-            ),
-            diagnosis.shortcut(
-                occlusion_flips,
-                classification_report,
-                evaluation["report"]["plots"].get(GRAD_CAM_TITLE, "grad_cam_plot"),
-                thresholds["shortcut"],
-            ),
-            diagnosis.class_imbalance(
-                evaluation_metrics,
-                classification_report,
-                train_counts,
-                thresholds["class_imbalance"],
-            ),
-            diagnosis.miscalibration(evaluation_metrics, thresholds["miscalibration"]),
-            diagnosis.small_test_set(evaluation_metrics, thresholds["small_test_set"]),
-        ]
-    )
+    results = [
+        *_data_checks(test_predictions, image_manifest, train_counts, evaluation),
+        diagnosis.random_weights(weights),
+        diagnosis.leakage(image_manifest, thresholds["leakage"]),
+        diagnosis.label_conflicts(dataset_summary, duplicate_report),
+        diagnosis.label_noise(
+            label_noise_estimate,
+            len(evaluation_metrics["classes"]),
+            thresholds["label_noise"],
+        ),
+        diagnosis.split_shift(split_shift, thresholds["split_shift"]),
+        diagnosis.domain_gap(
+            bn_shift_profile,
+            stages,
+            weights,
+            thresholds["domain_gap"],
+            finetune_plan.get("depth_limit"),
+        ),
+        diagnosis.unstable_training(
+            training_history,
+            learning_rate_problems(stages, plan_rules),
+            thresholds["unstable_training"],
+        ),
+        diagnosis.underfitting(
+            training_history,
+            finetune_stages,
+            len(evaluation_metrics["classes"]),
+            thresholds["underfitting"],
+        ),
+        diagnosis.overfitting(training_history, thresholds["overfitting"]),
+        diagnosis.feature_distortion(
+            training_history,
+            finetune_stages,
+            weights,
+            thresholds["feature_distortion"],
+        ),
+        diagnosis.validation_test_gap(
+            training_history,
+            finetune_stages,
+            evaluation_metrics,
+            thresholds["validation_test_gap"],
+        ),
+        diagnosis.shortcut(
+            occlusion_flips,
+            classification_report,
+            evaluation["report"]["plots"].get(GRAD_CAM_TITLE, "grad_cam_plot"),
+            thresholds["shortcut"],
+        ),
+        diagnosis.class_imbalance(
+            evaluation_metrics,
+            classification_report,
+            train_counts,
+            thresholds["class_imbalance"],
+        ),
+        diagnosis.miscalibration(evaluation_metrics, thresholds["miscalibration"]),
+        diagnosis.small_test_set(evaluation_metrics, thresholds["small_test_set"]),
+    ]
+    findings = diagnosis.in_priority(results)
+    not_judged = diagnosis.not_judged(results)
     for finding in findings:
         logger.warning(
             "%s (%s): %s", finding["rule"], finding["severity"], finding["cause"]
         )
-    return findings
+    for rule in not_judged:
+        logger.info("%s not judged: %s", rule["rule"], rule["reason"])
+    return findings, not_judged
 
 
 def _data_checks(
@@ -605,7 +609,7 @@ def _data_checks(
     image_manifest: pd.DataFrame,
     train_counts: dict[str, int],
     evaluation: dict[str, Any],
-) -> list[diagnosis.Finding | None]:
+) -> list[diagnosis.Judgement]:
     """The rules of ``checks``: on the images and the test predictions themselves."""
     thresholds = evaluation["diagnosis"]
     return [
@@ -623,9 +627,12 @@ def _data_checks(
     ]
 
 
-def write_diagnosis_junit(diagnosis_findings: list[dict[str, Any]]) -> str:
-    """``diagnosis_junit``: one JUnit test case per rule, failed where it fired."""
-    return verdict.junit_xml(diagnosis_findings)
+def write_diagnosis_junit(
+    diagnosis_findings: list[dict[str, Any]], diagnosis_not_judged: list[dict[str, str]]
+) -> str:
+    """``diagnosis_junit``: a JUnit test case per rule, failed where it fired and
+    skipped where it had too little to judge."""
+    return verdict.junit_xml(diagnosis_findings, diagnosis_not_judged)
 
 
 def enforce_fail_on(
@@ -659,6 +666,7 @@ def write_report(
     evaluation_metrics: dict[str, Any],
     classification_report: pd.DataFrame,
     diagnosis_findings: list[dict[str, Any]],
+    diagnosis_not_judged: list[dict[str, str]],
     training_history: pd.DataFrame,
     bn_shift_profile: pd.DataFrame,
     split_shift: pd.DataFrame,
@@ -678,6 +686,7 @@ def write_report(
         evaluation_metrics: The test metrics.
         classification_report: Per-class precision, recall, F1 and support.
         diagnosis_findings: ``diagnosis``.
+        diagnosis_not_judged: The rules that had too little to judge.
         training_history: One row per epoch of every stage.
         bn_shift_profile: BN shift per layer.
         split_shift: Shift between the splits.
@@ -701,6 +710,7 @@ def write_report(
         metrics=evaluation_metrics,
         classification_report=classification_report,
         findings=diagnosis_findings,
+        not_judged=diagnosis_not_judged,
         training_history=training_history,
         shift_by_block=block_shift(bn_shift_profile),
         split_shift=split_shift,
@@ -720,6 +730,7 @@ def write_report(
 def write_html_report(
     evaluation_report: str,
     diagnosis_findings: list[dict[str, Any]],
+    diagnosis_not_judged: list[dict[str, str]],
     evaluation: dict[str, Any],
 ) -> str:
     """``report_html``'s Markdown: the verdict, the findings by outcome, the report.
@@ -727,6 +738,7 @@ def write_html_report(
     Args:
         evaluation_report: The Markdown report (:func:`write_report`).
         diagnosis_findings: ``diagnosis``.
+        diagnosis_not_judged: The rules that had too little to judge.
         evaluation: The ``evaluation`` parameters (``fail_on``, whose effect the
             verdict states).
 
@@ -734,7 +746,10 @@ def write_html_report(
         The Markdown that ``HTMLReportDataset`` writes as one offline page.
     """
     return render_html_report(
-        evaluation_report, diagnosis_findings, str(evaluation["fail_on"])
+        evaluation_report,
+        diagnosis_findings,
+        diagnosis_not_judged,
+        str(evaluation["fail_on"]),
     )
 
 

@@ -152,7 +152,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "plan_rules": "params:feature_shift.plan_rules",
                     "evaluation": "params:evaluation",
                 },
-                outputs="diagnosis",
+                outputs=["diagnosis", "diagnosis_not_judged"],
                 name="diagnose_run",
             ),
             Node(
@@ -161,6 +161,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "evaluation_metrics": "evaluation_metrics",
                     "classification_report": "classification_report",
                     "diagnosis_findings": "diagnosis",
+                    "diagnosis_not_judged": "diagnosis_not_judged",
                     "training_history": "training_history",
                     "bn_shift_profile": "bn_shift_profile",
                     "split_shift": "split_shift",
@@ -179,13 +180,18 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 write_html_report,
-                inputs=["evaluation_report", "diagnosis", "params:evaluation"],
+                inputs=[
+                    "evaluation_report",
+                    "diagnosis",
+                    "diagnosis_not_judged",
+                    "params:evaluation",
+                ],
                 outputs="report_html",
                 name="write_html_report",
             ),
             Node(
                 write_diagnosis_junit,
-                inputs="diagnosis",
+                inputs=["diagnosis", "diagnosis_not_judged"],
                 outputs="diagnosis_junit",
                 name="write_diagnosis_junit",
             ),

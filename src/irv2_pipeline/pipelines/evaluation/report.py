@@ -127,13 +127,21 @@ def finding_item(number: int, finding: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def findings_section(findings: Sequence[Mapping[str, Any]]) -> str:
-    """The diagnosis, in its order: the cause that explains the others first."""
-    if not findings:
-        return "No rule found a problem in this run."
-    return "\n".join(
-        finding_item(number, finding) for number, finding in enumerate(findings, 1)
+def findings_section(
+    findings: Sequence[Mapping[str, Any]],
+    not_judged: Sequence[Mapping[str, str]] = (),
+) -> str:
+    """The diagnosis in its order (the cause that explains the others first), then
+    the rules that had too little to judge, with why."""
+    lines = (
+        [finding_item(number, finding) for number, finding in enumerate(findings, 1)]
+        if findings
+        else ["No rule found a problem in this run."]
     )
+    if not_judged:
+        lines += ["", "Not judged in this run (too little to go on, which is no pass):"]
+        lines += [""] + [f"- `{rule['rule']}`: {rule['reason']}" for rule in not_judged]
+    return "\n".join(lines)
 
 
 def dataset_section(summary: Mapping[str, Any]) -> str:
@@ -248,6 +256,7 @@ def render_report(
     metrics: Mapping[str, Any],
     classification_report: pd.DataFrame,
     findings: Sequence[Mapping[str, Any]],
+    not_judged: Sequence[Mapping[str, str]],
     training_history: pd.DataFrame,
     shift_by_block: pd.DataFrame,
     split_shift: pd.DataFrame,
@@ -268,6 +277,7 @@ def render_report(
         metrics: ``evaluation_metrics``.
         classification_report: Per-class precision, recall, F1 and support.
         findings: ``diagnosis``.
+        not_judged: ``diagnosis_not_judged``: the rules that could not judge.
         training_history: One row per epoch of every stage.
         shift_by_block: Mean and maximum BN shift per IRv2 block.
         split_shift: The split-shift table of ``feature_shift``.
@@ -294,7 +304,7 @@ def render_report(
         f"{metrics['n_test']} test images in {len(classes)} classes "
         f"({', '.join(classes)}).",
         FINDINGS_HEADING,
-        findings_section(findings),
+        findings_section(findings, not_judged),
         COUNTERFACTUALS_HEADING,
         COUNTERFACTUALS_POINTER,
         "## Test metrics",

@@ -3,7 +3,7 @@
 ``report_html`` is the Markdown report with its findings section replaced by a verdict
 (:func:`verdict.summary`) and three sections: the rules that raised a finding (most
 severe first, each with its evidence and its fix), the rules that raised none, and the
-rules that did not run. ``HTMLReportDataset`` renders it to one offline page.
+rules that did not run because this run gave them too little to judge, each with why. ``HTMLReportDataset`` renders it to one offline page.
 """
 
 from __future__ import annotations
@@ -19,19 +19,17 @@ from .verdict import rules_judged, summary, worst_severity
 DIDNT_PASS_HEADING = "## Didn't pass"
 PASSED_HEADING = "## Passed"
 NOT_RUN_HEADING = "## Not run"
-# diagnose_run calls every rule on every run; a rule that has too little to judge
-# (below its min_skill, min_images, ...) returns no finding, as one that passed does.
-NOT_RUN = (
-    "None: the diagnosis runs every rule. A rule with too little to judge (its "
-    "thresholds say when, under `evaluation.diagnosis.<rule>`) raises no finding and "
-    "is listed as passed."
-)
 
 
-def verdict_block(findings: Sequence[Mapping[str, Any]], fail_on: str) -> str:
+def verdict_block(
+    findings: Sequence[Mapping[str, Any]],
+    not_judged: Sequence[Mapping[str, str]],
+    fail_on: str,
+) -> str:
     """The verdict as one line of raw HTML, classed by the worst severity for colour."""
     outcome = worst_severity(findings) or "passed"
-    return f'<p class="verdict {outcome}">{html.escape(summary(findings, fail_on))}</p>'
+    line = html.escape(summary(findings, not_judged, fail_on))
+    return f'<p class="verdict {outcome}">{line}</p>'
 
 
 def didnt_pass_section(findings: Sequence[Mapping[str, Any]]) -> str:
@@ -46,14 +44,23 @@ def didnt_pass_section(findings: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def passed_section(findings: Sequence[Mapping[str, Any]]) -> str:
-    """The rules that raised no finding, in the diagnosis's order."""
+def passed_section(
+    findings: Sequence[Mapping[str, Any]], not_judged: Sequence[Mapping[str, str]]
+) -> str:
+    """The rules that judged this run and raised no finding, in the diagnosis's order."""
     raised = {finding["rule"] for finding in findings}
-    passed = [rule for rule in rules_judged(findings) if rule not in raised]
+    passed = [rule for rule in rules_judged(findings, not_judged) if rule not in raised]
     if not passed:
-        return "Every rule raised a finding."
+        return "Every rule that judged this run raised a finding."
     names = ", ".join(f"`{rule}`" for rule in passed)
     return f"{len(passed)} rules raised no finding: {names}."
+
+
+def not_run_section(not_judged: Sequence[Mapping[str, str]]) -> str:
+    """The rules this run gave too little to judge, each with why."""
+    if not not_judged:
+        return "None: every rule of the diagnosis judged this run."
+    return "\n".join(f"- `{rule['rule']}`: {rule['reason']}" for rule in not_judged)
 
 
 def split_findings_out(report: str) -> tuple[str, str]:
@@ -73,13 +80,17 @@ def split_findings_out(report: str) -> tuple[str, str]:
 
 
 def render_html_report(
-    report: str, findings: Sequence[Mapping[str, Any]], fail_on: str
+    report: str,
+    findings: Sequence[Mapping[str, Any]],
+    not_judged: Sequence[Mapping[str, str]],
+    fail_on: str,
 ) -> str:
     """The Markdown of ``report_html``: verdict, findings by outcome, then the rest.
 
     Args:
         report: ``evaluation_report``, the Markdown report.
         findings: ``diagnosis``.
+        not_judged: ``diagnosis_not_judged``.
         fail_on: ``evaluation.fail_on``, which the verdict says the effect of.
 
     Returns:
@@ -89,14 +100,14 @@ def render_html_report(
     title, _, introduction = head.partition("\n\n")
     sections = [
         title,
-        verdict_block(findings, fail_on),
+        verdict_block(findings, not_judged, fail_on),
         introduction,
         DIDNT_PASS_HEADING,
         didnt_pass_section(findings),
         PASSED_HEADING,
-        passed_section(findings),
+        passed_section(findings, not_judged),
         NOT_RUN_HEADING,
-        NOT_RUN,
+        not_run_section(not_judged),
         rest,
     ]
     return "\n\n".join(section for section in sections if section)

@@ -2,7 +2,8 @@
 
 CI systems read JUnit XML: one test case per diagnosis rule, failed when the rule
 raised a finding (its severity as the failure's type, its cause as the message, the
-evidence and suggestion as the text), passed otherwise. ``evaluation.fail_on`` turns
+evidence and suggestion as the text), skipped when the run gave it too little to
+judge (why as the message), passed otherwise. ``evaluation.fail_on`` turns
 findings into a failed run: at ``high``, a high finding fails it; at ``low``, any.
 The HTML report opens with :func:`summary`, the same verdict in words.
 """
@@ -25,34 +26,48 @@ class DiagnosisVerdictError(RuntimeError):
     """The diagnosis raised a finding at or above ``evaluation.fail_on``."""
 
 
-def rules_judged(findings: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+def all_rules(findings: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
     """:data:`RULES`, then the rules of findings it lacks (sorted), which fail too."""
     unknown = sorted({finding["rule"] for finding in findings} - set(RULES))
     return RULES + tuple(unknown)
 
 
-def junit_xml(findings: Sequence[Mapping[str, Any]]) -> str:
-    """The findings as a JUnit XML report, one test case per rule of :data:`RULES`.
+def rules_judged(
+    findings: Sequence[Mapping[str, Any]], not_judged: Sequence[Mapping[str, str]]
+) -> tuple[str, ...]:
+    """:func:`all_rules` but those that had too little to judge this run."""
+    skipped = {rule["rule"] for rule in not_judged}
+    return tuple(rule for rule in all_rules(findings) if rule not in skipped)
+
+
+def junit_xml(
+    findings: Sequence[Mapping[str, Any]], not_judged: Sequence[Mapping[str, str]]
+) -> str:
+    """The diagnosis as a JUnit XML report, one test case per rule of :data:`RULES`.
 
     Args:
         findings: ``diagnosis``: dicts with ``rule``, ``severity``, ``cause``,
             ``evidence``, ``suggestion``.
+        not_judged: ``diagnosis_not_judged``: dicts with ``rule`` and ``reason``.
 
     Returns:
         The XML document, declaration included.
     """
     raised = {finding["rule"]: finding for finding in findings}
-    rules = rules_judged(findings)
+    skipped = {rule["rule"]: rule["reason"] for rule in not_judged}
+    rules = all_rules(findings)
     suite = ET.Element(
         "testsuite",
         name="diagnosis",
         tests=str(len(rules)),
         failures=str(len(raised)),
         errors="0",
-        skipped="0",
+        skipped=str(len(skipped)),
     )
     for rule in rules:
         case = ET.SubElement(suite, "testcase", classname="diagnosis", name=rule)
+        if rule in skipped:
+            ET.SubElement(case, "skipped", message=skipped[rule])
         finding = raised.get(rule)
         if finding is None:
             continue
@@ -114,20 +129,34 @@ def worst_severity(findings: Sequence[Mapping[str, Any]]) -> str | None:
     )
 
 
-def summary(findings: Sequence[Mapping[str, Any]], fail_on: str) -> str:
+def summary(
+    findings: Sequence[Mapping[str, Any]],
+    not_judged: Sequence[Mapping[str, str]],
+    fail_on: str,
+) -> str:
     """The verdict in one or two sentences: passed or not, and what ``fail_on`` does.
 
     Args:
         findings: ``diagnosis``.
+        not_judged: ``diagnosis_not_judged``.
         fail_on: ``evaluation.fail_on``.
 
     Returns:
         "Passed: ..." when no rule raised a finding, else "Didn't pass: ..." with
-        the findings per severity and whether ``fail_on`` fails the run on them.
+        the findings per severity and whether ``fail_on`` fails the run on them;
+        either way how many rules had too little to judge.
     """
-    judged = len(rules_judged(findings))
+    judged = len(rules_judged(findings, not_judged))
+    unjudged = (
+        f" {len(not_judged)} more had too little to judge (Not run)."
+        if not_judged
+        else ""
+    )
     if not findings:
-        return f"Passed: none of the {judged} rules of the diagnosis raised a finding."
+        return (
+            f"Passed: none of the {judged} rules that judged this run raised a "
+            f"finding.{unjudged}"
+        )
     counts = ", ".join(
         f"{count} {severity}"
         for severity in SEVERITIES
@@ -142,6 +171,6 @@ def summary(findings: Sequence[Mapping[str, Any]], fail_on: str) -> str:
         else f"At evaluation.fail_on = {fail_on} the run does not fail on them."
     )
     return (
-        f"Didn't pass: {raised} of the {judged} rules of the diagnosis raised "
-        f"a finding ({counts}). {consequence}"
+        f"Didn't pass: {raised} of the {judged} rules that judged this run raised "
+        f"a finding ({counts}). {consequence}{unjudged}"
     )
