@@ -89,7 +89,7 @@ def test_a_corner_mark_on_one_class_is_named_a_shortcut(planted_run):
     # Held against the same square at random places: the border beats every one.
     assert marked["border_flip_rate"] > marked["random_flip_rate_max"], flips
     assert marked["border_p_value"] == 1 / (1 + marked["random_patches"]), flips
-    assert f"with K={marked['random_patches']}" in evidence, shortcuts
+    assert f"with K={int(marked['random_patches'])}" in evidence, shortcuts
     for other in flips.index.drop(MARKED_CLASS):
         assert f"class {other!r}" not in evidence, shortcuts
 
