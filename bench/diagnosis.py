@@ -8,7 +8,8 @@ rounds (medians), each over images already in memory but the label-issue pass:
 - ``predict``: one plain forward pass over the images (``predict.predict_padded``),
   the unit: one backbone pass;
 - ``occlusion``: what ``occlude_test_split`` runs: the images with the border band
-  masked, then the centre square masked (2 forward passes);
+  masked, then the centre square, then that square at each of ``random_patches``
+  random places of conf/base (2 + 16 = 18 forward passes);
 - ``grad_cam_plot``: what ``plot_grad_cam`` runs: Grad-CAM (a forward and a backward
   pass) on the images one plot shows, ``max_wrong`` + ``correct_per_class`` x classes
   of conf/base (8 + 2 x 3 = 14 here);
@@ -62,6 +63,7 @@ from irv2_pipeline.pipelines.evaluation.attribution import (  # noqa: E402
     grad_cam,
     occlude,
     occlusion_masks,
+    random_squares,
 )
 from irv2_pipeline.pipelines.evaluation.label_issues import (  # noqa: E402
     confident_learning,
@@ -127,6 +129,18 @@ def batches(pixels: np.ndarray, size: int) -> list[np.ndarray]:
     return [pixels[start : start + size] for start in range(0, len(pixels), size)]
 
 
+def occlusion_pass_masks(size: int, occlusion: dict) -> list[np.ndarray]:
+    """The masks ``occlude_test_split`` predicts under: border, centre, random squares."""
+    border, centre = occlusion_masks(size, float(occlusion["border_fraction"]))
+    squares = random_squares(
+        size,
+        int(border.sum()),
+        int(occlusion["random_patches"]),
+        int(occlusion["seed"]),
+    )
+    return [border, centre, *squares]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=75)
@@ -154,7 +168,7 @@ def main() -> None:
         settings["grad_cam"]["correct_per_class"]
     )
     layer = "conv_7b_ac" if args.size >= 140 else "block35_10_ac"
-    masks = occlusion_masks(args.size, float(settings["occlusion"]["border_fraction"]))
+    masks = occlusion_pass_masks(args.size, settings["occlusion"])
     fill = str(settings["occlusion"]["fill"])
     targets = labels.tolist()
 
@@ -217,7 +231,7 @@ def main() -> None:
     backbone_passes = {
         "predict": (1.0, 0.0),
         "predict_with_features": (1.0, 0.0),
-        "occlusion": (2.0, 0.0),
+        "occlusion": (float(len(masks)), 0.0),
         "grad_cam_plot": (shown / images, shown / images),
         "grad_cam_all": (1.0, 1.0),
         "label_issues": (1.0, 0.0),

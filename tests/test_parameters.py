@@ -131,6 +131,23 @@ def test_the_shipped_parameters_keep_every_rule(env):
             1,
             "ingestion.apply_label_exclusions = 1: must be a valid boolean",
         ),
+        (
+            "evaluation.attribution.occlusion.random_patches",
+            0,
+            "evaluation.attribution.occlusion.random_patches = 0: must be greater "
+            "than or equal to 1",
+        ),
+        (
+            "evaluation.attribution.occlusion.border_fraction",
+            0.2,
+            "evaluation.attribution.occlusion.border_fraction = 0.2: must be less "
+            "than or equal to 0.14",
+        ),
+        (
+            "evaluation.diagnosis.shortcut.max_p_value",
+            0,
+            "evaluation.diagnosis.shortcut.max_p_value = 0: must be greater than 0",
+        ),
     ],
 )
 def test_an_impossible_value_is_named_with_its_key_and_rule(path, value, expected):
@@ -183,6 +200,20 @@ def test_split_fractions_must_sum_to_one():
         "ingestion.split: train + val + test = 0.8 + 0.15 + 0.15 = 1.1; "
         "the fractions must sum to 1"
     )
+
+
+def test_a_p_value_threshold_the_random_squares_cannot_reach_is_refused():
+    # 16 random squares give p-values of 1/17 = 0.059 and up.
+    texts = _texts(_with("evaluation.diagnosis.shortcut.max_p_value", 0.05))
+    assert texts == [
+        "evaluation: diagnosis.shortcut.max_p_value 0.05 is below 1 / (1 + "
+        "attribution.occlusion.random_patches) = 0.059, the smallest p-value 16 "
+        "random squares can give: the shortcut rule could never fire (raise "
+        "random_patches or max_p_value)"
+    ]
+    params = _with("evaluation.diagnosis.shortcut.max_p_value", 0.05)
+    params["evaluation"]["attribution"]["occlusion"]["random_patches"] = 19
+    assert parameter_problems(params) == []
 
 
 def test_a_minimum_size_no_image_can_reach_is_refused():

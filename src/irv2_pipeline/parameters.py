@@ -34,6 +34,11 @@ from pydantic import (
 MIN_IMAGE_SIZE = 75
 # pHash is 64 bits: two hashes are never further apart than this.
 PHASH_BITS = 64
+# Beyond (1 - 1/sqrt(2)) / 2 = 0.146 the centre square of the occlusion band's area is
+# wider than the inside of the band and would mask part of the band too.
+MAX_BORDER_FRACTION = 0.14
+# What occluded pixels take (pipelines/evaluation/attribution.py).
+OCCLUSION_FILLS = ("mean", "zero")
 
 # Strict: YAML gives real numbers, so "80" or 80.5 is a mistake, not something to
 # round; a bool is not a number either.
@@ -241,6 +246,21 @@ class WeakSegmentParams(_Block):
     alpha: Probability
 
 
+class ShortcutParams(_Block):
+    """``evaluation.diagnosis.shortcut``: the border's occlusion test, per class."""
+
+    # Share of a class's test predictions.
+    min_border_flip_rate: Fraction
+    # Border flips over centre flips.
+    min_ratio: Annotated[float, Field(strict=True, ge=0)]
+    # Standard errors of the sign test.
+    noise_z: Annotated[float, Field(strict=True, ge=0)]
+    # Recall from chance (0) to perfect (1).
+    min_skill: Fraction
+    # Empirical p-value against the random squares; 1 never stops a class.
+    max_p_value: Annotated[float, Field(strict=True, gt=0, le=1)]
+
+
 class DiagnosisParams(_OpenBlock):
     """``evaluation.diagnosis``: the thresholds of the rules that have a model."""
 
@@ -248,6 +268,22 @@ class DiagnosisParams(_OpenBlock):
     image_property_drift: ImagePropertyDriftParams
     dummy_baseline: DummyBaselineParams
     weak_segment: WeakSegmentParams
+    shortcut: ShortcutParams
+
+
+class OcclusionParams(_Block):
+    """``evaluation.attribution.occlusion``: the masks of the occlusion test."""
+
+    border_fraction: Annotated[float, Field(strict=True, gt=0, le=MAX_BORDER_FRACTION)]
+    fill: Literal[OCCLUSION_FILLS]
+    random_patches: Annotated[WholeNumber, Field(ge=1)]
+    seed: WholeNumber
+
+
+class AttributionParams(_OpenBlock):
+    """``evaluation.attribution``: where the model looks."""
+
+    occlusion: OcclusionParams
 
 
 class EvaluationParams(_OpenBlock):
@@ -255,7 +291,25 @@ class EvaluationParams(_OpenBlock):
 
     # The least severity that fails the run; none never does.
     fail_on: Literal["none", "low", "medium", "high"]
+    attribution: AttributionParams
     diagnosis: DiagnosisParams
+
+    @model_validator(mode="after")
+    def _shortcut_can_fire(self) -> EvaluationParams:
+        """`diagnosis.shortcut.max_p_value` is at least 1 / (1 +
+        `attribution.occlusion.random_patches`), the smallest p-value that many
+        random squares give."""
+        patches = self.attribution.occlusion.random_patches
+        max_p_value = self.diagnosis.shortcut.max_p_value
+        if max_p_value < 1 / (1 + patches):
+            raise ValueError(
+                f"diagnosis.shortcut.max_p_value {max_p_value:g} is below "
+                f"1 / (1 + attribution.occlusion.random_patches) = "
+                f"{1 / (1 + patches):.3f}, the smallest p-value {patches} random "
+                "squares can give: the shortcut rule could never fire (raise "
+                "random_patches or max_p_value)"
+            )
+        return self
 
 
 class ProjectParameters(BaseModel):

@@ -1,4 +1,5 @@
-"""Where the model looks: occlusion masks and flips, Grad-CAM through a nested backbone."""
+"""Where the model looks: occlusion masks, flips and their null of random squares,
+Grad-CAM through a nested backbone."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from irv2_pipeline.classifier import (
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.pipelines.evaluation.attribution import (
     OcclusionSpec,
+    border_p_value,
     flip_table,
     grad_cam,
     occlude,
     occlusion_masks,
+    random_squares,
 )
 from irv2_pipeline.pipelines.evaluation.nodes import occlude_test_split, plot_grad_cam
 
@@ -47,11 +50,95 @@ def test_the_centre_square_masks_as_much_as_the_border_band(size, fraction):
     assert abs(rows[0] - (size - 1 - rows[-1])) <= 1
 
 
+OCCLUSION = {"border_fraction": 0.1, "fill": "mean", "random_patches": 16, "seed": 0}
+
+
 def test_bad_occlusion_parameters_are_refused_by_name():
     with pytest.raises(ValueError, match="border_fraction = 0.2"):
-        OcclusionSpec.from_params({"border_fraction": 0.2, "fill": "mean"})
+        OcclusionSpec.from_params({**OCCLUSION, "border_fraction": 0.2})
     with pytest.raises(ValueError, match="fill = 'black'"):
-        OcclusionSpec.from_params({"border_fraction": 0.1, "fill": "black"})
+        OcclusionSpec.from_params({**OCCLUSION, "fill": "black"})
+    with pytest.raises(ValueError, match="random_patches = 0"):
+        OcclusionSpec.from_params({**OCCLUSION, "random_patches": 0})
+
+
+def test_random_squares_hide_the_centre_squares_pixels_at_distinct_seeded_places():
+    border, centre = occlusion_masks(75, 0.1)
+    squares = random_squares(75, int(border.sum()), 16, seed=3)
+    assert squares.shape == (16, 75, 75)
+    side = int(np.sqrt(centre.sum()))
+    for square in squares:
+        # One solid square of the centre square's size, inside the image.
+        assert square.sum() == centre.sum()
+        rows, columns = np.flatnonzero(square.any(1)), np.flatnonzero(square.any(0))
+        assert len(rows) == len(columns) == side
+        assert square[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1].all()
+    assert len({square.tobytes() for square in squares}) == 16
+    np.testing.assert_array_equal(squares, random_squares(75, int(border.sum()), 16, 3))
+    assert not np.array_equal(squares, random_squares(75, int(border.sum()), 16, 4))
+    # Places spread over the image: not all in one corner.
+    tops = [np.flatnonzero(square.any(1))[0] for square in squares]
+    assert min(tops) < (75 - side) / 2 < max(tops)
+
+
+def test_random_squares_refuse_more_places_than_the_image_has():
+    # A 19 px square in a 20 px image has 2 x 2 places.
+    assert random_squares(20, 19**2, 4, seed=0).sum() == 4 * 19**2
+    with pytest.raises(ValueError, match="4 places for a 19 px square.*= 5"):
+        random_squares(20, 19**2, 5, seed=0)
+
+
+def test_the_border_p_value_counts_random_places_doing_at_least_as_much():
+    rates = np.array([0.1, 0.5, 0.6, 0.2])
+    # Two of four do as much or more (a tie counts), the border counted in.
+    assert border_p_value(0.5, rates) == 3 / 5
+    assert border_p_value(0.7, rates) == 1 / 5
+    assert border_p_value(0.0, rates) == 1.0
+    assert np.isnan(border_p_value(float("nan"), rates))
+
+
+def corner_or_centre_reader(batch: np.ndarray, reads: tuple[int, int]) -> np.ndarray:
+    """A fake classifier: class 1 where the pixel at ``reads`` is bright, else 0."""
+    return (batch[:, reads[0], reads[1], 0] > 200).astype(int)
+
+
+def test_the_random_squares_null_singles_out_a_corner_mark_not_an_object():
+    size, images = 40, 10
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(0, 60, size=(images, size, size, 3))
+    batch[:, 1:3, 1:3] = 255  # a bright mark in the corner, inside the 4 px band
+    batch[:, 18:22, 18:22] = 255  # ... and a bright object in the middle
+    labels = ["marked"] * images
+    masks = occlusion_masks(size, 0.1)
+    squares = random_squares(size, int(masks[0].sum()), 12, seed=1)
+
+    def table(reads: tuple[int, int]) -> pd.Series:
+        def predict(mask: np.ndarray) -> np.ndarray:
+            return corner_or_centre_reader(occlude(batch, mask, "mean", ()), reads)
+
+        flips = flip_table(
+            labels,
+            corner_or_centre_reader(batch, reads),
+            ["marked", "plain"],
+            border_predicted=predict(masks[0]),
+            centre_predicted=predict(masks[1]),
+            random_predicted=np.stack([predict(square) for square in squares]),
+            masks=masks,
+        )
+        return flips.set_index("class").loc["marked"]
+
+    corner = table((1, 1))
+    assert corner["border_flip_rate"] == 1 and corner["centre_flip_rate"] == 0
+    # Only the squares over the mark flip it: the border beats all the others.
+    covering = int(squares[:, 1, 1].sum())
+    assert covering < 12 / 2
+    assert corner["border_p_value"] == (1 + covering) / 13
+    assert corner["random_flip_rate_min"] == 0 and corner["random_patches"] == 12
+    assert corner["random_flip_rate_median"] == 0
+    # A model reading the middle: every square of the band's area hides it.
+    centre = table((20, 20))
+    assert centre["border_flip_rate"] == 0 and centre["random_flip_rate_min"] == 1
+    assert centre["border_p_value"] == 1
 
 
 def test_fills_are_the_images_mean_or_the_preprocessings_zero():
@@ -81,6 +168,7 @@ def test_flip_table_counts_each_mask_per_true_class():
         ["a", "b", "c"],
         border_predicted=np.array([1, 0, 0, 1, 1]),
         centre_predicted=np.array([1, 1, 1, 1, 0]),
+        random_predicted=np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 1, 1, 1]]),
         masks=masks,
     ).set_index("class")
     assert table.loc["a", ["n", "border_flips", "centre_flips"]].tolist() == [3, 2, 2]
@@ -89,6 +177,14 @@ def test_flip_table_counts_each_mask_per_true_class():
     assert table.loc["b", "centre_flip_rate"] == 0.5
     assert table.loc["c", "n"] == 0 and np.isnan(table.loc["c", "border_flip_rate"])
     assert table["border_px"].iloc[0] == masks[0].sum()
+    # Class a's three images: the random squares change 0, 2 and 1 of them; the
+    # border 2, which one of the three places matches.
+    assert table.loc["a", "random_patches"] == 3
+    a = table.loc["a"]
+    assert [a["random_flip_rate_min"], a["random_flip_rate_max"]] == [0, 2 / 3]
+    assert a["random_flip_rate_median"] == 1 / 3
+    assert a["border_p_value"] == 2 / 4
+    assert np.isnan(table.loc["c", ["random_flip_rate_median", "border_p_value"]]).all()
 
 
 def framed(frame: tuple[int, int, int], seed: int) -> np.ndarray:
@@ -117,7 +213,7 @@ def test_occlusion_flips_what_a_frame_decides_and_not_the_centre(
     predictions = pd.DataFrame(rows).assign(confidence=0.9)
     for name in CLASSES:
         predictions[f"prob_{name}"] = (predictions["label"] == name).astype(float)
-    occlusion = {"border_fraction": 0.1, "fill": "zero"}
+    occlusion = {**OCCLUSION, "fill": "zero"}
     evaluation = {**evaluation_params, "attribution": {"occlusion": occlusion}}
     table = occlude_test_split(
         finetuned_model=colour_classifier(),
@@ -136,6 +232,14 @@ def test_occlusion_flips_what_a_frame_decides_and_not_the_centre(
         "red": 2,
     }
     assert (table["centre_flips"] == 0).all()
+    # A square of the band's area, anywhere, leaves most of the frame's colour: no
+    # random place changes a prediction, and the border beats all 16.
+    assert (table["random_flip_rate_max"] == 0).all()
+    assert table.set_index("class")["border_p_value"].to_dict() == {
+        "blue": 1.0,
+        "green": 1 / 17,
+        "red": 1 / 17,
+    }
 
 
 def test_grad_cam_finds_the_patch_that_decides_through_a_saved_nested_model(

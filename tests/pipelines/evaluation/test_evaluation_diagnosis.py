@@ -654,8 +654,14 @@ def test_class_imbalance_is_silent_on_balanced_results(thresholds):
     )
 
 
-def flips(**per_class: tuple[int, int, int, int, int]) -> pd.DataFrame:
-    """``occlusion_flips``: per class (n, border, centre, border only, centre only)."""
+def flips(
+    random: tuple[float, float, float, float] = (0.0, 0.05, 0.1, 1 / 17),
+    **per_class: tuple[int, int, int, int, int],
+) -> pd.DataFrame:
+    """``occlusion_flips``: per class (n, border, centre, border only, centre only);
+    ``random``: the 16 random squares' least, median and most flip rate and the
+    border's p-value, the same for every class."""
+    low, median, high, p_value = random
     return pd.DataFrame(
         [
             {
@@ -669,6 +675,11 @@ def flips(**per_class: tuple[int, int, int, int, int]) -> pd.DataFrame:
                 "centre_only_flips": centre_only,
                 "border_px": 2144,
                 "centre_px": 2116,
+                "random_patches": 16,
+                "random_flip_rate_min": low,
+                "random_flip_rate_median": median,
+                "random_flip_rate_max": high,
+                "border_p_value": p_value,
             }
             for name, (n, border, centre, border_only, centre_only) in per_class.items()
         ]
@@ -691,7 +702,33 @@ def test_shortcut_names_the_class_whose_border_decides(thresholds):
     assert finding.evidence[0].startswith("class 'dog': masking the border band")
     assert "11 of its 12" in finding.evidence[0]
     assert "3.2 standard errors" in finding.evidence[0]
+    # The null it was held against, quoted.
+    assert "at 16 random places change 0%–10% (median 5%)" in finding.evidence[0]
+    assert "or more at 0 of them (p = 0.06 <= 0.1 with K=16)" in finding.evidence[0]
     assert "grad_cam.png" in finding.evidence[-1]
+
+
+def test_shortcut_is_silent_when_random_squares_change_as_much_as_the_border(
+    thresholds,
+):
+    # The border beats the centre square by far, but hiding that many pixels at 4
+    # of 16 random places changes as much: the border is not special (p = 5 / 17).
+    table = flips(
+        (0.0, 0.3, 0.95, 5 / 17),
+        cat=(12, 1, 9, 0, 8),
+        dog=(12, 11, 1, 10, 0),
+        eel=(12, 2, 10, 1, 9),
+    )
+    report = class_report({"cat": 0.9, "dog": 1.0, "eel": 0.9}, support=12)
+    assert (
+        diagnosis.shortcut(table, report, "grad_cam.png", thresholds["shortcut"])
+        is None
+    )
+    # The same flips fire where max_p_value lets a p-value of 5 / 17 through.
+    lenient = {**thresholds["shortcut"], "max_p_value": 0.3}
+    finding = diagnosis.shortcut(table, report, "grad_cam.png", lenient)
+    assert finding is not None and "'dog'" in finding.cause
+    assert "or more at 4 of them (p = 0.29" in finding.evidence[0]
 
 
 def test_shortcut_is_silent_when_the_model_reads_the_object(thresholds):

@@ -86,6 +86,10 @@ def test_a_corner_mark_on_one_class_is_named_a_shortcut(planted_run):
     print(f"planted flips:\n{flips.to_string()}")  # noqa: T201 - the report's figures
     marked = flips.loc[MARKED_CLASS]
     assert marked["border_flip_rate"] > marked["centre_flip_rate"], flips
+    # Held against the same square at random places: the border beats every one.
+    assert marked["border_flip_rate"] > marked["random_flip_rate_max"], flips
+    assert marked["border_p_value"] == 1 / (1 + marked["random_patches"]), flips
+    assert f"with K={int(marked['random_patches'])}" in evidence, shortcuts
     for other in flips.index.drop(MARKED_CLASS):
         assert f"class {other!r}" not in evidence, shortcuts
 
@@ -97,3 +101,7 @@ def test_the_same_images_without_the_mark_raise_no_shortcut(smoke_run):
     print(f"clean flips:\n{flips.to_string()}")  # noqa: T201 - the report's figures
     assert sorted(flips["class"]) == ["bag", "sneaker", "trouser"]
     assert (flips["n"] > 0).all(), flips
+    # The random squares were measured for every class, each p-value within
+    # [1 / (1 + K), 1].
+    least = 1 / (1 + flips["random_patches"])
+    assert flips["border_p_value"].between(least, 1).all(), flips

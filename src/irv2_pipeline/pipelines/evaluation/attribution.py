@@ -1,4 +1,4 @@
-"""Where the model looks: Grad-CAM heatmaps and a border-versus-centre occlusion test.
+"""Where the model looks: Grad-CAM heatmaps and an occlusion test of the border.
 
 Grad-CAM (Selvaraju et al. 2017) weighs a backbone layer's maps by the gradient of a
 class's pre-softmax score with respect to them, averaged over the map, and keeps the
@@ -19,6 +19,20 @@ the caffe modes) on a dark or light background draws a new frame around the whol
 image, an edge the model never saw, and that artefact alone can change predictions.
 Both fills are offered (``fill: mean | zero``).
 
+One centre square is one place; the border is measured against many. The same square
+(the band's pixel count, within one row) is also masked at ``random_patches`` seeded
+random places
+(:func:`random_squares`), and the share of those places that change at least as many of
+a class's predictions as the border is the border's p-value (:func:`border_p_value`):
+the chance that a mask of that size, placed at random, does as much on these images.
+"Same size" is the same pixel count in one compact piece, the centre square's shape: a
+random band would have to run across the whole image to keep the border's thin shape,
+and would then cross the object on every draw and reach any edge. At the default
+width a square of the band's area is 36 % of the image (61 % of its side) and covers
+part of its middle wherever it lies: the random places measure how much hiding that
+much of these images changes, wherever it is hidden, which is what the border must
+exceed to be special.
+
 Keras and TensorFlow are imported by the function that needs them: the masks and the
 flip table serve the diagnosis, which every ``kedro`` command loads.
 """
@@ -35,13 +49,11 @@ import numpy as np
 import pandas as pd
 
 from irv2_pipeline.hints import KerasModel
+from irv2_pipeline.parameters import MAX_BORDER_FRACTION
+from irv2_pipeline.parameters import OCCLUSION_FILLS as FILLS
 
 logger = logging.getLogger(__name__)
 
-FILLS = ("mean", "zero")
-# Beyond (1 - 1/sqrt(2)) / 2 = 0.146 the centre square of the band's area is wider than
-# the inside of the band and would mask part of the band too.
-MAX_BORDER_FRACTION = 0.14
 FLIP_COLUMNS = (
     "class",
     "n",
@@ -53,6 +65,11 @@ FLIP_COLUMNS = (
     "centre_only_flips",
     "border_px",
     "centre_px",
+    "random_patches",
+    "random_flip_rate_min",
+    "random_flip_rate_median",
+    "random_flip_rate_max",
+    "border_p_value",
 )
 
 
@@ -65,10 +82,15 @@ class OcclusionSpec:
             image's side; the centre square masked instead has the band's area.
         fill: ``mean`` (each image's mean colour) or ``zero`` (IRv2's zero after
             preprocessing, mid-grey); see the module docstring.
+        random_patches: Random places the centre square is also masked at, the
+            border's null distribution (:func:`random_squares`).
+        seed: Of the random places.
     """
 
     border_fraction: float = 0.1
     fill: str = "mean"
+    random_patches: int = 16
+    seed: int = 42
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> OcclusionSpec:
@@ -76,6 +98,8 @@ class OcclusionSpec:
         spec = cls(
             border_fraction=float(params["border_fraction"]),
             fill=str(params["fill"]),
+            random_patches=int(params["random_patches"]),
+            seed=int(params["seed"]),
         )
         if not 0 < spec.border_fraction <= MAX_BORDER_FRACTION:
             raise ValueError(
@@ -87,6 +111,12 @@ class OcclusionSpec:
             raise ValueError(
                 f"evaluation.attribution.occlusion.fill = {spec.fill!r}; use one of "
                 f"{', '.join(FILLS)}"
+            )
+        if spec.random_patches < 1:
+            raise ValueError(
+                "evaluation.attribution.occlusion.random_patches = "
+                f"{spec.random_patches}: the border needs at least one random place "
+                "to be compared with"
             )
         return spec
 
@@ -120,6 +150,62 @@ def occlusion_masks(size: int, border_fraction: float) -> tuple[np.ndarray, np.n
     return border, centre
 
 
+def random_squares(size: int, area: int, count: int, seed: int) -> np.ndarray:
+    """``count`` squares of ``area`` pixels at distinct random places in the image.
+
+    The side is the centre square's (:func:`occlusion_masks`), so each square hides as
+    many pixels; every top-left corner that keeps the square inside the image is
+    equally likely, and no place is drawn twice.
+
+    Args:
+        size: The image side in pixels.
+        area: The pixel count to match (the border band's).
+        count: How many squares.
+        seed: Of the places.
+
+    Returns:
+        Boolean ``(count, size, size)`` masks, ``True`` where pixels are masked.
+
+    Raises:
+        ValueError: The image has fewer places for such a square than ``count``.
+    """
+    side = round(math.sqrt(area))
+    span = size - side + 1
+    if span < 1 or span**2 < count:
+        raise ValueError(
+            f"A {size} px image has {max(span, 0) ** 2} places for a {side} px square, "
+            f"fewer than evaluation.attribution.occlusion.random_patches = {count}"
+        )
+    places = np.random.default_rng(seed).choice(span**2, size=count, replace=False)
+    squares = np.zeros((count, size, size), dtype=bool)
+    for square, place in zip(squares, places, strict=True):
+        top, left = divmod(int(place), span)
+        square[top : top + side, left : left + side] = True
+    return squares
+
+
+def border_p_value(border_rate: float, random_rates: np.ndarray) -> float:
+    """The share of random places that change at least as much as the border.
+
+    The empirical p-value ``(1 + #{random >= border}) / (1 + K)`` of ``K`` random
+    places (North, Curtis and Sham 2002): the border counted as one draw of
+    the null, so it is never 0, and at least ``1 / (1 + K)``. A tie counts against
+    the border.
+
+    Args:
+        border_rate: The share of a class's predictions the border mask changes.
+        random_rates: The share each random square changes, on the same images.
+
+    Returns:
+        The p-value in ``(0, 1]``; NaN when ``border_rate`` is (a class without test
+        images).
+    """
+    if math.isnan(border_rate):
+        return math.nan
+    rates = np.asarray(random_rates, dtype=np.float64)
+    return float((1 + np.count_nonzero(rates >= border_rate)) / (1 + rates.size))
+
+
 def occlude(
     batch: np.ndarray,
     mask: np.ndarray,
@@ -147,9 +233,11 @@ def flip_table(
     *,
     border_predicted: np.ndarray,
     centre_predicted: np.ndarray,
+    random_predicted: np.ndarray,
     masks: tuple[np.ndarray, np.ndarray],
 ) -> pd.DataFrame:
-    """Per true class: how many predictions the border and the centre mask change.
+    """Per true class: how many predictions the border, the centre and random squares
+    change.
 
     Args:
         labels: The true class of each test image.
@@ -157,32 +245,47 @@ def flip_table(
         classes: The class names, in output order.
         border_predicted: The class index predicted with the border band masked.
         centre_predicted: ... with the centre square masked.
+        random_predicted: ``(K, n)``: ... with each of ``K`` random squares
+            (:func:`random_squares`) masked.
         masks: The border and centre masks (for their areas).
 
     Returns:
         ``occlusion_flips``: one row per class (:data:`FLIP_COLUMNS`); the
         ``*_only_flips`` count images that one mask changes and the other does not
-        (the pairs the diagnosis's noise check compares).
+        (the pairs the diagnosis's noise check compares); the ``random_flip_rate_*``
+        summarise the share each random square changes, and ``border_p_value``
+        (:func:`border_p_value`) holds the border against them.
     """
     labels = np.asarray(labels)
     border = np.asarray(border_predicted) != np.asarray(predicted)
     centre = np.asarray(centre_predicted) != np.asarray(predicted)
+    random = np.asarray(random_predicted) != np.asarray(predicted)[None, :]
     rows = []
     for name in classes:
         mine = labels == name
         n = int(mine.sum())
+        border_rate = border[mine].mean() if n else math.nan
+        # NaN for a class without test images, as its border rate.
+        random_rates = (
+            random[:, mine].mean(axis=1) if n else np.full(len(random), np.nan)
+        )
         rows.append(
             {
                 "class": name,
                 "n": n,
                 "border_flips": int(border[mine].sum()),
                 "centre_flips": int(centre[mine].sum()),
-                "border_flip_rate": border[mine].mean() if n else math.nan,
+                "border_flip_rate": border_rate,
                 "centre_flip_rate": centre[mine].mean() if n else math.nan,
                 "border_only_flips": int((border & ~centre)[mine].sum()),
                 "centre_only_flips": int((centre & ~border)[mine].sum()),
                 "border_px": int(masks[0].sum()),
                 "centre_px": int(masks[1].sum()),
+                "random_patches": len(random),
+                "random_flip_rate_min": float(random_rates.min()),
+                "random_flip_rate_median": float(np.median(random_rates)),
+                "random_flip_rate_max": float(random_rates.max()),
+                "border_p_value": border_p_value(border_rate, random_rates),
             }
         )
     return pd.DataFrame(rows, columns=list(FLIP_COLUMNS))

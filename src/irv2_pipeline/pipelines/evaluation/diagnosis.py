@@ -1117,24 +1117,31 @@ def shortcut(
     predictions and at least ``min_ratio`` times as many as masking a centre square
     of the same area, and the difference is beyond noise: of the images that only one
     mask changes, the border's count exceeds the centre's by more than ``noise_z``
-    standard errors (a sign test on the pairs, ``(b - c) / sqrt(b + c)``). A class
-    the model does not recognise (recall less than ``min_skill`` of the way from
-    chance to perfect, :func:`skill_over_chance`) is not judged: its predictions
-    change with any mask, and a poor model is not a shortcut.
+    standard errors (a sign test on the pairs, ``(b - c) / sqrt(b + c)``). The
+    border must also do more than the same square at random places: its empirical
+    p-value against them (``border_p_value``, the share of places changing at least
+    as many predictions, the border counted in) is at most ``max_p_value``. The
+    centre alone is one place, where the object usually is; the random places say
+    what hiding that many pixels does anywhere on these images. A class the model
+    does not recognise (recall less than ``min_skill`` of the way from chance to
+    perfect, :func:`skill_over_chance`) is not judged: its predictions change with
+    any mask, and a poor model is not a shortcut.
 
     Args:
         occlusion_flips: Per class: ``n``, border and centre flips and rates, the
-            flips only one mask causes, and the masks' areas.
+            flips only one mask causes, the masks' areas, and the random squares'
+            flip rates (least, median, most) and the border's p-value.
         classification_report: Per-class recall (``class``, ``recall``).
         heatmaps: The Grad-CAM plot's file, named as evidence.
         settings: ``min_border_flip_rate``, ``min_ratio``, ``noise_z``,
-            ``min_skill``.
+            ``min_skill``, ``max_p_value``.
     """
     require_columns(
         occlusion_flips,
         ("class", "n", "border_flips", "centre_flips", "border_flip_rate")
         + ("centre_flip_rate", "border_only_flips", "centre_only_flips")
-        + ("border_px", "centre_px"),
+        + ("border_px", "centre_px", "random_patches", "random_flip_rate_min")
+        + ("random_flip_rate_median", "random_flip_rate_max", "border_p_value"),
         "occlusion_flips",
     )
     recall = dict(
@@ -1147,6 +1154,7 @@ def shortcut(
     min_ratio = float(settings["min_ratio"])
     noise_z = float(settings["noise_z"])
     min_skill = float(settings["min_skill"])
+    max_p = float(settings["max_p_value"])
     evidence, names, worst = [], [], 0.0
     for row in occlusion_flips.to_dict("records"):
         border, centre = row["border_flip_rate"], row["centre_flip_rate"]
@@ -1159,19 +1167,29 @@ def shortcut(
             and border >= min_rate
             and border >= min_ratio * centre
             and z > noise_z
+            and row["border_p_value"] <= max_p
             and skill >= min_skill
         ):
             continue
         worst = max(worst, border)
         names.append(repr(row["class"]))
+        patches = int(row["random_patches"])
+        # The p-value's count back: (1 + as_many) / (1 + K).
+        as_many = round(row["border_p_value"] * (1 + patches)) - 1
+        low, high = row["random_flip_rate_min"], row["random_flip_rate_max"]
+        spread = f"{low:.0%}" if low == high else f"{low:.0%}–{high:.0%}"
         evidence.append(
             f"class {row['class']!r}: masking the border band ({row['border_px']} "
             f"px) changes {row['border_flips']} of its {row['n']} test predictions "
-            f"({border:.0%}, >= {min_rate:.0%}), masking a centre square of the same "
-            f"area ({row['centre_px']} px) {row['centre_flips']} ({centre:.0%}; the "
-            f"border at least {min_ratio:g}x as many); {only_border} change with the "
-            f"border alone vs {only_centre} with the centre alone ({z:.1f} standard "
-            f"errors > {noise_z}); recall {recall.get(row['class'], 0.0):.3f}"
+            f"({border:.0%}, >= {min_rate:.0%}); squares of the same area "
+            f"({row['centre_px']} px) at {patches} random places change "
+            f"{spread} (median {row['random_flip_rate_median']:.0%}), as many as the "
+            f"border or more at {as_many} of them (p = {row['border_p_value']:.2f} "
+            f"<= {max_p:g} with K={patches}); the square at the centre "
+            f"{row['centre_flips']} ({centre:.0%}; the border at least "
+            f"{min_ratio:g}x as many); {only_border} change with the border alone vs "
+            f"{only_centre} with the centre alone ({z:.1f} standard errors > "
+            f"{noise_z}); recall {recall.get(row['class'], 0.0):.3f}"
         )
     if not evidence:
         return None

@@ -25,7 +25,14 @@ from irv2_pipeline.predict import (
 from irv2_pipeline.progress import ProgressLog
 
 from . import checks, diagnosis, plots, verdict
-from .attribution import OcclusionSpec, flip_table, grad_cam, occlude, occlusion_masks
+from .attribution import (
+    OcclusionSpec,
+    flip_table,
+    grad_cam,
+    occlude,
+    occlusion_masks,
+    random_squares,
+)
 from .label_issues import (
     ISSUE_COLUMNS,
     METHOD,
@@ -218,10 +225,11 @@ def occlude_test_split(
     images: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> pd.DataFrame:
-    """Predicts every test image with its border, then its centre, masked.
+    """Predicts every test image with its border, its centre, then random squares
+    masked.
 
-    Two forward passes over the test split; the unmasked predictions are those of
-    ``test_predictions`` (plain, not test-time augmented).
+    ``2 + random_patches`` forward passes over the test split; the unmasked
+    predictions are those of ``test_predictions`` (plain, not test-time augmented).
 
     Args:
         finetuned_model: Takes ``[0, 255]`` RGB, outputs softmax probabilities.
@@ -245,26 +253,34 @@ def occlude_test_split(
     batch_size = int(evaluation["batch_size"])
     classes = classes_of(test_predictions)
     masks = occlusion_masks(image_size, spec.border_fraction)
-    masked: tuple[list, list] = ([], [])
+    squares = random_squares(
+        image_size, int(masks[0].sum()), spec.random_patches, spec.seed
+    )
+    every_mask = [*masks, *squares]
+    masked: list[list[np.ndarray]] = [[] for _ in every_mask]
     progress = ProgressLog("test images occluded", len(test_predictions), logger)
     for batch in _test_batches(test_predictions, raw_images, model, images, evaluation):
-        for predictions, mask in zip(masked, masks, strict=True):
+        for predictions, mask in zip(masked, every_mask, strict=True):
             hidden = occlude(batch, mask, spec.fill, zero)
             predictions.append(_probabilities(finetuned_model, hidden, batch_size))
         progress.advance(len(batch))
-    border, centre = (np.concatenate(rows).argmax(axis=1) for rows in masked)
+    border, centre, *random = (np.concatenate(rows).argmax(axis=1) for rows in masked)
     table = flip_table(
         test_predictions["label"],
         label_indices(test_predictions["predicted"], classes),
         classes,
         border_predicted=border,
         centre_predicted=centre,
+        random_predicted=np.stack(random),
         masks=masks,
     )
     logger.info(
-        "occlusion: border flips %s, centre flips %s (per class %s)",
+        "occlusion: border flips %s, centre flips %s, border p-values against %d "
+        "random squares %s (per class %s)",
         table["border_flips"].tolist(),
         table["centre_flips"].tolist(),
+        spec.random_patches,
+        table["border_p_value"].round(3).tolist(),
         classes,
     )
     return table

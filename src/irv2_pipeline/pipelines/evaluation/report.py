@@ -196,10 +196,16 @@ def occlusion_section(occlusion_flips: pd.DataFrame) -> str:
         [
             f"Every test image predicted again with a border band masked "
             f"({first['border_px']} px), then a centre square of the same area "
-            f"({first['centre_px']} px): how many predictions change, per true class. "
-            "A model that reads the object changes its mind when the centre goes; "
-            "one that keys on something at the edges (a mark, a frame) when the "
-            "border goes. This shows what the model *uses*, on these images; it "
+            f"({first['centre_px']} px), then that square at "
+            f"{first['random_patches']} random places: how many predictions change, "
+            "per true class. A model that reads the object changes its mind when the "
+            "centre goes; one that keys on something at the edges (a mark, a frame) "
+            "when the border goes. The random places say how much hiding that many "
+            "pixels changes anywhere (`random_flip_rate_*`: least, median, most); "
+            "`border_p_value` is the share of them that change at least as many "
+            "predictions as the border, the border counted in "
+            "((1 + #) / (1 + places)). This shows what the model *uses*, on these "
+            "images; it "
             "cannot say why a cue is there, nor find one in the centre. The Grad-CAM "
             "heatmaps (Plots) show where the evidence for the predicted class lies.",
             markdown_table(occlusion_flips),
