@@ -74,7 +74,7 @@ def test_the_whole_dag_writes_every_output(smoke_run):
 
 
 def test_a_clean_run_flags_no_blank_image(smoke_run):
-    # The demo images (Fashion-MNIST) have content: none is blank (issue 16). The clean run's
+    # The demo images (Fashion-MNIST) have content: none is blank. The clean run's
     # other new findings are checked next to their planted causes:
     # test_label_noise_planted.py and test_shortcut_planted.py.
     project, _, _ = smoke_run

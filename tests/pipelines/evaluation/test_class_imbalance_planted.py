@@ -1,9 +1,9 @@
-"""Planted cause (issue 16 d): three classes of 12 images among classes of 150.
+"""Planted cause: three classes of 12 images among classes of 150.
 
 Real images from scikit-learn's bundled handwritten digits (``load_digits``: 8x8
 greyscale, ~180 per digit), written as 28 px PNGs (the demo's size) into a project
-copy: digits 3-9 with 150 images each, ``zero``, ``one`` and ``two`` with 12. Before
-issue 16 ingestion stopped on such a set ("class 'zero' has 12 usable images and none
+copy: digits 3-9 with 150 images each, ``zero``, ``one`` and ``two`` with 12. An
+earlier ingestion stopped on such a set ("class 'zero' has 12 usable images and none
 in val"). ``kedro run --env smoke`` must now go through, give every class at least one
 image in each split, and ``class_imbalance`` must name the three small classes.
 

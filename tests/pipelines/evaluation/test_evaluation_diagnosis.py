@@ -745,10 +745,9 @@ def test_shortcut_is_silent_on_a_poor_model_whose_predictions_flip_anyway(
     # Border flips far above centre flips, but the class is recalled near chance.
     table = flips(cat=(12, 10, 1, 9, 0), dog=(12, 6, 6, 3, 3), eel=(12, 7, 5, 4, 2))
     report = class_report({"cat": 0.42, "dog": 0.33, "eel": 0.25}, support=12)
-    assert (
-        diagnosis.shortcut(table, report, "grad_cam.png", thresholds["shortcut"])
-        is None
-    )
+    poor = diagnosis.shortcut(table, report, "grad_cam.png", thresholds["shortcut"])
+    assert isinstance(poor, diagnosis.NotJudged)
+    assert poor.reason.startswith("no class of the 3 has test images and a recall")
     # The same flips with the class well recognised do fire.
     recognised = class_report({"cat": 0.9, "dog": 0.33, "eel": 0.25}, support=12)
     finding = diagnosis.shortcut(

@@ -1,4 +1,4 @@
-"""Planted cause (issue 16 b): a watermark that goes with one class is a shortcut.
+"""Planted cause: a watermark that goes with one class is a shortcut.
 
 The demo's classes (Fashion-MNIST ``bag``, ``sneaker``, ``trouser``) are too easy for
 a mark to matter: with a white corner square on every ``sneaker`` image the smoke model

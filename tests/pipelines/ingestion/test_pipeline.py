@@ -122,7 +122,7 @@ def ingested_with_blanks(
 
 
 def test_blank_images_are_flagged_not_a_label_conflict(ingested_with_blanks):
-    # Issue 16: their pHashes are equal (pHash ignores colour and the DC term), and
+    # Their pHashes are equal (pHash ignores colour and the DC term), and
     # they used to be grouped as near duplicates, reported as a label conflict and
     # dropped from training.
     project, blank, _ = ingested_with_blanks

@@ -1109,7 +1109,7 @@ def shortcut(
     classification_report: pd.DataFrame,
     heatmaps: str,
     settings: dict[str, Any],
-) -> Finding | None:
+) -> Judgement:
     """A class whose predictions hang on the image's border rather than its centre.
 
     From ``occlusion_flips`` (``attribution.flip_table``): a class fires when masking
@@ -1125,7 +1125,8 @@ def shortcut(
     what hiding that many pixels does anywhere on these images. A class the model
     does not recognise (recall less than ``min_skill`` of the way from chance to
     perfect, :func:`skill_over_chance`) is not judged: its predictions change with
-    any mask, and a poor model is not a shortcut.
+    any mask, and a poor model is not a shortcut; when no class is judged, neither
+    is the rule.
 
     Args:
         occlusion_flips: Per class: ``n``, border and centre flips and rates, the
@@ -1155,13 +1156,14 @@ def shortcut(
     noise_z = float(settings["noise_z"])
     min_skill = float(settings["min_skill"])
     max_p = float(settings["max_p_value"])
-    evidence, names, worst = [], [], 0.0
+    evidence, names, worst, judged = [], [], 0.0, 0
     for row in occlusion_flips.to_dict("records"):
         border, centre = row["border_flip_rate"], row["centre_flip_rate"]
         only_border, only_centre = row["border_only_flips"], row["centre_only_flips"]
         pairs = only_border + only_centre
         z = (only_border - only_centre) / math.sqrt(pairs) if pairs else 0.0
         skill = float(skill_over_chance(recall.get(row["class"], 0.0), n_classes))
+        judged += bool(row["n"] > 0 and skill >= min_skill)
         if not (
             row["n"] > 0
             and border >= min_rate
@@ -1190,6 +1192,13 @@ def shortcut(
             f"{min_ratio:g}x as many); {only_border} change with the border alone vs "
             f"{only_centre} with the centre alone ({z:.1f} standard errors > "
             f"{noise_z}); recall {recall.get(row['class'], 0.0):.3f}"
+        )
+    if not judged:
+        return NotJudged(
+            "shortcut",
+            f"no class of the {n_classes} has test images and a recall at least "
+            f"{min_skill:g} of the way from chance to perfect (min_skill): a model "
+            "that does not recognise a class changes its predictions with any mask",
         )
     if not evidence:
         return None
