@@ -243,6 +243,25 @@ def _work_units(items: list[pytest.Item]) -> list[list[int]]:
     return sorted(units.values(), key=lambda unit: unit[0])
 
 
+def _join_group(item: pytest.Item, group: str) -> None:
+    """Puts ``item`` in xdist group ``group``, as an ``xdist_group`` mark would.
+
+    xdist's scheduler reads the group from a ``@group`` suffix of the node id, which
+    its own hook writes to ``item._nodeid``. pytest 9.2 keeps the id in ``item._id``
+    (a ``NodeId``), so that write is lost and every test becomes a unit of its own
+    (pytest-dev/pytest-xdist#1386): the suffix is written here where pytest reads it.
+    Should neither place work any more, the collection stops rather than build the
+    smoke run once per worker.
+    """
+    item.add_marker(pytest.mark.xdist_group(group))
+    nodeid = f"{item.nodeid}@{group}"
+    item._id = type(item._id).parse(nodeid)
+    if item.nodeid != nodeid:
+        raise pytest.UsageError(
+            f"cannot put {item.nodeid} in xdist group {group}: run with -n 0"
+        )
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
     """On an xdist worker: marks each group of tests that share an expensive fixture
@@ -267,7 +286,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # A readable group: the expensive fixture, or else the file of its first test.
         group = "+".join(sorted(names)) or items[unit[0]].nodeid.split("::")[0]
         for index in unit:
-            items[index].add_marker(pytest.mark.xdist_group(group))
+            _join_group(items[index], group)
 
     # Longest first shortens the run: xdist (`--no-loadscope-reorder`) hands out the
     # groups in this order as workers free up, so the ones holding whole `kedro run`s
