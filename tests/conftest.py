@@ -193,3 +193,110 @@ def project_parameters(env: str = "base") -> dict:
 
     args = {**CONFIG_LOADER_ARGS, "default_run_env": env}
     return dict(OmegaConfigLoader(str(PROJECT_ROOT / "conf"), **args)["parameters"])
+
+
+# --- Two processes (pytest-xdist, `-n` in pyproject's addopts) --------------------------
+# Every xdist worker is a process with its own session, so a session fixture used on
+# two workers is built twice, and a module fixture once per worker its tests land on.
+# The session fixtures below cost minutes (a whole smoke run, a source made from
+# images, an IRv2 probe): every test that needs one of them, or a module or class
+# fixture with another test, goes to the same worker (`--dist loadgroup`). The other
+# session fixtures are factories and constants, cheap to build on each worker.
+EXPENSIVE_SESSION_FIXTURES = ("smoke_run", "adabn_source", "irv2_probe")
+
+
+def _shared_instances(item: pytest.Item) -> list[tuple[str, ...]]:
+    """The fixture instances ``item`` would share with other tests, one key each."""
+    instances = []
+    for name, definitions in item._fixtureinfo.name2fixturedefs.items():
+        scope = definitions[-1].scope
+        if scope == "session" and name in EXPENSIVE_SESSION_FIXTURES:
+            instances.append(("session", name))
+        elif scope == "package":
+            instances.append(("package", definitions[-1].baseid, name))
+        elif scope == "module":
+            instances.append(("module", str(item.path), name))
+        elif scope == "class" and item.cls is not None:
+            instances.append(("class", item.parent.nodeid, name))
+    return instances
+
+
+def _work_units(items: list[pytest.Item]) -> list[list[int]]:
+    """The indices of ``items`` in groups that share a fixture instance, transitively
+    (a union-find over tests and the instances they use), in order of first item."""
+    parent = list(range(len(items)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first_user: dict[tuple[str, ...], int] = {}
+    for index, item in enumerate(items):
+        for instance in _shared_instances(item):
+            other = first_user.setdefault(instance, index)
+            parent[root(index)] = root(other)
+    units: dict[int, list[int]] = {}
+    for index in range(len(items)):
+        units.setdefault(root(index), []).append(index)
+    return sorted(units.values(), key=lambda unit: unit[0])
+
+
+def _join_group(item: pytest.Item, group: str) -> None:
+    """Puts ``item`` in xdist group ``group``, as an ``xdist_group`` mark would.
+
+    xdist's scheduler reads the group from a ``@group`` suffix of the node id, which
+    its own hook writes to ``item._nodeid``. pytest 9.2 keeps the id in ``item._id``
+    (a ``NodeId``), so that write is lost and every test becomes a unit of its own
+    (pytest-dev/pytest-xdist#1386): the suffix is written here where pytest reads it.
+    Should neither place work any more, the collection stops rather than build the
+    smoke run once per worker.
+    """
+    item.add_marker(pytest.mark.xdist_group(group))
+    nodeid = f"{item.nodeid}@{group}"
+    item._id = type(item._id).parse(nodeid)
+    if item.nodeid != nodeid:
+        raise pytest.UsageError(
+            f"cannot put {item.nodeid} in xdist group {group}: run with -n 0"
+        )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
+    """On an xdist worker: marks each group of tests that share an expensive fixture
+    with one ``xdist_group``, and puts the groups with the most slow tests first.
+
+    Runs before xdist's own hook, which reads the marks. Every worker sorts the same
+    collection the same way, as xdist requires. A run without workers (``-n 0``) keeps
+    the collection order.
+    """
+    if not hasattr(config, "workerinput"):
+        return
+    units = _work_units(items)
+    for unit in units:
+        if len(unit) < 2:
+            continue
+        names = {
+            name
+            for index in unit
+            for name in items[index].fixturenames
+            if name in EXPENSIVE_SESSION_FIXTURES
+        }
+        # A readable group: the expensive fixture, or else the file of its first test.
+        group = "+".join(sorted(names)) or items[unit[0]].nodeid.split("::")[0]
+        for index in unit:
+            _join_group(items[index], group)
+
+    # Longest first shortens the run: xdist (`--no-loadscope-reorder`) hands out the
+    # groups in this order as workers free up, so the ones holding whole `kedro run`s
+    # (the slow tests) start at once and the many short tests fill the end; among
+    # groups as slow, those sharing a fixture (a model, a run) before single tests.
+    # Ties keep the collection order.
+    def slow_tests(unit: list[int]) -> int:
+        return sum(
+            items[index].get_closest_marker("slow") is not None for index in unit
+        )
+
+    order = sorted(units, key=lambda unit: (-slow_tests(unit), len(unit) == 1, unit[0]))
+    items[:] = [items[index] for unit in order for index in unit]

@@ -99,14 +99,20 @@ def test_evaluation_runs_alone_from_persisted_outputs(smoke_run):
     assert metrics["n_test"] == len(predictions)
 
 
-def test_the_notebook_runs_top_to_bottom(smoke_run):
+def test_the_notebook_runs_top_to_bottom(smoke_run, monkeypatch):
     project, _, _ = smoke_run
     notebook = nbformat.read(
         PROJECT_ROOT / "notebooks" / "walkthrough.ipynb", as_version=4
     )
     (project / "notebooks").mkdir(exist_ok=True)
-    env = {"KEDRO_ENV": "smoke", "KEDRO_DISABLE_TELEMETRY": "1", "MPLBACKEND": "Agg"}
-    os.environ.update(env)
+    # The kernel inherits this process's environment. Set through monkeypatch, so
+    # KEDRO_ENV=smoke does not stay for the tests after this one on the same worker.
+    for name, value in {
+        "KEDRO_ENV": "smoke",
+        "KEDRO_DISABLE_TELEMETRY": "1",
+        "MPLBACKEND": "Agg",
+    }.items():
+        monkeypatch.setenv(name, value)
     client = NotebookClient(
         notebook,
         timeout=600,

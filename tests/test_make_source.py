@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from irv2_pipeline import make_source as make_source_module
 from irv2_pipeline import synthetic_images
 from irv2_pipeline.backbone import CARD_SUFFIX, load_irv2, weights_card
 from irv2_pipeline.make_source import (
+    WEIGHTS_FILE,
     SourceSettings,
     cache_key,
     cached_source,
@@ -98,4 +104,35 @@ def test_the_command_makes_the_same_source_from_the_same_seed(
         == json.loads(
             adabn_source.with_name(f"{adabn_source.name}{CARD_SUFFIX}").read_text()
         )["settings"]
+    )
+
+
+def test_makers_of_the_same_source_at_once_make_it_once(tmp_path, monkeypatch):
+    """Two makers wanting one source at the same moment (two test workers): the
+    second waits on the lock and finds the first one's source, made once."""
+    made = []
+    both_waiting = threading.Barrier(2)
+
+    def slow_make(settings, out):
+        made.append(out)
+        time.sleep(0.5)  # long enough for the other maker to reach the lock
+        out.mkdir(parents=True)
+        (out / WEIGHTS_FILE).write_bytes(b"weights")
+        (out / f"{WEIGHTS_FILE}{CARD_SUFFIX}").write_text("{}")
+        return out / WEIGHTS_FILE
+
+    monkeypatch.setattr(make_source_module, "make_source", slow_make)
+
+    def want() -> Path:
+        both_waiting.wait()
+        return cached_source("adabn", seed=0, cache_dir=tmp_path)
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: want(), range(2))
+    assert first == second
+    assert first.read_bytes() == b"weights"
+    assert len(made) == 1
+    # Only the source and its lock remain: no scratch folder is left behind.
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [first.parent.name, f".{first.parent.name}.lock"]
     )

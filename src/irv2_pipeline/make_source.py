@@ -29,6 +29,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,22 +196,52 @@ def cached_source(
     root = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
     folder = root / f"{kind}-{cache_key(settings)}"
     weights = folder / WEIGHTS_FILE
-    if weights.is_file() and Path(f"{weights}{CARD_SUFFIX}").is_file():
+    if _is_made(weights):
         return weights
     root.mkdir(parents=True, exist_ok=True)
-    # Made aside and moved into place, so an interrupted run leaves no half source
-    # and two processes making the same one do not mix their files.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
-    try:
-        make_source(settings, scratch / "source")
+    # Processes that want the same source at once (test workers, parallel jobs) make
+    # it once: the first holds the lock while it makes it, the others wait for it and
+    # then find it made.
+    with _exclusive(root / f".{folder.name}.lock"):
+        if _is_made(weights):
+            return weights
+        # Made aside and moved into place, so an interrupted run leaves no half source
+        # and a process that does not take the lock never reads a half-written one.
+        scratch = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
         try:
-            (scratch / "source").rename(folder)
-        except OSError:
-            if not weights.is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            make_source(settings, scratch / "source")
+            try:
+                (scratch / "source").rename(folder)
+            except OSError:
+                if not weights.is_file():
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return weights
+
+
+def _is_made(weights: Path) -> bool:
+    """Whether a source's weights and its card are both in place."""
+    return weights.is_file() and Path(f"{weights}{CARD_SUFFIX}").is_file()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``lock_file`` (created if need be) until the block
+    ends. The system drops the lock when the process dies, so a killed maker leaves
+    no stale lock. Where there is no ``fcntl`` (Windows) nothing is locked: the
+    move into place still keeps every source whole."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+    except ImportError:
+        yield
+        return
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> None:
