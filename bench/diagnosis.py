@@ -15,7 +15,7 @@ rounds (medians), each over images already in memory but the label-issue pass:
   of conf/base (8 + 2 x 3 = 14 here);
 - ``grad_cam_all``: Grad-CAM on every image, the cost per image of a forward and
   backward pass (the pipeline does not run it; it prices a heatmap per test image);
-- ``label_issues``: what ``embed_training_images`` and ``find_label_issues`` run,
+- ``label_issues``: what ``embed_reference_images`` and ``find_label_issues`` run,
   every image standing for a training original (its own duplicate group): one
   streamed forward pass over the files for the pooled features
   (``predict.probabilities_and_features``), the k-fold cross-validated probe

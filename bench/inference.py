@@ -1,6 +1,7 @@
-"""Inference benchmark: a folder streamed through the model vs the same images in memory.
+"""Inference benchmark: memory on large folders, and reference features reused vs not.
 
-On a copy of the project (``tests/conftest.py``'s ``copy_project``):
+Two modes. The default, memory and streaming, on a copy of the project
+(``tests/conftest.py``'s ``copy_project``):
 
 1. ``kedro run --env smoke`` once: the demo model (IRv2, random weights, 75 px).
 2. For each ``--images`` count (default 1,000 and 5,000): ``data/01_raw/new_images``
@@ -14,6 +15,25 @@ On a copy of the project (``tests/conftest.py``'s ``copy_project``):
    decoded beforehand (the images held in memory). A warm-up batch is run first, so
    neither pays for tracing.
 
+``--reuse``: ``kedro run --env smoke --pipeline inference`` on ``--images`` new images
+(default 1,000), three ways side by side, each its own process, on projects that
+share one smoke run's outputs (``kedro run --env smoke`` once, by this checkout):
+
+- ``baseline``: the code at ``--baseline-ref`` (default ``a65914c``, which embedded
+  the training and validation images on every inference run), checked out with
+  ``git worktree add --detach`` as ``bench/recipe.py`` does, in its own project copy
+  with its own ``src`` on ``PYTHONPATH``, the smoke run's ``data/`` copied in;
+- ``recomputed``: this checkout with ``reference_features.npz`` deleted before the
+  run, so it embeds them again (and stores them);
+- ``reused``: this checkout with the stored file, as after ``kedro run``.
+
+``--repeats`` rounds (default 3), the order of the three rotating from round to
+round; the median run of each side is reported, with its nodes' wall seconds from
+``node_timings.csv`` and the seconds outside the nodes (start-up, TensorFlow's import,
+loading the model, saving). Each run's log must say that the features were reused or
+computed, as the side expects, and the two sides of this checkout must write the same
+``predictions.csv``; the baseline's predictions are compared too.
+
 The start-up of ``kedro registry list`` before and after the fast start is
 ``bench/startup.py``'s.
 
@@ -21,6 +41,8 @@ Usage::
 
     python bench/inference.py                    # 1,000 and 5,000 images
     python bench/inference.py --images 200 1000  # a quick run
+    python bench/inference.py --reuse            # 1,000 images, 3 rounds
+    python bench/inference.py --reuse --repeats 1 --baseline-ref a65914c
 
 It prints a table and, as its last line, one JSON object with the figures, the
 ratios measured in the same run, and the core count.
@@ -32,6 +54,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -43,12 +66,23 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from recipe import checkout, git, prepare  # noqa: E402
 from scale import run_kedro  # noqa: E402
 from synthetic import generate  # noqa: E402
 
 from tests.conftest import copy_project  # noqa: E402
 
 BATCH_SIZE = 16
+REFERENCE = Path("data/07_model_output/reference_features.npz")
+PREDICTIONS = Path("data/07_model_output/predictions.csv")
+TIMINGS = Path("data/08_reporting/node_timings.csv")
+SIDES = ("baseline", "recomputed", "reused")
+# What each side's log must say about the reference features (the baseline's code
+# does not log either: it embedded them on every run).
+EXPECTED_LOG = {
+    "recomputed": "Reference features computed",
+    "reused": "Reference features reused",
+}
 
 
 def folder_run(project: Path, count: int, size: int, logs: Path) -> dict:
@@ -113,13 +147,176 @@ def streamed_vs_memory(project: Path) -> dict:
     }
 
 
+def reuse_run(side: str, project: Path, logs: Path, index: int) -> dict:
+    """One inference run of ``side``: wall time, peak RSS, node seconds, predictions."""
+    if side == "recomputed":
+        (project / REFERENCE).unlink(missing_ok=True)
+    log = logs / f"{side}_{index}.log"
+    run = run_kedro(
+        ["run", "--env", "smoke", "--pipeline", "inference"],
+        project,
+        log,
+        {"PYTHONPATH": str(project / "src")},
+    )
+    text = log.read_text()
+    expected = EXPECTED_LOG.get(side)
+    others = [line for name, line in EXPECTED_LOG.items() if name != side]
+    if expected is not None and (expected not in text or others[0] in text):
+        raise RuntimeError(f"{side}: the log of {log} does not say {expected!r}")
+    timings = pd.read_csv(project / TIMINGS)
+    nodes = {row.node: round(row.wall_s, 2) for row in timings.itertuples()}
+    return {
+        "wall_seconds": round(run["seconds"], 1),
+        "peak_rss_mb": run["peak_rss_mb"],
+        "nodes": nodes,
+        "outside_nodes_seconds": round(run["seconds"] - sum(nodes.values()), 1),
+        "predictions": pd.read_csv(project / PREDICTIONS),
+    }
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The run of median wall time, without its predictions, plus every wall time."""
+    middle = sorted(runs, key=lambda run: run["wall_seconds"])[(len(runs) - 1) // 2]
+    summary = {k: v for k, v in middle.items() if k != "predictions"}
+    summary["wall_seconds_all"] = [run["wall_seconds"] for run in runs]
+    return summary
+
+
+def same_predictions(reused: pd.DataFrame, other: pd.DataFrame) -> dict:
+    """How far another side's predictions are from the reused side's."""
+    numbers = reused.select_dtypes("number").columns
+    return {
+        "identical": bool(reused.equals(other)),
+        "same_predicted": bool((reused["predicted"] == other["predicted"]).all()),
+        "same_ood_flags": bool((reused["ood_flag"] == other["ood_flag"]).all()),
+        "max_abs_difference": float(
+            (reused[numbers] - other[numbers]).abs().to_numpy().max()
+        ),
+    }
+
+
+def reuse_main(args: argparse.Namespace) -> None:
+    """Baseline, recomputed and reused inference runs, side by side."""
+    # SIGTERM ends the run through checkout's cleanup, which removes the worktree.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    count = args.images[0] if args.images else 1000
+    commits = {
+        "baseline": git("rev-parse", "--verify", f"{args.baseline_ref}^{{commit}}"),
+        "current": git("rev-parse", "HEAD"),
+    }
+    dirty = bool(git("status", "--porcelain", "--", "src", "conf", "pyproject.toml"))
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_inference_reuse_") as tmp:
+        workdir = Path(tmp)
+        logs = workdir / "logs"
+        logs.mkdir()
+        with checkout(commits["baseline"], workdir / "baseline_checkout") as old:
+            projects = {
+                "baseline": prepare(old, "baseline", workdir),
+                "current": prepare(ROOT, "current", workdir),
+            }
+        current = projects["current"]
+        print("kedro run --env smoke (the demo model, this checkout) ...", flush=True)
+        run_kedro(
+            ["run", "--env", "smoke"],
+            current,
+            logs / "smoke.log",
+            {"PYTHONPATH": str(current / "src")},
+        )
+        if not (current / REFERENCE).is_file():
+            raise RuntimeError("the smoke run stored no reference features")
+        # The baseline predicts with the same model, manifest and new images.
+        shutil.rmtree(projects["baseline"] / "data")
+        shutil.copytree(current / "data", projects["baseline"] / "data")
+        for project in projects.values():
+            folder = project / "data" / "01_raw" / "new_images"
+            shutil.rmtree(folder, ignore_errors=True)
+            generate(folder, count, args.size)
+        where = {
+            "baseline": projects["baseline"],
+            "recomputed": current,
+            "reused": current,
+        }
+        runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+        for index in range(args.repeats):
+            order = SIDES[index % 3 :] + SIDES[: index % 3]
+            for side in order:
+                print(f"round {index + 1}: {side} ...", flush=True)
+                runs[side].append(reuse_run(side, where[side], logs, index))
+        reused = runs["reused"][0]["predictions"]
+        agreement = {
+            side: same_predictions(reused, runs[side][0]["predictions"])
+            for side in ("recomputed", "baseline")
+        }
+        if not agreement["recomputed"]["identical"]:
+            raise RuntimeError("recomputed and reused features predicted differently")
+    load_after = os.getloadavg()[0]
+    results = {side: median_of(side_runs) for side, side_runs in runs.items()}
+    reuse_table(results, count)
+    print(
+        json.dumps(
+            {
+                "benchmark": "inference_reuse",
+                "images": count,
+                "image_size": args.size,
+                "repeats": args.repeats,
+                "results": results,
+                "ratios": {
+                    "baseline_over_reused": round(
+                        results["baseline"]["wall_seconds"]
+                        / results["reused"]["wall_seconds"],
+                        3,
+                    ),
+                    "recomputed_over_reused": round(
+                        results["recomputed"]["wall_seconds"]
+                        / results["reused"]["wall_seconds"],
+                        3,
+                    ),
+                },
+                "predictions_against_reused": agreement,
+                "commits": commits,
+                "uncommitted_changes": dirty,
+                "cores": os.cpu_count(),
+                "sched_affinity_cores": len(os.sched_getaffinity(0)),
+                # Other work on the machine slows the wall-clock figures.
+                "load_average_1min": [round(load_before, 2), round(load_after, 2)],
+            }
+        )
+    )
+
+
+def reuse_table(results: dict, count: int) -> None:
+    """The three sides' medians, and their nodes' wall seconds."""
+    print(f"\nkedro run --env smoke --pipeline inference on {count} new images")
+    print(f"{'side':<12} {'wall s':>8} {'outside nodes s':>16} {'peak RSS MB':>12}")
+    for side, result in results.items():
+        print(
+            f"{side:<12} {result['wall_seconds']:>8} "
+            f"{result['outside_nodes_seconds']:>16} {result['peak_rss_mb']:>12}"
+        )
+    names = sorted({name for result in results.values() for name in result["nodes"]})
+    print(f"\n{'node (wall s)':<28}" + "".join(f"{side:>12}" for side in results))
+    for name in names:
+        cells = "".join(
+            f"{result['nodes'].get(name, '-'):>12}" for result in results.values()
+        )
+        print(f"{name:<28}{cells}")
+
+
 def main() -> None:
-    """Runs the smoke DAG, then inference per count, then the in-process comparison."""
+    """Runs the smoke DAG, then inference per count, then the in-process comparison
+    (or, with ``--reuse``, the three inference runs side by side)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--images", type=int, nargs="+", default=None)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--baseline-ref", default="a65914c")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    counts = sorted(args.images)
+    if args.reuse:
+        reuse_main(args)
+        return
+    counts = sorted(args.images or [1000, 5000])
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         workdir = Path(tmp)
         project = copy_project(workdir / "project")

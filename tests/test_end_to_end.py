@@ -39,6 +39,7 @@ OUTPUTS = {
     "data/08_reporting/classification_report.csv": "csv",
     "data/08_reporting/confusion_matrix.png": "png",
     "data/08_reporting/diagnosis.json": "json",
+    "data/07_model_output/reference_features.npz": "npz",
     "data/07_model_output/label_issues.csv": "csv",
     "data/08_reporting/label_noise_estimate.json": "json",
     "data/08_reporting/label_issues.png": "png",

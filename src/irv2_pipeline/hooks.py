@@ -32,6 +32,8 @@ class MissingInputsHook:
 
     ``kedro run --pipeline finetune`` on a fresh clone would otherwise fail deep in a
     dataset loader; this names the dataset, its file and the pipeline to run first.
+    Inputs that load ``None`` when absent (``datasets.FeatureCacheDataset``) are
+    caches the run fills, not inputs to make first.
     """
 
     @hook_impl
@@ -45,13 +47,21 @@ class MissingInputsHook:
         for name in sorted(pipeline.inputs()):
             if name.startswith("params:") or name == "parameters":
                 continue
-            if name in catalog and not catalog.exists(name):
+            if name not in catalog or _optional(catalog.get(name)):
+                continue
+            if not catalog.exists(name):
                 missing.append(_explain(name, catalog, pipelines))
         if missing:
             raise MissingInputError(
                 "These inputs of the pipeline do not exist yet:\n"
                 + "\n".join(f"  - {line}" for line in missing)
             )
+
+
+def _optional(dataset) -> bool:
+    """A dataset that loads ``None`` when its file is absent (a cache to fill, e.g.
+    ``stored_reference_features``): never a reason to stop."""
+    return bool(getattr(dataset, "loads_none_when_absent", False))
 
 
 class MissingInputError(RuntimeError):

@@ -178,7 +178,7 @@ def probabilities_and_features(  # noqa: PLR0913 - the model, its input, and how
         probabilities.
     """
     check_model_shape(model, image_size, list(class_names), error)
-    both = two_output_model(model, _pooled_layer(model, error))
+    both = two_output_model(model, pooled_layer_name(model, error))
     if not paths:
         empty = np.empty((0, len(class_names)))
         return ModelOutputs(
@@ -234,7 +234,12 @@ def two_output_model(model: KerasModel, layer_name: str) -> KerasModel:
     return views[layer_name]
 
 
-def _pooled_layer(model: KerasModel, error: type[Exception]) -> str:
+def pooled_layer_name(model: KerasModel, error: type[Exception] = ValueError) -> str:
+    """The name of the classifier's pooled-feature layer (``avg_pool``, ...).
+
+    Raises:
+        error: The model has none (it was not built by ``finetune``).
+    """
     # classifier imports Keras: loaded here, not when the pipelines are registered.
     from irv2_pipeline.classifier import pooled_features_layer  # noqa: PLC0415
 

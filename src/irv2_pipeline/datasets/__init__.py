@@ -6,6 +6,7 @@ from .atomic import (
     AtomicMatplotlibDataset,
     AtomicTextDataset,
 )
+from .feature_cache import FeatureCacheDataset
 from .generated_images import GeneratedImageFolderDataset, ImageJobs
 from .html_report import HTMLReportDataset
 from .image_folder import ImageFolder, ImageFolderDataset
@@ -16,6 +17,7 @@ __all__ = [
     "AtomicJSONDataset",
     "AtomicMatplotlibDataset",
     "AtomicTextDataset",
+    "FeatureCacheDataset",
     "GeneratedImageFolderDataset",
     "HTMLReportDataset",
     "ImageJobs",

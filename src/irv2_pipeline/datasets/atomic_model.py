@@ -5,10 +5,18 @@ Kedro-Viz builds every dataset of the catalog to draw the pipeline. This dataset
 the file's dataset (``keras_model_file.AtomicKerasModelFile``) on first use, so
 listing or drawing the pipelines, or running those that do not touch the model, never
 imports TensorFlow.
+
+A run loads the file once: every node of the run that reads the model gets the same
+model object while the file is unchanged (its size, modification time and inode), so
+the model is built from the file once and ``predict.two_output_model``'s traced
+prediction graph serves every node. Nodes read the model and never change it. The
+object is let go when Kedro releases the dataset (no node of the run needs it any
+more) or when a new model is saved.
 """
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +48,8 @@ class AtomicTensorFlowModelDataset(AbstractDataset):
         self._filepath = filepath
         self._options = options
         self.metadata = metadata
+        # (the file's identity when loaded, the model), or None.
+        self._loaded: tuple[tuple[int, ...], KerasModel] | None = None
 
     @cached_property
     def _file(self) -> AtomicKerasModelFile:
@@ -51,13 +61,33 @@ class AtomicTensorFlowModelDataset(AbstractDataset):
         )
 
     def load(self) -> KerasModel:
-        return self._file.load()
+        identity = self._identity()
+        if identity is not None and self._loaded and self._loaded[0] == identity:
+            return self._loaded[1]
+        model = self._file.load()
+        self._loaded = None if identity is None else (identity, model)
+        return model
 
     def save(self, data: KerasModel) -> None:
+        self._loaded = None
         self._file.save(data)
+
+    def _release(self) -> None:
+        self._loaded = None
 
     def _exists(self) -> bool:
         return self._file.exists()
+
+    def _identity(self) -> tuple[int, ...] | None:
+        """The local file's device, inode, size and modification time; ``None`` for
+        another protocol or a versioned dataset (loaded every time)."""
+        if "://" in self._filepath or self._options.get("version") is not None:
+            return None
+        try:
+            stat = os.stat(self._filepath)
+        except OSError:
+            return None
+        return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": self._filepath, **self._options}

@@ -43,7 +43,7 @@ def planted(labels: np.ndarray, share: float, seed: int = 1) -> tuple[np.ndarray
 
 
 def training_features(features, labels, groups=None) -> dict:
-    """What ``embed_training_images`` hands on."""
+    """What ``training_features`` hands on (from ``embed_reference_images``)."""
     return {
         "paths": [
             f"{CLASSES[label]}/img_{i:03d}.png" for i, label in enumerate(labels)

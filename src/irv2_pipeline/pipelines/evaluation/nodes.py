@@ -354,56 +354,27 @@ def plot_grad_cam(
     )
 
 
-def embed_training_images(
-    *,
-    finetuned_model: KerasModel,
-    class_names: list[str],
-    image_manifest: pd.DataFrame,
-    raw_images: ImageFolder,
-    model: dict[str, Any],
-    images: dict[str, Any],
-    evaluation: dict[str, Any],
+def training_features(
+    reference_features: dict[str, Any], class_names: list[str]
 ) -> dict[str, Any]:
-    """The fine-tuned model's pooled features of every training original, one pass.
-
-    Augmented copies are left out: a copy carries its source's label, so a wrong
-    label is the source's, and embedding the copies would cost a pass per copy.
+    """The training originals' part of the reference features, as the label pass reads it.
 
     Args:
-        finetuned_model: Takes ``[0, 255]`` RGB, outputs softmax probabilities.
+        reference_features: From ``reference_features.embed_reference_images``
+            (every training original and validation image, embedded once and kept).
         class_names: The model's output order.
-        image_manifest: The ingestion manifest (``path``, ``label``, ``split``,
-            ``group``).
-        raw_images: The image root.
-        model: The ``model`` parameters (``image_size``).
-        images: The ``images`` parameters.
-        evaluation: The ``evaluation`` parameters (``batch_size``).
 
     Returns:
         ``paths``, ``labels`` (class indices), ``groups`` and ``features`` of the
         training images, in manifest order.
-
-    Raises:
-        EvaluationError: A model whose classes or input size do not match the
-            manifest and parameters, or whose outputs are not probabilities.
     """
-    classes = _checked_classes(class_names, image_manifest)
-    train = image_manifest[image_manifest["split"] == "train"]
-    features = probabilities_and_features(
-        finetuned_model,
-        classes,
-        [raw_images.path_of(path) for path in train["path"]],
-        image_size=int(model["image_size"]),
-        policy=OpenPolicy.from_params(images),
-        batch_size=int(evaluation["batch_size"]),
-        error=EvaluationError,
-        what="training images embedded",
-    ).features
     return {
-        "paths": train["path"].to_list(),
-        "labels": label_indices(train["label"], classes),
-        "groups": train["group"].to_list(),
-        "features": features,
+        "paths": [str(path) for path in reference_features["train_paths"]],
+        "labels": label_indices(
+            pd.Series(reference_features["train_labels"]), class_names
+        ),
+        "groups": [str(group) for group in reference_features["train_groups"]],
+        "features": np.asarray(reference_features["train"], dtype=np.float64),
     }
 
 
@@ -418,7 +389,7 @@ def find_label_issues(
     pooled features, then confident learning (``label_issues`` module).
 
     Args:
-        training_features: From :func:`embed_training_images`.
+        training_features: From :func:`training_features`.
         class_names: The model's output order.
         evaluation: The ``evaluation`` parameters (``label_issues``: ``folds``,
             ``c``, ``max_iter``, ``seed``).

@@ -2,9 +2,10 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from irv2_pipeline.reference_features import reference_node
+
 from .nodes import (
     diagnose_run,
-    embed_training_images,
     enforce_fail_on,
     find_label_issues,
     occlude_test_split,
@@ -16,6 +17,7 @@ from .nodes import (
     plot_validation_curves,
     predict_test_split,
     score_predictions,
+    training_features,
     write_diagnosis_junit,
     write_html_report,
     write_report,
@@ -95,19 +97,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="grad_cam_plot",
                 name="plot_grad_cam",
             ),
+            # Every training original and validation image through the model, kept
+            # with its key for `inference` (reference_features.py).
+            reference_node(),
             Node(
-                embed_training_images,
-                inputs={
-                    "finetuned_model": "finetuned_model",
-                    "class_names": "class_names",
-                    "image_manifest": "image_manifest",
-                    "raw_images": "raw_images",
-                    "model": "params:model",
-                    "images": "params:images",
-                    "evaluation": "params:evaluation",
-                },
+                training_features,
+                inputs=["reference_features", "class_names"],
                 outputs="training_features",
-                name="embed_training_images",
+                name="select_training_features",
             ),
             Node(
                 find_label_issues,

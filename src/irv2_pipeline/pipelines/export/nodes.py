@@ -16,6 +16,7 @@ from typing import Any
 import irv2_pipeline
 from irv2_pipeline.backbone import INPUT_SCALINGS
 from irv2_pipeline.hints import KerasModel
+from irv2_pipeline.keys import weights_digest
 
 # Parameters that say where files go, not how the model trains: not in the hash.
 _LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir")
@@ -102,15 +103,6 @@ def labels_text(class_names: list[str]) -> str:
         The file's text, ending with a newline.
     """
     return "".join(f"{name}\n" for name in class_names)
-
-
-def weights_digest(model: KerasModel) -> str:
-    """The SHA-256 of the model's weights: shapes, dtypes and values, in layer order."""
-    digest = hashlib.sha256()
-    for weight in model.get_weights():
-        digest.update(f"{weight.dtype.str}{weight.shape}".encode())
-        digest.update(weight.tobytes())
-    return digest.hexdigest()
 
 
 def parameters_digest(parameters: dict[str, Any]) -> str:

@@ -22,7 +22,6 @@ it names are kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,13 +34,16 @@ from typing import Any
 
 import keras
 import numpy as np
-import pandas as pd
 
 from irv2_pipeline.atomic import replaced_atomically
+from irv2_pipeline.keys import content_key
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+
+# The run's key: a hash of everything that shapes the training (the module docstring).
+checkpoint_key = content_key
 
 
 @dataclass
@@ -116,18 +118,6 @@ def remove_finished_checkpoints(root: str | os.PathLike) -> list[Path]:
             shutil.rmtree(state_file.parent)
             removed.append(state_file.parent)
     return removed
-
-
-def checkpoint_key(*parts: Any) -> str:
-    """A short hash of JSON-able parts (data frames are hashed by their CSV text)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, pd.DataFrame):
-            text = part.to_csv(index=False)
-        else:
-            text = json.dumps(part, sort_keys=True, default=str)
-        digest.update(hashlib.sha256(text.encode()).digest())
-    return digest.hexdigest()[:16]
 
 
 class CheckpointStore:

@@ -89,27 +89,22 @@ def scan_new_images(
     )
 
 
-def reference_features(
-    *,
-    finetuned_model: KerasModel,
-    class_names: list[str],
-    image_manifest: pd.DataFrame,
-    raw_images: ImageFolder,
+def reference_sample(
+    reference_features: dict[str, Any],
     model: dict[str, Any],
-    images: dict[str, Any],
     inference: dict[str, Any],
 ) -> dict[str, np.ndarray]:
-    """Pooled features of the training originals and of the validation images.
+    """The training and validation features the OOD score is fitted and calibrated on.
+
+    At most ``inference.max_reference_images`` of each split, drawn with
+    ``model.seed`` from the stored reference features (``embed_reference_images``
+    embeds every training original and validation image), so the fit's cost and the
+    batch test's memory stay bounded for any training set.
 
     Args:
-        finetuned_model: Takes ``[0, 255]`` RGB, outputs softmax probabilities.
-        class_names: The model's output order.
-        image_manifest: The ingestion manifest (``path``, ``label``, ``split``).
-        raw_images: The training image root.
-        model: The ``model`` parameters (``image_size``, ``seed``).
-        images: The ``images`` parameters.
-        inference: The ``inference`` parameters (``batch_size``,
-            ``max_reference_images``).
+        reference_features: From ``reference_features.embed_reference_images``.
+        model: The ``model`` parameters (``seed``).
+        inference: The ``inference`` parameters (``max_reference_images``).
 
     Returns:
         ``train`` and ``val`` feature arrays, ``train_labels`` (class names).
@@ -120,28 +115,25 @@ def reference_features(
     limit = inference.get("max_reference_images")
     chosen = {}
     for split in ("train", "val"):
-        rows = image_manifest[image_manifest["split"] == split]
-        if rows.empty:
+        count = len(reference_features[split])
+        if count == 0:
             raise InferenceError(
                 f"image_manifest has no {split} images to fit the OOD score on: "
                 "rerun `kedro run --pipeline ingestion`."
             )
-        if limit is not None and len(rows) > int(limit):
-            rows = rows.sample(int(limit), random_state=int(model["seed"])).sort_index()
+        rows = np.arange(count)
+        if limit is not None and count > int(limit):
+            # pandas' DataFrame.sample with this seed, in manifest order.
+            rows = np.sort(
+                np.random.RandomState(int(model["seed"])).choice(
+                    count, int(limit), replace=False
+                )
+            )
         chosen[split] = rows
-    # One pass over both splits: one traced prediction graph, not one per split.
-    features = probabilities_and_features(
-        finetuned_model,
-        class_names,
-        [raw_images.path_of(path) for rows in chosen.values() for path in rows["path"]],
-        **_run_settings(model, images, inference),
-        what="training and validation images embedded",
-    ).features
-    train_count = len(chosen["train"])
     return {
-        "train": features[:train_count],
-        "val": features[train_count:],
-        "train_labels": chosen["train"]["label"].to_numpy(),
+        "train": np.asarray(reference_features["train"])[chosen["train"]],
+        "val": np.asarray(reference_features["val"])[chosen["val"]],
+        "train_labels": np.asarray(reference_features["train_labels"])[chosen["train"]],
     }
 
 
@@ -151,7 +143,7 @@ def fit_ood_detector(
     """Fits the Mahalanobis score on the training features, calibrates it on val.
 
     Args:
-        reference_features: From :func:`reference_features`.
+        reference_features: From :func:`reference_sample`.
         inference: The ``inference`` parameters (``false_alarm_rate``).
 
     Returns:

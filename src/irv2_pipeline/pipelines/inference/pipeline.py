@@ -2,12 +2,14 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from irv2_pipeline.reference_features import reference_node
+
 from .nodes import (
     fit_ood_detector,
     inference_report,
     predict_new_images,
     prediction_table,
-    reference_features,
+    reference_sample,
     scan_new_images,
 )
 
@@ -33,15 +35,18 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs=["new_image_list", "inference_rejected"],
                 name="scan_new_images",
             ),
+            # evaluation's node: after `kedro run` it finds its stored features
+            # current and embeds nothing.
+            reference_node(),
             Node(
-                reference_features,
+                reference_sample,
                 inputs={
-                    **model_inputs,
-                    "image_manifest": "image_manifest",
-                    "raw_images": "raw_images",
+                    "reference_features": "reference_features",
+                    "model": "params:model",
+                    "inference": "params:inference",
                 },
                 outputs="inference_reference_features",
-                name="embed_reference_images",
+                name="sample_reference_features",
             ),
             Node(
                 fit_ood_detector,
