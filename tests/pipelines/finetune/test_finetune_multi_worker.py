@@ -234,14 +234,17 @@ def _epoch_lines(log: str) -> list[str]:
 
 def _test_accuracy(project: Path, single_test: pd.DataFrame) -> float:
     """The chief's saved model's accuracy on the test images of the smoke run."""
-    import keras  # noqa: PLC0415 - TensorFlow loads only for this test
-
+    from irv2_pipeline.datasets.atomic_model import (  # noqa: PLC0415
+        AtomicTensorFlowModelDataset,
+    )
     from irv2_pipeline.images import OpenPolicy  # noqa: PLC0415
     from irv2_pipeline.inputs import image_dataset  # noqa: PLC0415
 
-    model = keras.saving.load_model(
-        project / "data/06_models/finetuned_model.keras", safe_mode=True
-    )
+    # Loaded as the pipelines load it (safe mode, the preprocessing layer registered),
+    # whatever this worker process imported before.
+    model = AtomicTensorFlowModelDataset(
+        filepath=str(project / "data/06_models/finetuned_model.keras")
+    ).load()
     classes = json.loads((project / "data/06_models/class_names.json").read_text())
     raw = project / "data/01_raw/images"
     images = image_dataset(
