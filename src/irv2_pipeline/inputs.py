@@ -8,8 +8,8 @@ decoders inside the graph instead, without Python, which reads them about twice 
 fast. Either way images come as ``float32`` RGB in ``[0, 255]``: the model itself
 preprocesses them (``finetune.input_scaling``).
 
-TensorFlow is imported by the functions that build datasets: ``class_names`` and
-``check_pixel_range`` serve node modules that every ``kedro`` command loads.
+TensorFlow is imported by the functions that build datasets: ``class_names``,
+``model_classes`` and ``check_pixel_range`` serve node modules that every ``kedro`` command loads.
 """
 
 from __future__ import annotations
@@ -138,6 +138,25 @@ class ReplicaShard:
 def class_names(manifest: pd.DataFrame) -> list[str]:
     """The class names in index order (sorted labels): one order for every pipeline."""
     return sorted(manifest["label"].unique())
+
+
+def model_classes(
+    model_class_names: Sequence[str],
+    manifest: pd.DataFrame,
+    error: type[Exception] = ValueError,
+) -> list[str]:
+    """The manifest's classes, checked to be the model's, in its output order.
+
+    Raises:
+        error: The model was trained on other classes than the manifest has.
+    """
+    classes = class_names(manifest)
+    if list(model_class_names) != classes:
+        raise error(
+            f"finetuned_model was trained on the classes {list(model_class_names)} "
+            f"but image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
+        )
+    return classes
 
 
 def image_dataset(

@@ -42,7 +42,7 @@ from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.datasets.feature_cache import ABOUT, KEY
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy
-from irv2_pipeline.inputs import class_names as manifest_classes
+from irv2_pipeline.inputs import model_classes
 from irv2_pipeline.keys import content_key, model_key
 from irv2_pipeline.predict import pooled_layer_name, probabilities_and_features
 
@@ -130,12 +130,7 @@ def embed_reference_images(
     Raises:
         ReferenceFeaturesError: A model whose classes do not match the manifest's.
     """
-    classes = manifest_classes(image_manifest)
-    if list(class_names) != classes:
-        raise ReferenceFeaturesError(
-            f"finetuned_model was trained on the classes {list(class_names)} but "
-            f"image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
-        )
+    classes = model_classes(class_names, image_manifest, ReferenceFeaturesError)
     rows = {
         split: image_manifest.loc[image_manifest["split"] == split, ROW_COLUMNS]
         for split in SPLITS

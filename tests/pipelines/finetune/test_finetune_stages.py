@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from irv2_pipeline.pipelines.finetune.checkpoints import checkpoint_key
+from irv2_pipeline.keys import content_key
 from irv2_pipeline.pipelines.finetune.stages import StageConfigError, resolve_stages
 
 from .conftest import MINI_UNITS
@@ -113,6 +113,6 @@ def test_no_plan_and_no_override_names_the_pipeline_to_run():
 
 def test_checkpoint_keys_change_with_any_parameter_or_input():
     base = ({"batch_size": 16}, {"seed": 1}, ["bag", "shoe"])
-    assert checkpoint_key(*base) == checkpoint_key(*base)
-    assert checkpoint_key({"batch_size": 8}, *base[1:]) != checkpoint_key(*base)
-    assert checkpoint_key(*base[:2], ["bag", "boot"]) != checkpoint_key(*base)
+    assert content_key(*base) == content_key(*base)
+    assert content_key({"batch_size": 8}, *base[1:]) != content_key(*base)
+    assert content_key(*base[:2], ["bag", "boot"]) != content_key(*base)

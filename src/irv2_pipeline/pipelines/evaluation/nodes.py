@@ -13,8 +13,7 @@ from irv2_pipeline.backbone import preprocessed_zero
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.images import OpenPolicy
-from irv2_pipeline.inputs import class_names as manifest_classes
-from irv2_pipeline.inputs import image_dataset
+from irv2_pipeline.inputs import image_dataset, model_classes
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
 from irv2_pipeline.plan_rules import learning_rate_problems
 from irv2_pipeline.predict import (
@@ -103,7 +102,7 @@ def predict_test_split(
             "image_manifest has no test images: raise ingestion.split.test and rerun "
             "`kedro run --pipeline ingestion`."
         )
-    classes = _checked_classes(class_names, image_manifest)
+    classes = model_classes(class_names, image_manifest, EvaluationError)
     outputs = probabilities_and_features(
         finetuned_model,
         classes,
@@ -756,17 +755,6 @@ def _test_batches(
         policy=OpenPolicy.from_params(images),
     )
     return dataset.as_numpy_iterator()
-
-
-def _checked_classes(class_names: list[str], image_manifest: pd.DataFrame) -> list[str]:
-    """The manifest's classes, which must be the model's, in its output order."""
-    classes = manifest_classes(image_manifest)
-    if list(class_names) != classes:
-        raise EvaluationError(
-            f"finetuned_model was trained on the classes {list(class_names)} but "
-            f"image_manifest has {classes}: rerun `kedro run --pipeline finetune`."
-        )
-    return classes
 
 
 def _train_counts(image_manifest: pd.DataFrame, classes: list[str]) -> dict[str, int]:

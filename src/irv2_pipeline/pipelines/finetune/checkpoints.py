@@ -36,14 +36,10 @@ import keras
 import numpy as np
 
 from irv2_pipeline.atomic import replaced_atomically
-from irv2_pipeline.keys import content_key
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-
-# The run's key: a hash of everything that shapes the training (the module docstring).
-checkpoint_key = content_key
 
 
 @dataclass
@@ -125,7 +121,7 @@ class CheckpointStore:
 
     Args:
         root: ``finetune.checkpoint_dir``.
-        key: :func:`checkpoint_key` of the run.
+        key: ``keys.content_key`` of everything that shapes the run.
     """
 
     def __init__(self, root: str | os.PathLike, key: str):

@@ -99,8 +99,9 @@ def train_classifier(
     import keras  # noqa: PLC0415
 
     from irv2_pipeline.classifier import HeadSpec, build_classifier  # noqa: PLC0415
+    from irv2_pipeline.keys import content_key  # noqa: PLC0415
 
-    from .checkpoints import CheckpointStore, checkpoint_key  # noqa: PLC0415
+    from .checkpoints import CheckpointStore  # noqa: PLC0415
     from .lr_find import curves_table  # noqa: PLC0415
     from .runtime import (  # noqa: PLC0415
         Workers,
@@ -169,7 +170,7 @@ def train_classifier(
             seed,
             input_scaling,
         )
-        key = checkpoint_key(
+        key = content_key(
             {k: v for k, v in finetune.items() if k not in _LOCATION_PARAMETERS},
             model,
             images,

@@ -18,15 +18,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class MahalanobisScorer:
-    """Class means and the shared precision matrix of the training features.
+    """Class means and the whitened shared covariance of the training features.
 
-    ``whitening`` is a matrix ``W`` with ``W Wᵀ = precision``: the squared distance
+    ``whitening`` is a matrix ``W`` with ``W Wᵀ`` the precision (the inverse of the
+    shrunk covariance): the squared distance
     of ``x`` to a mean ``m`` is ``|(x - m) W|²``, so scoring ``n`` images costs one
     ``(n, features) x (features, features)`` product for every class together.
     """
 
     means: np.ndarray  # (classes, features)
-    precision: np.ndarray  # (features, features)
     shrinkage: float
     whitening: np.ndarray  # (features, features)
 
@@ -76,7 +76,6 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray) -> MahalanobisScor
     whitening = _whitening(estimate.covariance_)
     return MahalanobisScorer(
         means=means,
-        precision=whitening @ whitening.T,
         shrinkage=float(estimate.shrinkage_),
         whitening=whitening,
     )
