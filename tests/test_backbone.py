@@ -169,6 +169,24 @@ def test_an_unknown_preprocessing_lists_all_four():
         assert name in str(error.value)
 
 
+def test_an_unknown_grayscale_rule_lists_the_rules():
+    with pytest.raises(ValueError, match="grayscale = 'gray'") as error:
+        backbone.check_grayscale("gray")
+    for rule in backbone.GRAYSCALE_RULES:
+        assert rule in str(error.value)
+    assert backbone.check_grayscale("luminance") == "luminance"
+
+
+def test_the_preprocessing_layer_carries_both_choices():
+    layer = backbone.preprocessing_layer("caffe", "luminance")
+    assert (layer.name, layer.input_scaling, layer.grayscale) == (
+        backbone.PREPROCESS_LAYER,
+        "caffe",
+        "luminance",
+    )
+    assert backbone.preprocessing_layer().grayscale == "replicate"
+
+
 @pytest.fixture
 def radimagenet_like(tmp_path) -> str:
     """A local weights path whose card says caffe_then_div_255 (no weights needed:

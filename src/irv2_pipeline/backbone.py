@@ -219,6 +219,39 @@ def check_input_scaling(input_scaling: str) -> str:
     return input_scaling
 
 
+# The weights of ITU-R BT.601 luminance, in RGB order (Pillow's ``convert("L")``).
+BT601_LUMINANCE = (0.299, 0.587, 0.114)
+
+# What the model's first layer does with colour, before the input scaling (each
+# source of weights says which):
+#   replicate: the pixels as opened; images.py makes RGB of a grey file, so it
+#              already has R = G = B;
+#   luminance: every image, colour ones too, becomes its luminance in all three
+#              channels: for weights trained on grey images only (RadImageNet-style
+#              medical sources), which never saw colour.
+GRAYSCALE_RULES = {
+    "replicate": "the pixels as opened (a grey file has R = G = B)",
+    "luminance": (
+        "every image, colour ones too, becomes its ITU-R BT.601 luminance "
+        f"{BT601_LUMINANCE[0]} R + {BT601_LUMINANCE[1]} G + {BT601_LUMINANCE[2]} B "
+        "in all three channels"
+    ),
+}
+
+
+def check_grayscale(rule: str) -> str:
+    """Returns ``rule`` if it is one of :data:`GRAYSCALE_RULES`, else raises.
+
+    Raises:
+        ValueError: An unknown rule; the message names it and the valid ones.
+    """
+    if rule not in GRAYSCALE_RULES:
+        raise ValueError(
+            f"grayscale = {rule!r}; use one of {', '.join(GRAYSCALE_RULES)}"
+        )
+    return rule
+
+
 def preprocessed_zero(input_scaling: str) -> tuple[float, float, float]:
     """The ``[0, 255]`` RGB pixel that ``input_scaling`` maps to 0 in every channel
     (IRv2's mid-grey 127.5; the ImageNet mean colour for the caffe modes)."""
@@ -276,6 +309,7 @@ def model_input_scaling(finetune: Mapping[str, Any], weights: str | None) -> str
 
 def preprocessing_layer(
     input_scaling: str = "minus_one_to_one",
+    grayscale: str = "replicate",
 ) -> keras.layers.Layer:
     """The model's preprocessing of ``[0, 255]`` RGB, as a layer.
 
@@ -288,10 +322,13 @@ def preprocessing_layer(
         input_scaling: A key of :data:`INPUT_SCALINGS`: ``minus_one_to_one`` is
             IRv2's own; the others serve weights trained otherwise, and the
             counterfactual runs.
+        grayscale: A key of :data:`GRAYSCALE_RULES`, applied before the scaling:
+            ``replicate`` feeds the pixels as they are, ``luminance`` the
+            luminance of every image in all three channels.
     """
     from irv2_pipeline.preprocessing import Preprocess  # noqa: PLC0415 - Keras
 
-    return Preprocess(input_scaling, name=PREPROCESS_LAYER)
+    return Preprocess(input_scaling, grayscale, name=PREPROCESS_LAYER)
 
 
 def unit_map(backbone: keras.Model) -> dict[str, str]:
@@ -423,6 +460,7 @@ def adapt_batchnorm(
     backbone: keras.Model,
     batches: Iterable,
     input_scaling: str = "minus_one_to_one",
+    grayscale: str = "replicate",
 ) -> int:
     """AdaBN: re-estimates every BatchNorm layer's moving statistics on images.
 
@@ -439,6 +477,7 @@ def adapt_batchnorm(
             ``(images, labels)`` pairs; shuffled, so that each batch is a sample of
             all of them.
         input_scaling: How the model scales pixels (:data:`INPUT_SCALINGS`).
+        grayscale: How the model makes them grey first (:data:`GRAYSCALE_RULES`).
 
     Returns:
         The number of images seen.
@@ -450,7 +489,7 @@ def adapt_batchnorm(
 
     layers = batchnorm_layers(backbone)
     saved = [(layer.trainable, layer.momentum) for layer in layers]
-    preprocess = preprocessing_layer(input_scaling)
+    preprocess = preprocessing_layer(input_scaling, grayscale)
     moments = [_Moments() for _ in layers]
     try:
         for layer in layers:

@@ -4,7 +4,8 @@ One set of layers serves three views:
 
 - ``model``: pixels to class probabilities, the model that is saved. It takes plain
   RGB in ``[0, 255]``; the preprocessing (IRv2's ``[-1, 1]`` unless
-  ``finetune.input_scaling`` says otherwise) is its first layer.
+  ``finetune.input_scaling`` says otherwise, after the source's grayscale rule) is
+  its first layer.
 - ``features``: pixels to the pooled backbone features (what the cached head stage
   computes once).
 - ``head``: pooled features to probabilities.
@@ -101,6 +102,7 @@ class Classifier:
     backbone: keras.Model
     pooling: tuple[keras.layers.Layer, ...]
     input_scaling: str = "minus_one_to_one"
+    grayscale: str = "replicate"
 
 
 def build_classifier(
@@ -109,6 +111,8 @@ def build_classifier(
     head: HeadSpec,
     seed: int,
     input_scaling: str = "minus_one_to_one",
+    *,
+    grayscale: str = "replicate",
 ) -> Classifier:
     """Assembles the classifier around an IRv2 backbone.
 
@@ -119,6 +123,8 @@ def build_classifier(
         seed: Seed of the head's initial weights and dropout masks.
         input_scaling: How pixels are scaled before IRv2
             (``backbone.INPUT_SCALINGS``; ``backbone.model_input_scaling`` picks it).
+        grayscale: How images are made grey before the scaling
+            (``backbone.GRAYSCALE_RULES``; the source's rule).
 
     Returns:
         The classifier; its softmax output is float32 under mixed precision too.
@@ -128,7 +134,8 @@ def build_classifier(
     size = backbone.input_shape[1]
     pixels = keras.Input((size, size, 3), name="pixels")
     pooling = _pooling_layers(head.pooling)
-    features = _pool(pooling, backbone(preprocessing_layer(input_scaling)(pixels)))
+    preprocess = preprocessing_layer(input_scaling, grayscale)
+    features = _pool(pooling, backbone(preprocess(pixels)))
     head_model = _head(int(features.shape[-1]), len(class_names), head, seed)
     return Classifier(
         model=keras.Model(pixels, head_model(features), name="irv2_classifier"),
@@ -137,6 +144,7 @@ def build_classifier(
         backbone=backbone,
         pooling=pooling,
         input_scaling=input_scaling,
+        grayscale=grayscale,
     )
 
 
@@ -220,6 +228,13 @@ def saved_input_scaling(model: keras.Model) -> str:
     )
 
 
+def saved_grayscale(model: keras.Model) -> str:
+    """The grayscale rule (``backbone.GRAYSCALE_RULES``) of a saved classifier."""
+    # Models saved before the rule existed (a Rescaling layer, or a Preprocess
+    # without it) fed the pixels as they were.
+    return getattr(model.get_layer(PREPROCESS_LAYER), "grayscale", "replicate")
+
+
 class InferenceMode(keras.layers.Layer):
     """Calls a model with ``training=False`` whatever the outer call says.
 
@@ -270,7 +285,7 @@ def training_model(classifier: Classifier, bn_policy: str) -> keras.Model:
         )
     size = classifier.backbone.input_shape[1]
     pixels = keras.Input((size, size, 3), name="pixels")
-    scaled = preprocessing_layer(classifier.input_scaling)(pixels)
+    scaled = preprocessing_layer(classifier.input_scaling, classifier.grayscale)(pixels)
     maps = InferenceMode(classifier.backbone, name="backbone_inference_mode")(scaled)
     outputs = classifier.head(_pool(classifier.pooling, maps))
     return keras.Model(pixels, outputs, name=f"irv2_classifier_bn_{bn_policy}")

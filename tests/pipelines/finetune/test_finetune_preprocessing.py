@@ -1,4 +1,5 @@
-"""Every model finetune builds or saves preprocesses with ``finetune.input_scaling``.
+"""Every model finetune builds or saves preprocesses with ``finetune.input_scaling``
+and the grayscale rule.
 
 The saved classifier, the graphs the stages train, AdaBN and the run's start all use
 the one preprocessing layer; a preprocessing other than the weights' card stops the
@@ -24,11 +25,23 @@ from irv2_pipeline.backbone import (
     batchnorm_layers,
     preprocessing_layer,
 )
-from irv2_pipeline.classifier import saved_input_scaling, training_model
+from irv2_pipeline.classifier import (
+    HeadSpec,
+    build_classifier,
+    saved_grayscale,
+    saved_input_scaling,
+    training_model,
+)
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
 from irv2_pipeline.pipelines.finetune.nodes import train_classifier
 
-from .conftest import IMAGE_SIZE, load_parameters, mini_classifier, mini_irv2
+from .conftest import (
+    CLASSES,
+    IMAGE_SIZE,
+    load_parameters,
+    mini_classifier,
+    mini_irv2,
+)
 
 RADIMAGENET = "caffe_then_div_255"
 
@@ -54,6 +67,37 @@ def test_a_saved_caffe_then_div_255_classifier_reloads_and_predicts_the_same(
     # that lost the preprocessing would not pass the check above.
     default = mini_classifier(seed=2).model.predict(pixels, verbose=0)
     assert np.abs(default - expected).max() > 1e-3
+
+
+def _luminance_classifier(seed: int = 2):
+    return build_classifier(
+        mini_irv2(seed=seed),
+        CLASSES,
+        HeadSpec(dropout=0.0),
+        seed=seed,
+        input_scaling=RADIMAGENET,
+        grayscale="luminance",
+    )
+
+
+def test_a_saved_luminance_classifier_reloads_and_predicts_the_same(tmp_path):
+    classifier = _luminance_classifier()
+    assert classifier.grayscale == "luminance"
+    model_file = AtomicTensorFlowModelDataset(filepath=str(tmp_path / "model.keras"))
+    model_file.save(classifier.model)
+    loaded = model_file.load()
+
+    pixels = _pixels()
+    expected = classifier.model.predict(pixels, verbose=0)
+    assert (saved_input_scaling(loaded), saved_grayscale(loaded)) == (
+        RADIMAGENET,
+        "luminance",
+    )
+    np.testing.assert_array_equal(loaded.predict(pixels, verbose=0), expected)
+    # The same weights fed the colour pixels as they are predict otherwise.
+    colour = mini_classifier(seed=2, input_scaling=RADIMAGENET)
+    assert saved_grayscale(colour.model) == "replicate"
+    assert np.abs(colour.model.predict(pixels, verbose=0) - expected).max() > 1e-3
 
 
 # Loads a model file as a fresh `kedro run` does: through the catalog's dataset only.
@@ -88,12 +132,22 @@ def test_a_model_saved_with_a_rescaling_layer_is_known_by_its_scale():
         (1 / 255, 0.0, "zero_to_one"),
     ):
         layer = keras.layers.Rescaling(scale, offset=offset, name=PREPROCESS_LAYER)
-        assert saved_input_scaling(keras.Model(pixels, layer(pixels))) == expected
+        old = keras.Model(pixels, layer(pixels))
+        assert saved_input_scaling(old) == expected
+        assert saved_grayscale(old) == "replicate"
 
 
 @pytest.mark.parametrize("bn_policy", ["frozen", "train"])
-def test_the_graph_a_stage_trains_preprocesses_as_the_saved_model(bn_policy):
-    classifier = mini_classifier(seed=2, input_scaling="caffe")
+@pytest.mark.parametrize("grayscale", ["replicate", "luminance"])
+def test_the_graph_a_stage_trains_preprocesses_as_the_saved_model(bn_policy, grayscale):
+    classifier = build_classifier(
+        mini_irv2(seed=2),
+        CLASSES,
+        HeadSpec(dropout=0.0),
+        seed=2,
+        input_scaling="caffe",
+        grayscale=grayscale,
+    )
     pixels = _pixels()
     trained = training_model(classifier, bn_policy).predict(pixels, verbose=0)
     np.testing.assert_allclose(
@@ -101,17 +155,23 @@ def test_the_graph_a_stage_trains_preprocesses_as_the_saved_model(bn_policy):
     )
 
 
-def test_adabn_estimates_the_statistics_of_the_preprocessing_it_is_given():
+@pytest.mark.parametrize("grayscale", ["replicate", "luminance"])
+def test_adabn_estimates_the_statistics_of_the_preprocessing_it_is_given(grayscale):
     backbone = mini_irv2(seed=1)
     first_bn = batchnorm_layers(backbone)[0]
     pixels = _pixels(6)
-    assert adapt_batchnorm(backbone, [pixels], "caffe") == 6
+    assert adapt_batchnorm(backbone, [pixels], "caffe", grayscale) == 6
     conv = keras.Model(backbone.input, first_bn.input)
-    values = conv.predict(preprocessing_layer("caffe")(pixels), verbose=0)
-    expected = values.astype(np.float64).mean(axis=(0, 1, 2))
+
+    def means(input_scaling: str, rule: str) -> np.ndarray:
+        scaled = preprocessing_layer(input_scaling, rule)(pixels)
+        return conv.predict(scaled, verbose=0).astype(np.float64).mean(axis=(0, 1, 2))
+
+    expected = means("caffe", grayscale)
     np.testing.assert_allclose(first_bn.moving_mean.numpy(), expected, rtol=1e-4)
-    default = conv.predict(preprocessing_layer()(pixels), verbose=0)
-    assert not np.allclose(default.mean(axis=(0, 1, 2)), expected, rtol=1e-2)
+    assert not np.allclose(means("minus_one_to_one", "replicate"), expected, rtol=1e-2)
+    other = "replicate" if grayscale == "luminance" else "luminance"
+    assert not np.allclose(means("caffe", other), expected, rtol=1e-2)
 
 
 def test_training_stops_before_reading_anything_on_another_preprocessing(tmp_path):

@@ -1,8 +1,8 @@
 """Pooled features shared between runs (``finetune.feature_cache_dir``).
 
 Counterfactual variants whose frozen backbones map the same images to the same
-features compute them once; anything that changes the features (the weights or the
-input scaling) must give another file.
+features compute them once; anything that changes the features (the weights, the
+input scaling or the grayscale rule) must give another file.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_the_same_frozen_backbone_computes_features_once(tmp_path, caplog):
     assert len(list(tmp_path.iterdir())) == 1
 
 
-def test_other_weights_or_scaling_give_other_features(tmp_path):
+def test_other_weights_scaling_or_grayscale_give_other_features(tmp_path):
     train, _ = demo_examples(train_per_class=2, val_per_class=1)
     shared_pooled_features(
         mini_classifier(seed=0), train, cache_dir=tmp_path, **SETTINGS
@@ -53,4 +53,8 @@ def test_other_weights_or_scaling_give_other_features(tmp_path):
         mini_irv2(seed=0), CLASSES, HeadSpec(dropout=0.0), 0, "zero_to_one"
     )
     shared_pooled_features(scaled, train, cache_dir=tmp_path, **SETTINGS)
-    assert len(list(tmp_path.iterdir())) == 3
+    grey = build_classifier(
+        mini_irv2(seed=0), CLASSES, HeadSpec(dropout=0.0), 0, grayscale="luminance"
+    )
+    shared_pooled_features(grey, train, cache_dir=tmp_path, **SETTINGS)
+    assert len(list(tmp_path.iterdir())) == 4

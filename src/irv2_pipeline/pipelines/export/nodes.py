@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import irv2_pipeline
-from irv2_pipeline.backbone import INPUT_SCALINGS
+from irv2_pipeline.backbone import GRAYSCALE_RULES, INPUT_SCALINGS
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.keys import weights_digest
 
@@ -93,6 +93,29 @@ def convert_to_litert(export_saved_model: Path, export: dict[str, Any]) -> bytes
     )
 
 
+def preprocessing_text(input_scaling: str, grayscale: str) -> str:
+    """The model card's account of the model's first layer.
+
+    Args:
+        input_scaling: A key of ``backbone.INPUT_SCALINGS``.
+        grayscale: A key of ``backbone.GRAYSCALE_RULES``; only a rule other than
+            ``replicate`` is told, since that one changes nothing.
+
+    Returns:
+        What the layer computes from float ``[0, 255]`` RGB.
+    """
+    scaling = INPUT_SCALINGS[input_scaling].description
+    if grayscale == "replicate":
+        return (
+            f"float [0, 255] RGB into the model, whose first layer maps it to {scaling}"
+        )
+    return (
+        "float [0, 255] RGB into the model, whose first layer makes it grey "
+        f"(grayscale: {grayscale}: {GRAYSCALE_RULES[grayscale]}), then maps it to "
+        f"{scaling}"
+    )
+
+
 def labels_text(class_names: list[str]) -> str:
     """``labels.txt``: one class a line, in the model's output order.
 
@@ -153,7 +176,10 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
         ValueError: If the metrics were computed for other classes.
     """
     # Imported here, not at the top: see the module docstring.
-    from irv2_pipeline.classifier import saved_input_scaling  # noqa: PLC0415
+    from irv2_pipeline.classifier import (  # noqa: PLC0415
+        saved_grayscale,
+        saved_input_scaling,
+    )
 
     size = model_input_size(finetuned_model, class_names, int(model["image_size"]))
     evaluated = evaluation_metrics.get("classes")
@@ -187,9 +213,8 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
                 "callers of the LiteRT file or serve_fixed_size_pixels resize "
                 "themselves"
             ),
-            "preprocessing": (
-                "float [0, 255] RGB into the model, whose first layer maps it to "
-                f"{INPUT_SCALINGS[saved_input_scaling(finetuned_model)].description}"
+            "preprocessing": preprocessing_text(
+                saved_input_scaling(finetuned_model), saved_grayscale(finetuned_model)
             ),
             "decoding": (
                 "JPEG (accurate integer DCT), PNG, BMP, GIF (first frame); grey "

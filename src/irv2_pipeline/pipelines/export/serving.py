@@ -6,7 +6,8 @@ uint8 RGB pixels of any size) and gives the fine-tuned model's probabilities. It
 turns encoded images upright by their EXIF orientation (``orientation.py``) and
 resizes as ``images.resize`` does (Pillow's antialiased bilinear, ``resize.py``),
 as training opened its images, and feeds the model float ``[0, 255]``: the
-preprocessing (``finetune.input_scaling``) is the model's first layer.
+preprocessing (``finetune.input_scaling`` and the grayscale rule) is the model's first
+layer.
 """
 
 from __future__ import annotations

@@ -120,6 +120,7 @@ def build_probe(
     backbone: keras.Model,
     depths: Sequence[str],
     input_scaling: str = "minus_one_to_one",
+    grayscale: str = "replicate",
 ) -> tuple[keras.Model, ProbeLayout]:
     """Builds the probe: ``[0, 255]`` RGB in, BN input moments and pooled features out.
 
@@ -132,6 +133,8 @@ def build_probe(
         input_scaling: The preprocessing of the model finetune builds on this
             backbone (``backbone.model_input_scaling``), so that the moments are
             those of the pixels that model feeds it.
+        grayscale: That model's grayscale rule (``backbone.GRAYSCALE_RULES``),
+            for the same reason.
 
     Returns:
         The probe and where each layer's numbers sit in its outputs.
@@ -160,7 +163,7 @@ def build_probe(
     images = keras.Input(backbone.input.shape[1:], name="images")
     probe = keras.Model(
         images,
-        measured(irv2.preprocessing_layer(input_scaling)(images)),
+        measured(irv2.preprocessing_layer(input_scaling, grayscale)(images)),
         name="irv2_probe",
     )
     layout = ProbeLayout(

@@ -95,8 +95,8 @@ def shared_pooled_features(
     counterfactual variants with a frozen backbone, e.g. a textbook recipe and ours'
     head stage with BatchNorm frozen) share one file in ``cache_dir``, named by a hash
     of everything the features depend on: the backbone's weights and BatchNorm
-    statistics, the input scaling, the pooling, the image size, how images are opened
-    and each image file (path, size, modification time).
+    statistics, the input scaling and the grayscale rule, the pooling, the image size,
+    how images are opened and each image file (path, size, modification time).
 
     Args:
         classifier: As for :func:`pooled_features`.
@@ -142,9 +142,8 @@ def _features_key(
     for array in classifier.features.get_weights():
         digest.update(np.ascontiguousarray(array).tobytes())
     pooling = [layer.name for layer in classifier.pooling]
-    digest.update(
-        repr((classifier.input_scaling, pooling, image_size, policy)).encode()
-    )
+    preprocessing = (classifier.input_scaling, classifier.grayscale)
+    digest.update(repr((*preprocessing, pooling, image_size, policy)).encode())
     for image, generated in zip(examples.paths, examples.generated, strict=True):
         stat = os.stat(image)
         digest.update(f"{image}|{generated}|{stat.st_size}|{stat.st_mtime_ns}".encode())

@@ -726,6 +726,7 @@ class _Run:
             self.classifier.backbone,
             self._images(self.adapt_on, shuffle_seed=self.settings.seed),
             self.classifier.input_scaling,
+            self.classifier.grayscale,
         )
         # Each worker estimated them alone (the same images): all keep the chief's.
         statistics = [
