@@ -61,6 +61,16 @@ def copy_project(destination: Path) -> Path:
     return destination
 
 
+def planned_source(
+    weights: str | None = None, preprocessing: str = "minus_one_to_one"
+) -> dict:
+    """The ``source`` of a plan written by hand: what feature_shift records when
+    ``model.weights`` is the one candidate."""
+    from irv2_pipeline.sources import Source, default_name  # noqa: PLC0415
+
+    return Source(default_name(weights), weights, preprocessing, None).as_dict()
+
+
 def kedro(
     args: Sequence[str], cwd: Path, timeout: float = 600
 ) -> subprocess.CompletedProcess:
@@ -137,6 +147,14 @@ def adabn_source() -> Path:
 
 
 @pytest.fixture(scope="session")
+def adabn_strokes_source() -> Path:
+    """A second source, far from fractal images: AdaBN on greyscale pen strokes."""
+    from irv2_pipeline.make_source import cached_source  # noqa: PLC0415
+
+    return cached_source("adabn", seed=0, generator="strokes")
+
+
+@pytest.fixture(scope="session")
 def run_kedro() -> Callable[..., subprocess.CompletedProcess]:
     """``run_kedro(args, cwd)``: runs the kedro CLI in a project copy."""
     return kedro
@@ -202,7 +220,12 @@ def project_parameters(env: str = "base") -> dict:
 # images, an IRv2 probe): every test that needs one of them, or a module or class
 # fixture with another test, goes to the same worker (`--dist loadgroup`). The other
 # session fixtures are factories and constants, cheap to build on each worker.
-EXPENSIVE_SESSION_FIXTURES = ("smoke_run", "adabn_source", "irv2_probe")
+EXPENSIVE_SESSION_FIXTURES = (
+    "smoke_run",
+    "adabn_source",
+    "adabn_strokes_source",
+    "irv2_probe",
+)
 
 
 def _shared_instances(item: pytest.Item) -> list[tuple[str, ...]]:

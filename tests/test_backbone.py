@@ -235,3 +235,11 @@ def test_a_card_naming_an_unknown_preprocessing_is_named(tmp_path):
     Path(f"{weights}{backbone.CARD_SUFFIX}").write_text('{"preprocessing": "torch"}')
     with pytest.raises(backbone.WeightsError, match="names the preprocessing 'torch'"):
         backbone.model_input_scaling({"input_scaling": "caffe"}, str(weights))
+
+
+def test_the_occlusion_grey_under_luminance_is_a_grey_near_zero_after_scaling():
+    assert backbone.preprocessed_zero("minus_one_to_one", "luminance") == (127.5,) * 3
+    red, green, blue = backbone.preprocessed_zero("caffe", "luminance")
+    assert red == green == blue == pytest.approx(sum(backbone.IMAGENET_BGR_MEANS) / 3)
+    # Colour pixels keep the exact per-channel zero.
+    assert backbone.preprocessed_zero("caffe") == backbone.IMAGENET_BGR_MEANS[::-1]

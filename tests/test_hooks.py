@@ -397,3 +397,30 @@ def test_a_deliberate_preprocessing_override_lets_the_run_start(tmp_path):
         "finetune: {input_scaling: zero_to_one, input_scaling_override: true}\n",
     )
     _check(tmp_path)
+
+
+def test_a_source_that_cannot_be_used_stops_the_run_before_it_starts(tmp_path):
+    _project_with(
+        tmp_path,
+        "model:\n"
+        "  sources:\n"
+        "    - {name: imagenet, weights: imagenet}\n"
+        "    - {name: rad, weights: null, preprocessing: torch}\n",
+    )
+    message = _problems(tmp_path)
+    assert (
+        "conf/local/parameters.yml: model.sources `rad`: preprocessing = 'torch'; "
+        "use one of minus_one_to_one" in message
+    )
+
+
+def test_a_forced_source_must_be_one_of_the_candidates(tmp_path):
+    _project_with(
+        tmp_path,
+        "model:\n  sources:\n    - {name: imagenet, weights: imagenet}\n",
+    )
+    message = _problems(tmp_path, runtime_params={"model": {"source": "rad"}})
+    assert "--params: model.source = 'rad' is none of the candidates (imagenet)" in (
+        message
+    )
+    _check(tmp_path, runtime_params={"model": {"source": "imagenet"}})

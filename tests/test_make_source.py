@@ -75,6 +75,9 @@ def test_the_cache_reuses_a_source_and_keys_it_by_its_settings(adabn_source):
     assert cache_key(base) == cache_key(SourceSettings.of("adabn", 0))
     assert cache_key(base) != cache_key(SourceSettings.of("adabn", 1))
     assert cache_key(base) != cache_key(SourceSettings.of("trained", 0))
+    assert cache_key(base) != cache_key(SourceSettings.of("adabn", 0, "strokes"))
+    with pytest.raises(ValueError, match="generator 'photos': use one of fractal"):
+        SourceSettings.of("adabn", 0, "photos")
 
 
 def test_a_folder_with_files_is_never_overwritten(tmp_path):

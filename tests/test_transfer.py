@@ -1,11 +1,13 @@
-"""The measured path end to end: a pretrained source, a near target and a far one.
+"""The measured path end to end: pretrained sources, a near target and a far one.
 
-``kedro run --env smoke`` with ``model.weights`` set to a source made here
-(``irv2_pipeline.make_source``, AdaBN on fractal images): the shift is measured
-against statistics that describe a real source, the plan is built from it, finetune
-trains that plan and the report's ``domain_gap`` reads it. The near target is new
-fractal classes (the source's own generator); the far one is greyscale pen strokes,
-another modality.
+``kedro run --env smoke`` with two candidate sources made here
+(``irv2_pipeline.make_source``): AdaBN on fractal images and AdaBN on greyscale pen
+strokes. feature_shift ranks them on each target; the shift is measured against
+statistics that describe a real source, the plan is built from it, finetune trains
+that plan from the chosen source and the report's ``domain_gap`` reads it. The near
+target is new fractal classes (the fractal source's own generator); the far one is
+pen strokes, another modality, on which the run is made to keep the fractal source
+(``model.source``) so that its gap can be read.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ import re
 import shutil
 from pathlib import Path
 
+import keras
+import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from irv2_pipeline.backbone import GROUPS, group_of
+from irv2_pipeline.backbone import GROUPS, group_of, load_irv2
+from irv2_pipeline.classifier import split_saved
+from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
 from irv2_pipeline.synthetic_images import write_image_folder
 
 from .conftest import copy_project, kedro, project_parameters
@@ -26,10 +33,14 @@ from .conftest import copy_project, kedro, project_parameters
 pytestmark = pytest.mark.slow
 
 TARGETS = {"near": "fractal", "far": "strokes"}
+# The far target keeps the fractal source, the one it is far from.
+FORCED = {"near": [], "far": ["--params", "model.source=fractal"]}
 
 
 @pytest.fixture(scope="module")
-def transfer_runs(adabn_source, tmp_path_factory) -> dict[str, Path]:
+def transfer_runs(
+    adabn_source, adabn_strokes_source, tmp_path_factory
+) -> dict[str, Path]:
     """The finished project of each target (read only)."""
     runs = {}
     for name, generator in TARGETS.items():
@@ -40,14 +51,42 @@ def transfer_runs(adabn_source, tmp_path_factory) -> dict[str, Path]:
         write_image_folder(
             images, generator, classes=4, images_per_class=20, seed=7, size=96
         )
+        with_sources(
+            project,
+            {"fractal": adabn_source, "strokes": adabn_strokes_source},
+        )
         result = kedro(
-            ["run", "--env", "smoke", "--params", f"model.weights={adabn_source}"],
-            cwd=project,
-            timeout=1500,
+            ["run", "--env", "smoke", *FORCED[name]], cwd=project, timeout=1500
         )
         assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
         runs[name] = project
     return runs
+
+
+def with_sources(project: Path, sources: dict[str, Path]) -> None:
+    """Lists ``sources`` as the smoke run's ``model.sources`` (their cards say the
+    rest)."""
+    file = project / "conf" / "smoke" / "parameters.yml"
+    params = yaml.safe_load(file.read_text())
+    params["model"]["sources"] = [
+        {"name": name, "weights": str(weights)} for name, weights in sources.items()
+    ]
+    file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stem_statistics(weights: Path | keras.Model) -> np.ndarray:
+    """The moving mean of the backbone's first BatchNorm layer, which no stage of a
+    near plan unfreezes or re-estimates."""
+    if isinstance(weights, keras.Model):
+        backbone = split_saved(weights).backbone
+    else:
+        backbone = load_irv2(str(weights), 75)
+    first = next(
+        layer
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    return first.moving_mean.numpy()
 
 
 def read(project: Path, path: str):
@@ -68,6 +107,51 @@ def deepest_unit(plan: dict) -> int:
         if stage["unfreeze_from"] is not None
     ]
     return min(groups, default=len(GROUPS))
+
+
+def test_the_sources_are_ranked_nearest_first_on_both_targets(transfer_runs):
+    near = read(transfer_runs["near"], "08_reporting/source_ranking.csv")
+    far = read(transfer_runs["far"], "08_reporting/source_ranking.csv")
+    assert list(near["source"]) == ["fractal", "strokes"]
+    assert list(far["source"]) == ["strokes", "fractal"]
+    for ranking in (near, far):
+        assert list(ranking["rank"]) == [1, 2]
+        assert ranking["logme"].is_monotonic_decreasing
+        assert ranking["pretrained"].all()
+    # Each source is measured against its own statistics: the fractal one is the
+    # nearer to fractal images, the strokes one to strokes.
+    assert near.set_index("source")["mean_bn_shift"].idxmin() == "fractal"
+    assert far.set_index("source")["mean_bn_shift"].idxmin() == "strokes"
+
+
+def test_the_run_fine_tunes_from_the_source_it_chose(
+    transfer_runs, adabn_source, adabn_strokes_source
+):
+    near = read(transfer_runs["near"], "05_model_input/finetune_plan.json")
+    far = read(transfer_runs["far"], "05_model_input/finetune_plan.json")
+    assert near["source"]["name"] == "fractal"
+    assert near["source"]["weights"] == str(adabn_source)
+    assert near["source_reason"].startswith("Source `fractal` ranks first of 2")
+    assert near["rationale"][0] == near["source_reason"]
+    assert far["source"]["name"] == "fractal"
+    assert "forced by model.source" in far["source_reason"]
+    ranking = read(transfer_runs["far"], "08_reporting/source_ranking.csv")
+    assert ranking.set_index("source")["chosen"].to_dict() == {
+        "strokes": False,
+        "fractal": True,
+    }
+
+    model = AtomicTensorFlowModelDataset(
+        filepath=str(transfer_runs["near"] / "data/06_models/finetuned_model.keras")
+    ).load()
+    trained = stem_statistics(model)
+    np.testing.assert_allclose(trained, stem_statistics(adabn_source), atol=1e-6)
+    assert np.abs(trained - stem_statistics(adabn_strokes_source)).max() > 1e-3
+    report = (
+        transfer_runs["near"] / "data/08_reporting/evaluation_report.md"
+    ).read_text()
+    assert "Backbone: source `fractal`" in report
+    assert "## Candidate sources" in report
 
 
 def test_the_near_target_is_near_and_the_report_says_so(transfer_runs):

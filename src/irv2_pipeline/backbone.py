@@ -252,11 +252,21 @@ def check_grayscale(rule: str) -> str:
     return rule
 
 
-def preprocessed_zero(input_scaling: str) -> tuple[float, float, float]:
+def preprocessed_zero(
+    input_scaling: str, grayscale: str = "replicate"
+) -> tuple[float, float, float]:
     """The ``[0, 255]`` RGB pixel that ``input_scaling`` maps to 0 in every channel
-    (IRv2's mid-grey 127.5; the ImageNet mean colour for the caffe modes)."""
+    (IRv2's mid-grey 127.5; the ImageNet mean colour for the caffe modes).
+
+    Under ``grayscale: luminance`` every pixel becomes a grey, and no grey maps to 0
+    in every channel of the caffe modes: the grey whose channels come out nearest 0
+    on average (the mean of the per-channel zeros) stands for it.
+    """
     steps = INPUT_SCALINGS[check_input_scaling(input_scaling)]
     zero = [value - steps.offset / steps.scale for value in steps.subtract]
+    if check_grayscale(grayscale) == "luminance":
+        grey = sum(zero) / 3
+        return grey, grey, grey
     red, green, blue = zero[::-1] if steps.bgr else zero
     return red, green, blue
 

@@ -20,9 +20,9 @@ from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
-from irv2_pipeline.backbone import WeightsError, model_input_scaling
 from irv2_pipeline.cluster import ClusterRole, cluster_role
 from irv2_pipeline.parameters import is_modelled, parameter_problems
+from irv2_pipeline.sources import SourceError, candidate_sources, forced_source
 
 logger = logging.getLogger(__name__)
 
@@ -518,8 +518,7 @@ class ParameterCheckHook:
             for problem in parameter_problems(params)
         ]
         problems += [
-            f"{_origin('finetune.input_scaling', origin)}: {text}"
-            for text in _preprocessing_problems(params)
+            f"{_origin(key, origin)}: {text}" for key, text in _source_problems(params)
         ]
         if problems:
             raise ParameterError(
@@ -543,15 +542,21 @@ class ParameterCheckHook:
         ]
 
 
-def _preprocessing_problems(params: dict) -> list[str]:
-    """An unknown ``finetune.input_scaling``, or one the weights were not trained
-    with (``backbone.model_input_scaling``): found now, not when a model is built."""
+def _source_problems(params: dict) -> list[tuple[str, str]]:
+    """Candidate sources that cannot be used (``sources.candidate_sources``: an
+    unknown preprocessing, one the weights were not trained with, an image size IRv2
+    cannot take) or a ``model.source`` that names none: found now, not when a model
+    is built. Each with the key it is about."""
+    model, finetune = params.get("model") or {}, params.get("finetune") or {}
+    key = "model.sources" if model.get("sources") else "finetune.input_scaling"
     try:
-        model_input_scaling(
-            params.get("finetune") or {}, (params.get("model") or {}).get("weights")
-        )
-    except (ValueError, WeightsError) as error:
-        return [str(error)]
+        candidates = candidate_sources(model, finetune)
+    except SourceError as error:
+        return [(key, str(error))]
+    try:
+        forced_source(model, candidates)
+    except SourceError as error:
+        return [("model.source", str(error))]
     return []
 
 

@@ -2,9 +2,10 @@
 
 ImageNet weights cannot be had everywhere (air-gapped machines, CI), yet the measured
 path (BatchNorm shift against the source's statistics, the plan built from it, the
-``domain_gap`` finding) only means something on a backbone whose statistics describe
-some source. Two kinds are made here, on fractal images
-(:mod:`irv2_pipeline.synthetic_images`), reproducibly from a seed:
+``domain_gap`` finding, the ranking of candidate sources) only means something on a
+backbone whose statistics describe some source. Two kinds are made here, on generated
+images (:mod:`irv2_pipeline.synthetic_images`: fractals by default, or strokes or
+textures for a source far from fractal targets), reproducibly from a seed:
 
 - ``adabn`` (seconds): random IRv2 whose BatchNorm statistics are set by AdaBN on the
   source images, so the shift of a target measures how far it is from them;
@@ -24,6 +25,7 @@ Keras and TensorFlow versions and the code that makes it, so a test suite pays o
 Command line::
 
     python -m irv2_pipeline.make_source --kind trained --seed 0 --out sources/trained
+    python -m irv2_pipeline.make_source --kind adabn --images strokes
 """
 
 from __future__ import annotations
@@ -70,13 +72,20 @@ class SourceSettings:
     learning_rate: float = 1e-3
 
     @classmethod
-    def of(cls, kind: str, seed: int = 0) -> SourceSettings:
-        """The settings of ``kind``: a few hundred images for AdaBN, 2,000 to train."""
+    def of(cls, kind: str, seed: int = 0, generator: str = "fractal") -> SourceSettings:
+        """The settings of ``kind`` on images of ``generator``
+        (``synthetic_images.GENERATORS``): a few hundred images for AdaBN, 2,000 to
+        train. Two generators make a near and a far source for the same target."""
         if kind not in KINDS:
             raise ValueError(f"source kind {kind!r}: use one of {', '.join(KINDS)}")
+        if generator not in synthetic_images.GENERATORS:
+            raise ValueError(
+                f"generator {generator!r}: use one of "
+                f"{', '.join(synthetic_images.GENERATORS)}"
+            )
         if kind == "trained":
-            return cls(kind, seed, images_per_class=100, epochs=3)
-        return cls(kind, seed)
+            return cls(kind, seed, generator, images_per_class=100, epochs=3)
+        return cls(kind, seed, generator)
 
 
 def make_source(settings: SourceSettings, out: str | Path) -> Path:
@@ -179,7 +188,10 @@ def cache_key(settings: SourceSettings) -> str:
 
 
 def cached_source(
-    kind: str, seed: int = 0, cache_dir: str | Path | None = None
+    kind: str,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    generator: str = "fractal",
 ) -> Path:
     """The weights file of source ``kind``, made on first use and then reused.
 
@@ -188,11 +200,12 @@ def cached_source(
         seed: Seed of the source images, the initial weights and the training.
         cache_dir: Where sources are kept; default ``$IRV2_SOURCE_CACHE`` or
             ``~/.cache/irv2_pipeline/sources``.
+        generator: The images it is made on (``synthetic_images.GENERATORS``).
 
     Returns:
         ``<cache_dir>/<kind>-<key>/irv2_notop.weights.h5``.
     """
-    settings = SourceSettings.of(kind, seed)
+    settings = SourceSettings.of(kind, seed, generator)
     root = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
     folder = root / f"{kind}-{cache_key(settings)}"
     weights = folder / WEIGHTS_FILE
@@ -250,6 +263,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kind", choices=KINDS, default="trained")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--images",
+        choices=synthetic_images.GENERATORS,
+        default="fractal",
+        help="the generated images the source is made on",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="an empty folder for the source; default: the cache "
@@ -258,9 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.out is None:
-        weights = cached_source(args.kind, args.seed)
+        weights = cached_source(args.kind, args.seed, generator=args.images)
     else:
-        weights = make_source(SourceSettings.of(args.kind, args.seed), args.out)
+        weights = make_source(
+            SourceSettings.of(args.kind, args.seed, args.images), args.out
+        )
     sys.stdout.write(f"{weights}\n")
 
 

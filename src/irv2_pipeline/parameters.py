@@ -104,6 +104,10 @@ class ModelParams(_Block):
     weights: Annotated[str | None, Field(strict=True), AfterValidator(_weights)]
     image_size: Annotated[WholeNumber, AfterValidator(_image_size)]
     seed: WholeNumber
+    # Each candidate is checked by sources.candidate_sources (its weights' card
+    # included), before the run starts.
+    sources: list[dict[str, Any]] | None = None
+    source: Annotated[str | None, Field(strict=True)] = None
 
 
 class ImagesParams(_Block):

@@ -18,7 +18,7 @@ import pytest
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.pipelines.counterfactuals.nodes import configure_variant
 from irv2_pipeline.pipelines.finetune import nodes, training
-from tests.conftest import project_parameters
+from tests.conftest import planned_source, project_parameters
 from tests.pipelines.finetune.conftest import (
     CLASSES,
     DEMO_IMAGES,
@@ -46,7 +46,8 @@ OUR_PLAN = {
             "learning_rate": 1e-4,
             "bn_policy": "adapt",
         },
-    ]
+    ],
+    "source": planned_source(),
 }
 
 

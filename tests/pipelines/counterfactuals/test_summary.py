@@ -13,6 +13,7 @@ from irv2_pipeline.pipelines.counterfactuals.nodes import (
     write_counterfactual_report,
 )
 from irv2_pipeline.pipelines.evaluation.metrics import prediction_table
+from tests.conftest import planned_source
 
 CLASSES = ["a", "b"]
 N = 60
@@ -82,7 +83,7 @@ def test_a_clear_gain_is_not_noise_one_image_is(summary):
 
 
 def test_the_report_says_which_differences_are_noise(summary):
-    report = write_counterfactual_report(summary, PARAMS, {"weights": None})
+    report = write_counterfactual_report(summary, PARAMS, {"source": planned_source()})
     assert report.startswith("## What each fix was worth on your data")
     assert "![Paired differences](counterfactual_chart.png)" in report
     assert "**one_off** (one more image wrong)" in report

@@ -17,7 +17,7 @@ from irv2_pipeline.pipelines.counterfactuals.variants import (
     VariantError,
     selected_variants,
 )
-from tests.conftest import copy_project, project_parameters
+from tests.conftest import copy_project, planned_source, project_parameters
 
 # Ours with ImageNet weights: feature_shift's kind of plan (head, then two steps).
 IMAGENET_PLAN = {
@@ -47,7 +47,8 @@ IMAGENET_PLAN = {
             "warmup_epochs": 1,
             "weight_decay": 0.02,
         },
-    ]
+    ],
+    "source": planned_source("imagenet"),
 }
 COPIES = pd.DataFrame(
     {"path": ["a/x__c1.jpg"], "source_path": ["a/x.png"], "label": ["a"]}
@@ -155,6 +156,8 @@ def test_every_variant_keeps_the_epoch_budget_and_its_own_folders(params, name):
         variant_name=name,
     )
     assert sum(s["epochs"] for s in plan["stages"]) == 21
+    # A variant changes the recipe, never the source our plan chose.
+    assert plan["source"] == IMAGENET_PLAN["source"]
     root = params["finetune"]["checkpoint_dir"]
     assert finetune["checkpoint_dir"] == f"{root}/counterfactuals/{name}"
     assert finetune["stages"] is None

@@ -23,7 +23,7 @@ from irv2_pipeline.classifier import HEAD_MODEL, LOGITS_LAYER, POOLING_LAYERS
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy, fingerprint
 from irv2_pipeline.pipelines.evaluation.metrics import prediction_table
-from tests.conftest import kedro, project_parameters
+from tests.conftest import kedro, planned_source, project_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 IMAGE_SIZE = 32
@@ -293,6 +293,8 @@ def plan(*unfreeze_from: str | None) -> dict:
             for start in unfreeze_from
         ],
         "rationale": ["the shift is small (mean 0.1 < 1.0)"],
+        "source": planned_source("imagenet"),
+        "source_reason": "Source `imagenet`, the only candidate.",
     }
 
 
@@ -364,6 +366,9 @@ def upstream_outputs(manifest: pd.DataFrame) -> dict:
         ),
         "transferability": pd.DataFrame(
             {"layer": ["mixed_5b", "conv_7b"], "logme": [-0.5, 0.3]}
+        ),
+        "source_ranking": pd.DataFrame(
+            {"rank": [1], "source": ["imagenet"], "chosen": [True], "logme": [0.3]}
         ),
         "finetune_plan": plan(None, "block8_1"),
         "finetune_stages": stages_after(healthy_history()),

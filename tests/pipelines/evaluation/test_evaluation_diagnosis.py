@@ -10,6 +10,7 @@ import yaml
 
 from irv2_pipeline.pipelines.evaluation import diagnosis
 from irv2_pipeline.pipelines.evaluation.nodes import diagnose_run
+from tests.conftest import planned_source
 
 from .conftest import (
     PROJECT_ROOT,
@@ -413,13 +414,10 @@ def test_validation_test_gap_is_silent_within_the_gap_or_the_interval(thresholds
     assert validation_test_gap(history, 0.70, [0.45, 0.92], thresholds) is None
 
 
-def test_diagnose_run_on_a_run_that_kept_an_earlier_stage(
-    diagnosis_inputs, model_params
-):
+def test_diagnose_run_on_a_run_that_kept_an_earlier_stage(diagnosis_inputs):
     history = distorted_history()
     metrics = diagnosis_inputs["evaluation_metrics"]
     findings, _ = diagnose_run(
-        model=model_params,
         **{
             **diagnosis_inputs,
             "training_history": history,
@@ -872,17 +870,23 @@ def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> 
     }
 
 
-def test_diagnose_run_lists_only_what_fired(diagnosis_inputs, model_params):
-    healthy, healthy_not_judged = diagnose_run(model=model_params, **diagnosis_inputs)
+def random_source(inputs: dict) -> dict:
+    """``inputs`` of a run whose plan chose a source of random weights."""
+    return {
+        **inputs,
+        "finetune_plan": {**inputs["finetune_plan"], "source": planned_source(None)},
+    }
+
+
+def test_diagnose_run_lists_only_what_fired(diagnosis_inputs):
+    healthy, healthy_not_judged = diagnose_run(**diagnosis_inputs)
     assert [finding["rule"] for finding in healthy] == ["small_test_set"]
     # Six test images: too few for the KS test (10) or a slice (5, not all six).
     too_few = ["image_property_drift", "weak_segment"]
     assert [rule["rule"] for rule in healthy_not_judged] == too_few
     assert healthy_not_judged[0]["reason"].startswith("6 training and 6 test images")
 
-    random_init, random_not_judged = diagnose_run(
-        model={**model_params, "weights": None}, **diagnosis_inputs
-    )
+    random_init, random_not_judged = diagnose_run(**random_source(diagnosis_inputs))
     assert [rule["rule"] for rule in random_not_judged] == ["domain_gap", *too_few]
     assert [finding["rule"] for finding in random_init] == [
         "random_weights",
@@ -899,16 +903,15 @@ def test_diagnose_run_lists_only_what_fired(diagnosis_inputs, model_params):
 
 
 def test_diagnose_run_orders_findings_by_priority_then_severity(
-    diagnosis_inputs, model_params
+    diagnosis_inputs,
 ):
     # A random-init run that fits poorly (medium), on a shifted test split (high),
     # with a border shortcut (high) and one weak class (high), over-confident
     # (medium), on a small test set (low).
     history = history_frame({"head": [(1.0, 0.6, 1.0, 0.6), (0.8, 0.7, 0.8, 0.7)]})
     findings, _ = diagnose_run(
-        model={**model_params, "weights": None},
         **{
-            **diagnosis_inputs,
+            **random_source(diagnosis_inputs),
             "evaluation_metrics": {
                 **diagnosis_inputs["evaluation_metrics"],
                 "accuracy": 0.7,
@@ -951,13 +954,11 @@ def test_stage_records_read_the_head_stage_back_from_csv_as_head_only(tmp_path):
 
 
 def test_diagnose_run_flags_a_learning_rate_the_plan_rules_reject(
-    diagnosis_inputs, model_params, plan_rules
+    diagnosis_inputs, plan_rules
 ):
     reckless = stages_frame(None, "block8_1")
     reckless.loc[1, "learning_rate"] = 10 * plan_rules["max_backbone_learning_rate"]
-    findings, _ = diagnose_run(
-        model=model_params, **{**diagnosis_inputs, "finetune_stages": reckless}
-    )
+    findings, _ = diagnose_run(**{**diagnosis_inputs, "finetune_stages": reckless})
     unstable = [f for f in findings if f["rule"] == "unstable_training"]
     assert len(unstable) == 1
     assert "above max_backbone_learning_rate" in unstable[0]["evidence"][0]

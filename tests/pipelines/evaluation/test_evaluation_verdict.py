@@ -164,6 +164,7 @@ def run_the_verdict(root: Path, inputs: dict, upstream: dict, params: dict) -> N
     memory = {
         **{k: v for k, v in inputs.items() if k not in ("model", "plan_rules")},
         "transferability": upstream["transferability"],
+        "source_ranking": upstream["source_ranking"],
         "finetune_plan": upstream["finetune_plan"],
         "label_issues": pd.DataFrame(columns=ISSUE_COLUMNS),
         "params:model": params["params:model"],

@@ -11,6 +11,7 @@ from irv2_pipeline.backbone import CARD_SUFFIX
 from irv2_pipeline.pipelines.feature_shift.nodes import image_size_warning
 from irv2_pipeline.pipelines.feature_shift.plan import Measurements, plan_stages
 from irv2_pipeline.plan_rules import PlanError, learning_rate_problems, validate_stages
+from irv2_pipeline.sources import candidate_sources
 
 from .conftest import DEPTHS, GROUPS, UNITS, feature_shift_params
 
@@ -242,12 +243,22 @@ def test_an_image_size_other_than_the_weights_own_is_warned_about(tmp_path):
     weights = tmp_path / "irv2_notop.weights.h5"
     weights.write_bytes(b"")
     (tmp_path / f"{weights.name}{CARD_SUFFIX}").write_text('{"image_size": 75}')
-    assert image_size_warning({"weights": str(weights), "image_size": 75}) is None
-    warning = image_size_warning({"weights": str(weights), "image_size": 139})
-    assert "139 px" in warning and "75 px" in warning
-    assert image_size_warning({"weights": "imagenet", "image_size": 299}) is None
-    assert "299 px" in image_size_warning({"weights": "imagenet", "image_size": 75})
+
+    def warning(weights, image_size: int) -> str | None:
+        (source,) = candidate_sources({"weights": weights}, {})
+        return image_size_warning(source, image_size)
+
+    assert warning(str(weights), 75) is None
+    assert "139 px" in warning(str(weights), 139)
+    assert "75 px" in warning(str(weights), 139)
+    assert "source `irv2_notop`" in warning(str(weights), 139)
+    assert warning("imagenet", 299) is None
+    assert "299 px" in warning("imagenet", 75)
     # Random weights and a file without a card: no size to compare with.
-    assert image_size_warning({"weights": None, "image_size": 75}) is None
+    assert warning(None, 75) is None
     (tmp_path / f"{weights.name}{CARD_SUFFIX}").unlink()
-    assert image_size_warning({"weights": str(weights), "image_size": 139}) is None
+    assert warning(str(weights), 139) is None
+    # A listed source says its own size.
+    listed = {"sources": [{"name": "rad", "weights": None, "image_size": 256}]}
+    (source,) = candidate_sources(listed, {})
+    assert "trained at 256 px" in image_size_warning(source, 299)

@@ -89,6 +89,7 @@ def run(
 
     from irv2_pipeline.datasets import ImageFolder  # noqa: PLC0415
     from irv2_pipeline.pipelines.finetune import nodes, training  # noqa: PLC0415
+    from tests.conftest import planned_source  # noqa: PLC0415
     from tests.pipelines.finetune import conftest  # noqa: PLC0415
 
     epochs_log = workdir / "epochs.log"
@@ -130,7 +131,7 @@ def run(
         model, history, records, classes, _ = nodes.train_classifier(
             image_manifest=manifest,
             augmented_manifest=manifest.iloc[0:0],
-            finetune_plan={"stages": []},
+            finetune_plan={"stages": [], "source": planned_source()},
             resized_manifest=conftest.resized_demo()[0],
             resized_images=ImageFolder(conftest.resized_demo()[1]),
             augmented_images=ImageFolder(workdir / "no_augmented_images"),

@@ -17,6 +17,7 @@ from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
 from irv2_pipeline.pipelines.finetune import nodes
 from irv2_pipeline.pipelines.finetune.examples import split_examples
+from tests.conftest import planned_source
 
 from .conftest import CLASSES, IMAGE_SIZE, demo_manifest, demo_resized, resized_demo
 from .test_finetune_cached_head import pixels
@@ -38,7 +39,11 @@ def test_irv2_head_on_cached_features_is_the_saved_models_head(
     model, history, records, classes, _ = nodes.train_classifier(
         image_manifest=manifest,
         augmented_manifest=manifest.iloc[0:0],
-        finetune_plan={"stages": [HEAD_STAGE], "rationale": []},
+        finetune_plan={
+            "stages": [HEAD_STAGE],
+            "rationale": [],
+            "source": planned_source(),
+        },
         resized_manifest=resized_demo()[0],
         resized_images=ImageFolder(resized_demo()[1]),
         augmented_images=ImageFolder(tmp_path / "none"),

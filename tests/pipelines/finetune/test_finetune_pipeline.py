@@ -26,6 +26,7 @@ from irv2_pipeline.pipelines.finetune.examples import (
     training_examples,
 )
 from irv2_pipeline.pipelines.finetune.training import TrainingDivergedError
+from tests.conftest import planned_source
 
 from .conftest import (
     CLASSES,
@@ -77,7 +78,9 @@ def catalog_for(tmp_path, augmented, finetune_params, plan_rules) -> DataCatalog
         datasets={
             "image_manifest": MemoryDataset(demo_manifest(2, 1)),
             "augmented_manifest": MemoryDataset(augmented_manifest),
-            "finetune_plan": MemoryDataset({"stages": STAGES, "rationale": []}),
+            "finetune_plan": MemoryDataset(
+                {"stages": STAGES, "rationale": [], "source": planned_source()}
+            ),
             "resized_manifest": MemoryDataset(resized_demo()[0]),
             "resized_images": ImageFolderDataset(path=str(resized_demo()[1])),
             "augmented_images": ImageFolderDataset(path=str(root)),
@@ -232,7 +235,11 @@ def test_bn_adaptation_sees_held_out_pixels_only_when_asked(
         nodes.train_classifier(
             image_manifest=manifest,
             augmented_manifest=manifest.iloc[0:0],
-            finetune_plan={"stages": STAGES, "rationale": []},
+            finetune_plan={
+                "stages": STAGES,
+                "rationale": [],
+                "source": planned_source(),
+            },
             resized_manifest=resized_demo()[0],
             resized_images=ImageFolder(resized_demo()[1]),
             augmented_images=ImageFolder(tmp_path / "none"),
@@ -270,7 +277,11 @@ def test_a_changed_resized_set_starts_training_afresh_instead_of_resuming(
             nodes.train_classifier(
                 image_manifest=manifest,
                 augmented_manifest=manifest.iloc[0:0],
-                finetune_plan={"stages": STAGES, "rationale": []},
+                finetune_plan={
+                    "stages": STAGES,
+                    "rationale": [],
+                    "source": planned_source(),
+                },
                 resized_manifest=resized,
                 resized_images=ImageFolder(folder),
                 augmented_images=ImageFolder(tmp_path / "none"),

@@ -34,6 +34,8 @@ from irv2_pipeline.classifier import (
 )
 from irv2_pipeline.datasets.atomic_model import AtomicTensorFlowModelDataset
 from irv2_pipeline.pipelines.finetune.nodes import train_classifier
+from irv2_pipeline.sources import SourceError
+from tests.conftest import planned_source
 
 from .conftest import (
     CLASSES,
@@ -181,18 +183,21 @@ def test_training_stops_before_reading_anything_on_another_preprocessing(tmp_pat
     )
     params = load_parameters("parameters", "smoke")
     nothing = pd.DataFrame()
-    with pytest.raises(ValueError) as error:
+    # A plan made before the card said how the weights were trained.
+    stale = planned_source(str(weights), "minus_one_to_one")
+    with pytest.raises(SourceError) as error:
         train_classifier(
             image_manifest=nothing,
             augmented_manifest=nothing,
-            finetune_plan={},
+            finetune_plan={"stages": [], "source": stale},
             resized_manifest=nothing,
             resized_images=None,
             augmented_images=None,
-            model={**params["model"], "weights": str(weights)},
+            model=params["model"],
             images=params["images"],
-            finetune={**params["finetune"], "input_scaling": "minus_one_to_one"},
+            finetune=params["finetune"],
             plan_rules=params["feature_shift"]["plan_rules"],
         )
-    assert "finetune.input_scaling = 'minus_one_to_one'" in str(error.value)
-    assert f"finetune.input_scaling: {RADIMAGENET}" in str(error.value)
+    assert "preprocessing = 'minus_one_to_one'" in str(error.value)
+    assert f"trained with {RADIMAGENET!r}" in str(error.value)
+    assert "kedro run --pipeline feature_shift" in str(error.value)

@@ -24,6 +24,7 @@ from irv2_pipeline.pipelines.evaluation.metrics import (
     paired_bootstrap_difference,
 )
 from irv2_pipeline.pipelines.evaluation.report import markdown_table
+from irv2_pipeline.sources import planned_source
 
 from .variants import (
     our_stages,
@@ -86,7 +87,7 @@ def configure_variant(
 
     Returns:
         The variant's ``finetune`` parameters (checkpoints in their own folder), its
-        plan (``{"stages": [...]}``), its augmented copies (none with
+        plan (``stages``, ``rationale``, our ``source``), its augmented copies (none with
         ``augmented_copies: false``) and its learning-rate limits.
     """
     params = variant_finetune(variant_name, variant, finetune)
@@ -96,9 +97,12 @@ def configure_variant(
         if variant.get("augmented_copies", True)
         else augmented_manifest.iloc[0:0]
     )
+    # Every variant fine-tunes from the source our plan chose: a variant changes
+    # one factor of the recipe, not the backbone.
     plan = {
         "stages": stages,
         "rationale": [f"counterfactual variant {variant_name}: {variant['factor']}"],
+        "source": planned_source(finetune_plan).as_dict(),
     }
     return params, plan, copies, variant_plan_rules(variant, plan_rules)
 
@@ -231,7 +235,7 @@ def plot_counterfactuals(counterfactual_summary: pd.DataFrame) -> Figure:
 def write_counterfactual_report(
     counterfactual_summary: pd.DataFrame,
     counterfactuals: dict[str, Any],
-    model: dict[str, Any],
+    finetune_plan: dict[str, Any],
 ) -> str:
     """The section "What each fix was worth on your data", as its own Markdown file.
 
@@ -239,7 +243,7 @@ def write_counterfactual_report(
         counterfactual_summary: From :func:`summarise_counterfactuals`.
         counterfactuals: The ``counterfactuals`` parameters (``report_chart``: the
             chart's file, relative to the report).
-        model: The ``model`` parameters.
+        finetune_plan: Our plan (the source every variant fine-tuned from).
 
     Returns:
         The Markdown text.
@@ -257,12 +261,13 @@ def write_counterfactual_report(
         "the interval holds 0 the difference is within noise: these test images "
         "cannot tell the two apart.",
     ]
-    if model.get("weights") is None:
+    source = planned_source(finetune_plan)
+    if not source.pretrained:
         lines += [
             "",
-            "_The backbone started from random weights (`model.weights: null`): "
+            f"_The backbone started from random weights (source `{source.name}`): "
             "these figures are not transfer learning and say nothing about "
-            "ImageNet features._",
+            "pretrained features._",
         ]
     lines += ["", f"![Paired differences]({counterfactuals['report_chart']})", ""]
     lines += [

@@ -154,7 +154,7 @@ def create_pipeline(variants: Sequence[str] = (), **kwargs) -> Pipeline:
                 inputs=[
                     "counterfactual_summary",
                     "params:counterfactuals",
-                    "params:model",
+                    "finetune_plan",
                 ],
                 outputs="counterfactual_report",
                 name="write_counterfactual_report",

@@ -582,12 +582,12 @@ def domain_gap(
             suggestion="Add training images (at least feature_shift.plan."
             "scarce_images_per_class in the smallest class) so that the plan reaches "
             f"{target}, or set {depth_limit['setting']}: {target} to accept the risk "
-            "of overfitting; a pretrained source nearer your images (model.weights) "
-            "shifts less.",
+            "of overfitting; a pretrained source nearer your images shifts less "
+            "(add it to model.sources: feature_shift ranks the candidates).",
             parameters=[
                 "feature_shift.plan.scarce_images_per_class",
                 str(depth_limit["setting"]),
-                "model.weights",
+                "model.sources",
             ],
             evidence=evidence,
         )

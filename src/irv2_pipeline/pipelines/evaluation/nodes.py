@@ -22,6 +22,7 @@ from irv2_pipeline.predict import (
     softmax_rows,
 )
 from irv2_pipeline.progress import ProgressLog
+from irv2_pipeline.sources import planned_source
 
 from . import checks, diagnosis, plots, verdict
 from .attribution import (
@@ -244,10 +245,15 @@ def occlude_test_split(
         (``attribution.flip_table``).
     """
     # Imported here: it imports Keras, which other commands need not load.
-    from irv2_pipeline.classifier import saved_input_scaling  # noqa: PLC0415
+    from irv2_pipeline.classifier import (  # noqa: PLC0415
+        saved_grayscale,
+        saved_input_scaling,
+    )
 
     spec = OcclusionSpec.from_params(evaluation["attribution"]["occlusion"])
-    zero = preprocessed_zero(saved_input_scaling(finetuned_model))
+    zero = preprocessed_zero(
+        saved_input_scaling(finetuned_model), saved_grayscale(finetuned_model)
+    )
     image_size = int(model["image_size"])
     batch_size = int(evaluation["batch_size"])
     classes = classes_of(test_predictions)
@@ -483,7 +489,6 @@ def diagnose_run(
     dataset_summary: dict[str, Any],
     occlusion_flips: pd.DataFrame,
     label_noise_estimate: dict[str, Any],
-    model: dict[str, Any],
     plan_rules: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -498,7 +503,8 @@ def diagnose_run(
         split_shift: Shift between the splits (``feature_shift``).
         finetune_stages: The stages ``finetune`` trained, one row each; ``selected``
             marks the one the model was saved from.
-        finetune_plan: The plan ``feature_shift`` made (its ``depth_limit``).
+        finetune_plan: The plan ``feature_shift`` made (its ``depth_limit`` and
+            source).
         image_manifest: The ingestion manifest.
         duplicate_report: Duplicate groups (ingestion).
         dataset_summary: The ingestion summary.
@@ -506,7 +512,6 @@ def diagnose_run(
             and the centre change.
         label_noise_estimate: Confident learning's estimates on the training
             images (:func:`find_label_issues`).
-        model: The ``model`` parameters (``weights``).
         plan_rules: ``feature_shift.plan_rules``, the learning-rate limits every plan
             must keep.
         evaluation: The ``evaluation`` parameters (``diagnosis`` thresholds,
@@ -519,7 +524,7 @@ def diagnose_run(
         (``rule``, ``reason``), in the same order.
     """
     thresholds = evaluation["diagnosis"]
-    weights = model.get("weights")
+    weights = planned_source(finetune_plan).weights
     stages = diagnosis.stage_records(finetune_stages)
     train_counts = _train_counts(image_manifest, evaluation_metrics["classes"])
     results = [
@@ -657,6 +662,7 @@ def write_report(
     bn_shift_profile: pd.DataFrame,
     split_shift: pd.DataFrame,
     transferability: pd.DataFrame,
+    source_ranking: pd.DataFrame,
     finetune_plan: dict[str, Any],
     finetune_stages: pd.DataFrame,
     dataset_summary: dict[str, Any],
@@ -677,6 +683,7 @@ def write_report(
         bn_shift_profile: BN shift per layer.
         split_shift: Shift between the splits.
         transferability: Transferability of frozen features by depth.
+        source_ranking: The candidate sources, best first.
         finetune_plan: The plan ``feature_shift`` made, with its rationale.
         finetune_stages: The stages ``finetune`` trained, one row each.
         dataset_summary: The ingestion summary.
@@ -701,6 +708,7 @@ def write_report(
         shift_by_block=block_shift(bn_shift_profile),
         split_shift=split_shift,
         transferability=transferability,
+        source_ranking=source_ranking,
         finetune_plan=finetune_plan,
         finetune_stages=finetune_stages,
         dataset_summary=dataset_summary,

@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from irv2_pipeline.sources import planned_source
+
 from .diagnosis import stages_of
 
 METRIC_LABELS = {
@@ -267,6 +269,7 @@ def render_report(
     shift_by_block: pd.DataFrame,
     split_shift: pd.DataFrame,
     transferability: pd.DataFrame,
+    source_ranking: pd.DataFrame,
     finetune_plan: Mapping[str, Any],
     finetune_stages: pd.DataFrame,
     dataset_summary: Mapping[str, Any],
@@ -288,24 +291,29 @@ def render_report(
         shift_by_block: Mean and maximum BN shift per IRv2 block.
         split_shift: The split-shift table of ``feature_shift``.
         transferability: The transferability table of ``feature_shift``.
-        finetune_plan: The plan ``feature_shift`` made, with its rationale.
+        source_ranking: The candidate sources, best first (``feature_shift``).
+        finetune_plan: The plan ``feature_shift`` made, with its rationale and the
+            source it chose.
         finetune_stages: The stages ``finetune`` trained, one row each.
         dataset_summary: ``dataset_summary`` from ingestion.
         occlusion_flips: The occlusion test per class.
         label_noise: ``label_noise_estimate``, confident learning's estimates.
         label_issues: The training images flagged as probably mislabelled.
-        model: The ``model`` parameters.
+        model: The ``model`` parameters (``image_size``).
         plots: Plot title to file name, relative to the report.
         upstream_plots: The same for the plots of the pipelines before.
 
     Returns:
         The report as Markdown.
     """
-    weights = model.get("weights")
+    source = planned_source(finetune_plan)
+    weights = source.weights
     classes = metrics.get("classes", [])
     sections = [
         "# Evaluation report",
-        f"Backbone weights: `{'null (random init)' if weights is None else weights}`; "
+        f"Backbone: source `{source.name}`, weights "
+        f"`{'null (random init)' if weights is None else weights}`, preprocessing "
+        f"`{source.preprocessing}`, grayscale `{source.grayscale}`; "
         f"input size {model.get('image_size')} px; "
         f"{metrics['n_test']} test images in {len(classes)} classes "
         f"({', '.join(classes)}).",
@@ -354,6 +362,8 @@ def render_report(
         markdown_table(split_shift),
         "## Transferability of frozen features",
         markdown_table(transferability),
+        "## Candidate sources",
+        f"{finetune_plan['source_reason']}\n\n{markdown_table(source_ranking)}",
         "## Training labels",
         label_issues_section(label_noise, label_issues),
         "## Dataset",

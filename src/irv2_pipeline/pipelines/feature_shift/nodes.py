@@ -24,8 +24,9 @@ from irv2_pipeline.plan_rules import (
     validate_stages,
 )
 from irv2_pipeline.probe import fit_probe
+from irv2_pipeline.sources import Source, candidate_sources, forced_source
 
-from . import shift, twosample
+from . import ranking, shift, twosample
 from .logme import logme
 from .plan import Measurements, plan_stages
 from .plots import shift_by_depth_plot
@@ -139,6 +140,48 @@ def sample_images(
     return sample
 
 
+def measure_sources(
+    *,
+    feature_shift_sample: pd.DataFrame,
+    raw_images: ImageFolder,
+    model: dict[str, Any],
+    images: dict[str, Any],
+    feature_shift: dict[str, Any],
+    finetune: dict[str, Any],
+) -> dict[str, BackboneMeasurements]:
+    """Measures every candidate source (``model.sources``, or ``model.weights``).
+
+    Args:
+        feature_shift_sample: The sampled images, from ``sample_images``.
+        raw_images: The image root.
+        model: The shared ``model`` parameters (sources or weights, image size).
+        images: The ``images`` parameters (how images are opened).
+        feature_shift: The ``feature_shift`` parameters (depths, batch size).
+        finetune: The ``finetune`` parameters (the one source's ``input_scaling``).
+
+    Returns:
+        Per source name, :func:`measure_backbone`'s measurements.
+
+    Raises:
+        SourceError: Candidates that cannot be used, or a ``model.source`` that
+            names none of them: found before any image is read.
+    """
+    candidates = candidate_sources(model, finetune)
+    forced_source(model, candidates)
+    return {
+        source.name: measure_backbone(
+            feature_shift_sample=feature_shift_sample,
+            raw_images=raw_images,
+            model=model,
+            images=images,
+            feature_shift=feature_shift,
+            finetune=finetune,
+            source=source,
+        )
+        for source in candidates
+    }
+
+
 def measure_backbone(
     *,
     feature_shift_sample: pd.DataFrame,
@@ -147,22 +190,25 @@ def measure_backbone(
     images: dict[str, Any],
     feature_shift: dict[str, Any],
     finetune: dict[str, Any],
+    source: Source | None = None,
 ) -> BackboneMeasurements:
     """Runs every sampled image through IRv2 once, measuring inside the graph.
 
     Per split: the per-channel moments of every BN layer's input and the pooled
-    features at ``feature_shift.depths``. Random weights (``model.weights: null``)
-    are drawn from ``model.seed``.
+    features at ``feature_shift.depths``. Random weights are drawn from
+    ``model.seed``.
 
     Args:
         feature_shift_sample: The sampled images, from ``sample_images``.
         raw_images: The image root.
-        model: The shared ``model`` parameters (weights, image size).
+        model: The shared ``model`` parameters (image size, seed).
         images: The ``images`` parameters (how images are opened).
         feature_shift: The ``feature_shift`` parameters (depths, batch size).
-        finetune: The ``finetune`` parameters: the images are preprocessed as the
-            model finetune trains preprocesses them (``finetune.input_scaling``,
-            checked against the weights' card).
+        finetune: The ``finetune`` parameters (``input_scaling``, for the default
+            source).
+        source: The backbone measured, fed its own preprocessing and grayscale
+            rule; default the first candidate (``model.weights`` without
+            ``model.sources``).
 
     Returns:
         The measurements of every split.
@@ -172,8 +218,15 @@ def measure_backbone(
 
     from . import moments  # noqa: PLC0415
 
-    weights = model["weights"]
-    input_scaling = irv2.model_input_scaling(finetune, weights)
+    source = source or candidate_sources(model, finetune)[0]
+    logger.info(
+        "Measuring source `%s`: weights %s, preprocessing %s, grayscale %s",
+        source.name,
+        source.weights,
+        source.preprocessing,
+        source.grayscale,
+    )
+    weights = source.weights
     size = int(model["image_size"])
     depths = [str(depth) for depth in feature_shift["depths"]]
     if not depths:
@@ -181,7 +234,9 @@ def measure_backbone(
     # Random-init weights (model.weights: null) are drawn from this seed.
     keras.utils.set_random_seed(int(model["seed"]))
     backbone = irv2.load_irv2(weights, size)
-    probe, layout = moments.build_probe(backbone, depths, input_scaling)
+    probe, layout = moments.build_probe(
+        backbone, depths, source.preprocessing, source.grayscale
+    )
     batch_size = int(feature_shift["batch_size"])
     if batch_size < 1:
         raise FeatureShiftError(
@@ -230,11 +285,15 @@ def measure_backbone(
     )
 
 
-def profile_bn_shift(feature_shift_measurements: BackboneMeasurements) -> pd.DataFrame:
-    """The shift of every BN layer: stored (ImageNet) vs training-image statistics.
+def profile_bn_shift(
+    feature_shift_measurements: BackboneMeasurements, *, warn: bool = True
+) -> pd.DataFrame:
+    """The shift of every BN layer: the source's stored vs training-image statistics.
 
     Args:
         feature_shift_measurements: From ``measure_backbone``.
+        warn: Log that random weights make the shift meaningless (once a run: the
+            ranking profiles every candidate without it).
 
     Returns:
         ``bn_shift_profile``: one row per BN layer (see ``shift.PROFILE_COLUMNS``).
@@ -248,13 +307,76 @@ def profile_bn_shift(feature_shift_measurements: BackboneMeasurements) -> pd.Dat
         measured.weights_pretrained,
         train.grayscale_share,
     )
-    if not measured.weights_pretrained:
+    if warn and not measured.weights_pretrained:
         logger.warning(RANDOM_WEIGHTS_WARNING)
     return profile
 
 
+def rank_sources(
+    source_measurements: dict[str, BackboneMeasurements],
+    model: dict[str, Any],
+    feature_shift: dict[str, Any],
+    finetune: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any], Figure]:
+    """Ranks the candidate sources on the training images and chooses one.
+
+    The best by LogME at the top depth (``ranking``), unless ``model.source``
+    names one.
+
+    Args:
+        source_measurements: From ``measure_sources``.
+        model: The shared ``model`` parameters (``sources``, ``source``, ``seed``).
+        feature_shift: The ``feature_shift`` parameters.
+        finetune: The ``finetune`` parameters (the one source's ``input_scaling``).
+
+    Returns:
+        ``source_ranking`` (one row per candidate, best first), ``chosen_source``
+        (``source``: its fields; ``reason``: why) and ``source_ranking_plot``.
+    """
+    candidates = candidate_sources(model, finetune)
+    profiles = {
+        name: profile_bn_shift(measured, warn=False)
+        for name, measured in source_measurements.items()
+    }
+    tables = {
+        name: score_transferability(measured, model, feature_shift)
+        for name, measured in source_measurements.items()
+    }
+    table, chosen, reason = ranking.rank(
+        candidates,
+        profiles,
+        tables,
+        forced=forced_source(model, candidates),
+        shift_threshold=float(feature_shift["plan"]["shift_threshold"]),
+    )
+    logger.info("Source: %s", reason)
+    return (
+        table,
+        {"source": chosen.as_dict(), "reason": reason},
+        ranking.ranking_plot(table, tables),
+    )
+
+
+def select_source(
+    source_measurements: dict[str, BackboneMeasurements],
+    chosen_source: dict[str, Any],
+) -> BackboneMeasurements:
+    """The measurements of the chosen source, which the profile, the split shift,
+    the transferability table and the plan are made of.
+
+    Args:
+        source_measurements: From ``measure_sources``.
+        chosen_source: From ``rank_sources``.
+
+    Returns:
+        ``feature_shift_measurements``.
+    """
+    return source_measurements[chosen_source["source"]["name"]]
+
+
 def summarize_bn_shift(
     bn_shift_profile: pd.DataFrame,
+    chosen_source: dict[str, Any],
     model: dict[str, Any],
     feature_shift: dict[str, Any],
 ) -> tuple[dict[str, Any], Figure]:
@@ -262,25 +384,32 @@ def summarize_bn_shift(
 
     Args:
         bn_shift_profile: From ``profile_bn_shift``.
-        model: The shared ``model`` parameters.
+        chosen_source: From ``rank_sources``.
+        model: The shared ``model`` parameters (``image_size``).
         feature_shift: The ``feature_shift`` parameters (``plan.shift_threshold``).
 
     Returns:
         ``feature_shift_summary`` and ``bn_shift_plot``.
     """
+    source = Source.from_dict(chosen_source["source"])
     blocks = shift.block_shift(bn_shift_profile)
     by_block = {
         str(b): float(v) for b, v in zip(blocks["block"], blocks["shift"], strict=True)
     }
-    meaningful = model["weights"] is not None
+    meaningful = source.pretrained
     threshold = float(feature_shift["plan"]["shift_threshold"])
     peak = blocks.loc[blocks["shift"].idxmax()]
     summary = {
-        "weights": model["weights"],
+        "source": source.name,
+        "weights": source.weights,
         "image_size": int(model["image_size"]),
-        "weights_image_size": irv2.weights_card(model["weights"]).get("image_size"),
+        "weights_image_size": source.image_size,
         "shift_meaningful": meaningful,
-        "warning": image_size_warning(model) if meaningful else RANDOM_WEIGHTS_WARNING,
+        "warning": (
+            image_size_warning(source, int(model["image_size"]))
+            if meaningful
+            else RANDOM_WEIGHTS_WARNING
+        ),
         "shift_definition": SHIFT_DEFINITION,
         "shift_threshold": threshold,
         "grayscale_share": grayscale_share(bn_shift_profile),
@@ -448,39 +577,45 @@ def score_transferability(
 
 
 def plan_finetuning(
+    *,
     bn_shift_profile: pd.DataFrame,
     transferability: pd.DataFrame,
     image_manifest: pd.DataFrame,
+    chosen_source: dict[str, Any],
     model: dict[str, Any],
     feature_shift: dict[str, Any],
 ) -> dict[str, Any]:
     """The stages ``finetune`` runs, and why (see ``plan.plan_stages`` for the rule).
 
-    With ``model.weights: null`` the shift means nothing: the plan is
+    With random weights the shift means nothing: the plan is
     ``feature_shift.default_stages``, and its rationale says so.
 
     Args:
         bn_shift_profile: From ``profile_bn_shift``.
         transferability: From ``score_transferability``.
         image_manifest: All images (training images per class).
-        model: The shared ``model`` parameters.
+        chosen_source: From ``rank_sources``: the source the plan is for.
+        model: The shared ``model`` parameters (``image_size``).
         feature_shift: The ``feature_shift`` parameters (``plan``, ``plan_rules``,
             ``default_stages``).
 
     Returns:
-        ``finetune_plan``: ``stages``, ``rationale``, ``basis`` (``measured`` or
-        ``default_stages``), ``shift_meaningful``, ``weights``, ``depth_limit``
-        (the setting that capped the depth, see ``plan.Plan``; ``None`` if none did)
-        and ``warnings`` (what makes the measurements less trustworthy).
+        ``finetune_plan``: ``stages``, ``rationale`` (why this source first),
+        ``basis`` (``measured`` or ``default_stages``), ``shift_meaningful``,
+        ``source`` (the chosen source's fields, which finetune builds the backbone
+        from), ``source_reason`` (why it), ``weights`` (its weights), ``depth_limit`` (the setting that capped
+        the depth, see ``plan.Plan``; ``None`` if none did) and ``warnings`` (what
+        makes the measurements less trustworthy).
 
     Raises:
         PlanError: Stages that break ``feature_shift.plan_rules``.
     """
+    source = Source.from_dict(chosen_source["source"])
     units = shift.unit_order(bn_shift_profile)
     defaults = validate_stages(
         feature_shift["default_stages"], "feature_shift.default_stages", units
     )
-    meaningful = model["weights"] is not None
+    meaningful = source.pretrained
     if meaningful:
         blocks = shift.block_shift(bn_shift_profile)
         train = image_manifest[image_manifest["split"] == "train"]
@@ -509,44 +644,49 @@ def plan_finetuning(
         )
         plan = plan_stages(measured, feature_shift["plan"])
         stages, rationale, depth_limit = plan.stages, plan.rationale, plan.depth_limit
-        source = "feature_shift.plan"
+        stages_from = "feature_shift.plan"
     else:
         stages, rationale, depth_limit = defaults, [RANDOM_WEIGHTS_WARNING], None
         if any(stage.get("bn_policy") == "adapt" for stage in stages):
             rationale.append(ADAPT_WITH_RANDOM_WEIGHTS)
-        source = "feature_shift.default_stages"
+        stages_from = "feature_shift.default_stages"
     problems = learning_rate_problems(stages, feature_shift["plan_rules"])
     if problems:
         raise PlanError(
-            f"The stages from {source} break feature_shift.plan_rules: "
+            f"The stages from {stages_from} break feature_shift.plan_rules: "
             + "; ".join(problems)
         )
+    rationale = [chosen_source["reason"], *rationale]
     for line in rationale:
         logger.info("Plan: %s", line)
+    warning = image_size_warning(source, int(model["image_size"]))
     return {
         "stages": stages,
         "rationale": rationale,
         "basis": "measured" if meaningful else "default_stages",
         "shift_meaningful": meaningful,
-        "weights": model["weights"],
+        "source": source.as_dict(),
+        "source_reason": chosen_source["reason"],
+        "weights": source.weights,
         "depth_limit": depth_limit,
-        "warnings": [warning for warning in (image_size_warning(model),) if warning],
+        "warnings": [warning] if warning else [],
     }
 
 
-def image_size_warning(model: dict[str, Any]) -> str | None:
-    """A sentence when ``model.image_size`` is not the size the weights were trained
-    at (299 for ImageNet; a local file's card says its own), else ``None``.
+def image_size_warning(source: Source, image_size: int) -> str | None:
+    """A sentence when ``model.image_size`` is not the size the source's weights were
+    trained at (299 for ImageNet; a local file's card or ``model.sources`` says its
+    own), else ``None``.
 
     BatchNorm statistics depend on the resolution by themselves (Touvron et al.,
     FixRes, 2019): at another size the shift mixes resolution with domain.
     """
-    native = irv2.weights_card(model["weights"]).get("image_size")
-    size = int(model["image_size"])
+    native, size = source.image_size, int(image_size)
     if native is None or int(native) == size:
         return None
     return (
-        f"model.image_size is {size} px but the weights were trained at {native} px: "
+        f"model.image_size is {size} px but the weights of source `{source.name}` "
+        f"were trained at {native} px: "
         "BatchNorm statistics change with the resolution alone, so part of every "
         "shift here is the size, not your images. Measure at "
         f"model.image_size: {native} to read the shift as a domain gap."

@@ -3,12 +3,14 @@
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
-    measure_backbone,
+    measure_sources,
     measure_split_shift,
     plan_finetuning,
     profile_bn_shift,
+    rank_sources,
     sample_images,
     score_transferability,
+    select_source,
     summarize_bn_shift,
 )
 
@@ -24,7 +26,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="sample_feature_shift_images",
             ),
             Node(
-                measure_backbone,
+                measure_sources,
                 inputs={
                     "feature_shift_sample": "feature_shift_sample",
                     "raw_images": "raw_images",
@@ -33,8 +35,25 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "feature_shift": "params:feature_shift",
                     "finetune": "params:finetune",
                 },
+                outputs="source_measurements",
+                name="measure_sources",
+            ),
+            Node(
+                rank_sources,
+                inputs=[
+                    "source_measurements",
+                    "params:model",
+                    "params:feature_shift",
+                    "params:finetune",
+                ],
+                outputs=["source_ranking", "chosen_source", "source_ranking_plot"],
+                name="rank_sources",
+            ),
+            Node(
+                select_source,
+                inputs=["source_measurements", "chosen_source"],
                 outputs="feature_shift_measurements",
-                name="measure_backbone",
+                name="select_source",
             ),
             Node(
                 profile_bn_shift,
@@ -44,7 +63,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 summarize_bn_shift,
-                inputs=["bn_shift_profile", "params:model", "params:feature_shift"],
+                inputs=[
+                    "bn_shift_profile",
+                    "chosen_source",
+                    "params:model",
+                    "params:feature_shift",
+                ],
                 outputs=["feature_shift_summary", "bn_shift_plot"],
                 name="summarize_bn_shift",
             ),
@@ -70,13 +94,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 plan_finetuning,
-                inputs=[
-                    "bn_shift_profile",
-                    "transferability",
-                    "image_manifest",
-                    "params:model",
-                    "params:feature_shift",
-                ],
+                inputs={
+                    "bn_shift_profile": "bn_shift_profile",
+                    "transferability": "transferability",
+                    "image_manifest": "image_manifest",
+                    "chosen_source": "chosen_source",
+                    "model": "params:model",
+                    "feature_shift": "params:feature_shift",
+                },
                 outputs="finetune_plan",
                 name="plan_finetuning",
             ),

@@ -17,11 +17,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 import irv2_pipeline
-from irv2_pipeline.backbone import load_irv2, model_input_scaling, unit_order
+from irv2_pipeline.backbone import load_irv2, unit_order
 from irv2_pipeline.cluster import cluster_role
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.inputs import class_names
+from irv2_pipeline.sources import planned_source, training_preprocessing
 
 from .examples import (
     ResizedImages,
@@ -82,7 +83,8 @@ def train_classifier(
         resized_images: The folder of ``resized_manifest``: every accepted image
             at ``model.image_size``, which training and validation read.
         augmented_images: The folder of ``augmented_manifest``.
-        model: ``model`` parameters (weights, image size, seed).
+        model: ``model`` parameters (image size, seed; the weights are the plan's
+            source).
         images: ``images`` parameters (how images are opened).
         finetune: ``finetune`` parameters.
         plan_rules: ``feature_shift.plan_rules`` (learning-rate limits, which the
@@ -113,8 +115,10 @@ def train_classifier(
     )
     from .training import TrainingSettings, found_curves, run_stages  # noqa: PLC0415
 
-    # Before anything is read or built: a mismatch is a configuration error.
-    input_scaling = model_input_scaling(finetune, model["weights"])
+    # Before anything is read or built: a mismatch is a configuration error. The
+    # backbone is the source the plan measured and chose, not model.weights.
+    source = planned_source(finetune_plan)
+    input_scaling = training_preprocessing(source, finetune)
     classes = class_names(image_manifest)
     resized = ResizedImages.checked(
         resized_manifest, resized_images, image_manifest, int(model["image_size"])
@@ -159,7 +163,7 @@ def train_classifier(
         if workers.role is not None:
             context.enter_context(keras_multi_worker_fixes())
         keras.utils.set_random_seed(seed)
-        backbone = load_irv2(model["weights"], int(model["image_size"]))
+        backbone = load_irv2(source.weights, int(model["image_size"]))
         stages = resolve_stages(
             finetune_plan, finetune, plan_rules, unit_order(backbone)
         )
@@ -169,10 +173,12 @@ def train_classifier(
             HeadSpec.from_params(finetune.get("head") or {}),
             seed,
             input_scaling,
+            grayscale=source.grayscale,
         )
         key = content_key(
             {k: v for k, v in finetune.items() if k not in _LOCATION_PARAMETERS},
             model,
+            source.as_dict(),
             images,
             [stage.as_dict() for stage in stages],
             classes,
