@@ -87,6 +87,10 @@ def test_listed_sources_take_their_card_unless_given(carded_weights):
             {"name": "a", "weights": None, "image_size": "256"},
             "image_size = '256' is not a whole number",
         ),
+        (
+            {"name": "a", "weights": "missing/rad.h5"},
+            "weights = 'missing/rad.h5' is neither imagenet, null, nor an existing",
+        ),
     ],
 )
 def test_a_bad_source_is_refused_with_its_reason(entry, message):

@@ -118,6 +118,11 @@ def test_the_sources_are_ranked_nearest_first_on_both_targets(transfer_runs):
         assert list(ranking["rank"]) == [1, 2]
         assert ranking["logme"].is_monotonic_decreasing
         assert ranking["pretrained"].all()
+    by_depth = read(transfer_runs["near"], "02_intermediate/source_transferability.csv")
+    assert sorted(set(by_depth["source"])) == ["fractal", "strokes"]
+    assert len(by_depth) == 2 * len(
+        project_parameters("smoke")["feature_shift"]["depths"]
+    )
     # Each source is measured against its own statistics: the fractal one is the
     # nearer to fractal images, the strokes one to strokes.
     assert near.set_index("source")["mean_bn_shift"].idxmin() == "fractal"

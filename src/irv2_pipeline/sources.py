@@ -210,6 +210,13 @@ def _listed_source(entry: Any, index: int) -> Source:
     where = f"model.sources `{name}`"
     if weights is not None and not isinstance(weights, str):
         raise SourceError(f"{where}: weights = {weights!r} is not a string or null")
+    # Whether the file holds IRv2 without top is known when it loads (feature_shift's
+    # first node, before anything is written); a missing one is known now.
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise SourceError(
+            f"{where}: weights = {weights!r} is neither imagenet, null, nor an "
+            "existing file (a relative path is read from where `kedro run` starts)"
+        )
     try:
         card = weights_card(weights)
     except WeightsError as error:

@@ -1,12 +1,17 @@
-"""The ranking of candidate sources, on constructed measurements."""
+"""The ranking of candidate sources, on constructed measurements, and a source
+that cannot be measured."""
 
 from __future__ import annotations
 
 import math
 
+import keras
 import pandas as pd
 import pytest
 
+from irv2_pipeline.backbone import WeightsError
+from irv2_pipeline.datasets import ImageFolder
+from irv2_pipeline.pipelines.feature_shift.nodes import measure_sources
 from irv2_pipeline.pipelines.feature_shift.ranking import RANKING_COLUMNS, rank
 from irv2_pipeline.sources import Source
 
@@ -97,3 +102,26 @@ def test_a_lone_source_is_said_to_be_the_only_one_and_a_missing_probe_sorts_last
     tied = {"far": transferability(0.2, math.nan), "near": transferability(0.2)}
     table, _, _ = rank(SOURCES[1:], PROFILES, tied, forced=None, shift_threshold=1.0)
     assert list(table["source"]) == ["near", "far"]
+
+
+def test_a_source_file_that_is_not_irv2_stops_the_measurement_naming_it(tmp_path):
+    other = keras.Sequential([keras.Input((75, 75, 3)), keras.layers.Conv2D(4, 3)])
+    path = tmp_path / "other.weights.h5"
+    other.save_weights(path)
+    model = {
+        "image_size": 75,
+        "seed": 0,
+        "sources": [{"name": "other", "weights": str(path)}],
+    }
+    sample = pd.DataFrame(
+        {"path": ["a.png"], "label": ["a"], "label_index": [0], "split": ["train"]}
+    )
+    with pytest.raises(WeightsError, match="Source `other`: .* not a weights file"):
+        measure_sources(
+            feature_shift_sample=sample,
+            raw_images=ImageFolder(tmp_path),
+            model=model,
+            images={},
+            feature_shift={"depths": ["conv_7b"], "batch_size": 1},
+            finetune={},
+        )

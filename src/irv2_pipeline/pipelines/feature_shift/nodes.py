@@ -168,6 +168,12 @@ def measure_sources(
     """
     candidates = candidate_sources(model, finetune)
     forced_source(model, candidates)
+    if model.get("sources"):
+        logger.info(
+            "%d candidate sources (model.sources: %s); model.weights is not read",
+            len(candidates),
+            ", ".join(source.name for source in candidates),
+        )
     return {
         source.name: measure_backbone(
             feature_shift_sample=feature_shift_sample,
@@ -233,7 +239,10 @@ def measure_backbone(
         raise FeatureShiftError("feature_shift.depths is empty; name at least one")
     # Random-init weights (model.weights: null) are drawn from this seed.
     keras.utils.set_random_seed(int(model["seed"]))
-    backbone = irv2.load_irv2(weights, size)
+    try:
+        backbone = irv2.load_irv2(weights, size)
+    except irv2.WeightsError as error:
+        raise irv2.WeightsError(f"Source `{source.name}`: {error}") from error
     probe, layout = moments.build_probe(
         backbone, depths, source.preprocessing, source.grayscale
     )
@@ -317,7 +326,7 @@ def rank_sources(
     model: dict[str, Any],
     feature_shift: dict[str, Any],
     finetune: dict[str, Any],
-) -> tuple[pd.DataFrame, dict[str, Any], Figure]:
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], Figure]:
     """Ranks the candidate sources on the training images and chooses one.
 
     The best by LogME at the top depth (``ranking``), unless ``model.source``
@@ -330,8 +339,10 @@ def rank_sources(
         finetune: The ``finetune`` parameters (the one source's ``input_scaling``).
 
     Returns:
-        ``source_ranking`` (one row per candidate, best first), ``chosen_source``
-        (``source``: its fields; ``reason``: why) and ``source_ranking_plot``.
+        ``source_ranking`` (one row per candidate, best first),
+        ``source_transferability`` (every candidate's ``transferability`` rows, with
+        a ``source`` column), ``chosen_source`` (``source``: its fields; ``reason``:
+        why) and ``source_ranking_plot``.
     """
     candidates = candidate_sources(model, finetune)
     profiles = {
@@ -350,8 +361,13 @@ def rank_sources(
         shift_threshold=float(feature_shift["plan"]["shift_threshold"]),
     )
     logger.info("Source: %s", reason)
+    by_depth = pd.concat(
+        [frame.assign(source=name) for name, frame in tables.items()],
+        ignore_index=True,
+    )
     return (
         table,
+        by_depth[["source", *tables[chosen.name].columns]],
         {"source": chosen.as_dict(), "reason": reason},
         ranking.ranking_plot(table, tables),
     )

@@ -46,7 +46,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:feature_shift",
                     "params:finetune",
                 ],
-                outputs=["source_ranking", "chosen_source", "source_ranking_plot"],
+                outputs=[
+                    "source_ranking",
+                    "source_transferability",
+                    "chosen_source",
+                    "source_ranking_plot",
+                ],
                 name="rank_sources",
             ),
             Node(
