@@ -243,3 +243,15 @@ def test_the_occlusion_grey_under_luminance_is_a_grey_near_zero_after_scaling():
     assert red == green == blue == pytest.approx(sum(backbone.IMAGENET_BGR_MEANS) / 3)
     # Colour pixels keep the exact per-channel zero.
     assert backbone.preprocessed_zero("caffe") == backbone.IMAGENET_BGR_MEANS[::-1]
+
+
+def test_a_keras_model_file_of_irv2_without_top_loads_as_weights(tmp_path):
+    source = backbone.load_irv2(None, 75)
+    layer = source.get_layer("conv_7b_bn")
+    layer.moving_mean.assign(np.linspace(-1.0, 1.0, layer.moving_mean.shape[0]))
+    source.save(tmp_path / "irv2_notop.keras")
+    loaded = backbone.load_irv2(str(tmp_path / "irv2_notop.keras"), 75)
+    np.testing.assert_array_equal(
+        loaded.get_layer("conv_7b_bn").moving_mean.numpy(),
+        layer.moving_mean.numpy(),
+    )

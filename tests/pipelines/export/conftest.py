@@ -27,6 +27,7 @@ from irv2_pipeline.pipelines.export.nodes import (
     labels_text,
     model_card,
 )
+from tests.conftest import planned_source
 from tests.pipelines.finetune.conftest import (
     CLASSES,
     DEMO_IMAGES,
@@ -45,6 +46,8 @@ METRICS = {
     "n_test": 30,
     "classes": CLASSES,
 }
+# The plan the exported models were trained on: random weights, IRv2's scaling.
+PLAN = {"stages": [], "source": planned_source()}
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def exported(request, tmp_path_factory) -> Export:
             finetuned_model=model,
             class_names=CLASSES,
             evaluation_metrics=METRICS,
+            finetune_plan=PLAN,
             model=params["model"],
             images=params["images"],
             finetune=params["finetune"],

@@ -22,7 +22,7 @@ import tensorflow as tf
 from irv2_pipeline.pipelines.export.nodes import build_saved_model, model_card
 from tests.pipelines.finetune.conftest import CLASSES, load_parameters
 
-from .conftest import METRICS, demo_files, project_pixels
+from .conftest import METRICS, PLAN, demo_files, project_pixels
 from .photos import oriented_photos
 
 # Measured: 0 for the SavedModel, about 1e-7 for LiteRT, for either preprocessing.
@@ -143,6 +143,7 @@ def test_model_card(exported):
     assert len(card["classes_sha256"]) == len(card["weights_sha256"]) == 64
     assert len(card["training_parameters_sha256"]) == 64
     assert card["test_metrics"] == METRICS
+    assert card["source"] == PLAN["source"]
     assert set(card["versions"]) == {
         "tensorflow",
         "keras",
@@ -160,6 +161,7 @@ def test_model_card_refuses_metrics_of_other_classes(exported):
             finetuned_model=exported.model,
             class_names=CLASSES,
             evaluation_metrics={**METRICS, "classes": CLASSES[::-1]},
+            finetune_plan=PLAN,
             model=params["model"],
             images=params["images"],
             finetune=params["finetune"],

@@ -28,7 +28,7 @@ from tests.pipelines.finetune.conftest import (
     mini_irv2,
 )
 
-from .conftest import METRICS
+from .conftest import METRICS, PLAN
 from .test_export import TOLERANCE, report
 
 CASES = [(scaling, "replicate") for scaling in INPUT_SCALINGS] + [
@@ -107,6 +107,7 @@ def test_the_model_card_names_the_grayscale_rule_only_when_it_changes_pixels(res
             finetuned_model=results[case]["model"],
             class_names=CLASSES,
             evaluation_metrics=METRICS,
+            finetune_plan=PLAN,
             model=params["model"],
             images=params["images"],
             finetune=params["finetune"],

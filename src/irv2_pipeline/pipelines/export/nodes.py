@@ -17,6 +17,7 @@ import irv2_pipeline
 from irv2_pipeline.backbone import GRAYSCALE_RULES, INPUT_SCALINGS
 from irv2_pipeline.hints import KerasModel
 from irv2_pipeline.keys import weights_digest
+from irv2_pipeline.sources import planned_source
 
 # Parameters that say where files go, not how the model trains: not in the hash.
 _LOCATION_PARAMETERS = ("checkpoint_dir", "tensorboard_dir")
@@ -151,6 +152,7 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
     finetuned_model: KerasModel,
     class_names: list[str],
     evaluation_metrics: dict[str, Any],
+    finetune_plan: dict[str, Any],
     model: dict[str, Any],
     images: dict[str, Any],
     finetune: dict[str, Any],
@@ -162,15 +164,18 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
         finetuned_model: The fine-tuned classifier.
         class_names: Its output order.
         evaluation_metrics: The test metrics and their 95% intervals.
+        finetune_plan: The plan the model was trained on (its ``source``: the
+            pretrained weights it started from, whose terms it keeps).
         model: The shared ``model`` parameters.
         images: The shared ``images`` parameters.
         finetune: The ``finetune`` parameters.
         export: The ``export`` parameters.
 
     Returns:
-        The card: input, resize and preprocessing, classes and their hash, the
-        export's signatures and files, hashes of the weights and of the training
-        parameters, the test metrics as ``evaluation_metrics`` has them, versions.
+        The card: input, resize and preprocessing, the source it was fine-tuned
+        from, classes and their hash, the export's signatures and files, hashes of
+        the weights and of the training parameters, the test metrics as
+        ``evaluation_metrics`` has them, versions.
 
     Raises:
         ValueError: If the metrics were computed for other classes.
@@ -193,6 +198,7 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
             k: v for k, v in finetune.items() if k not in _LOCATION_PARAMETERS
         },
         "model": model,
+        "source": planned_source(finetune_plan).as_dict(),
         "images": images,
     }
     labels = labels_text(class_names)
@@ -238,6 +244,8 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
             "litert": "model.tflite",
             "labels": "labels.txt",
         },
+        # Pretrained weights keep their own terms: the card says which ones.
+        "source": planned_source(finetune_plan).as_dict(),
         "litert_quantized": bool(export.get("litert_quantize", False)),
         "classes": list(class_names),
         "classes_sha256": hashlib.sha256(labels.encode()).hexdigest(),
@@ -245,8 +253,9 @@ def model_card(  # noqa: PLR0913 - one input per fact on the card
         "weights_sha256": weights_digest(finetuned_model),
         "training_parameters_sha256": parameters_digest(training),
         "training_parameters_hashed": (
-            "finetune (less checkpoint_dir, tensorboard_dir), model, images of the "
-            "export run's configuration: equal to training's if unchanged since"
+            "finetune (less checkpoint_dir, tensorboard_dir), model, the plan's "
+            "source, images of the export run's configuration: equal to training's "
+            "if unchanged since"
         ),
         "test_metrics": evaluation_metrics,
         "versions": package_versions(),

@@ -40,6 +40,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "finetuned_model": "finetuned_model",
                     "class_names": "class_names",
                     "evaluation_metrics": "evaluation_metrics",
+                    "finetune_plan": "finetune_plan",
                     "model": "params:model",
                     "images": "params:images",
                     "finetune": "params:finetune",
