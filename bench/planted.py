@@ -259,11 +259,29 @@ def run_cell(
     if manifest["blank"].astype(bool).any():
         fired.append("blank")
     skipped = json.loads((reports / "diagnosis_not_judged.json").read_text())
+    noise = json.loads((reports / "label_noise_estimate.json").read_text())
     shutil.rmtree(project)
     return {
         **cell,
         "fired": fired,
         "not_judged": [rule["rule"] for rule in skipped],
+        # What label_noise's thresholds are held against, to set them from controls.
+        "label_noise": {
+            "worst_class_rate": round(
+                max(
+                    (
+                        max(c["noise_rate"], c["mislabelled_share"])
+                        for c in noise["classes"]
+                    ),
+                    default=math.nan,
+                ),
+                4,
+            )
+            if noise.get("estimated")
+            else None,
+            "n_flagged": noise.get("n_flagged"),
+            "out_of_sample_accuracy": noise.get("out_of_sample_accuracy"),
+        },
         "seconds": round(seconds, 1),
     }
 
