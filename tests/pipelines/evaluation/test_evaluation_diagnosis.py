@@ -818,6 +818,7 @@ def test_random_weights_fires_only_without_pretrained_weights():
     finding = diagnosis.random_weights(None)
     assert finding is not None
     assert "model.weights: imagenet" in finding.suggestion
+    assert "model.sources" in finding.suggestion
     assert diagnosis.random_weights("imagenet") is None
     assert diagnosis.random_weights("/models/irv2_notop.h5") is None
 

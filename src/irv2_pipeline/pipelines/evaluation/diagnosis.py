@@ -1288,9 +1288,11 @@ def random_weights(weights: str | None) -> Finding | None:
         "learning and its ImageNet shift figures are meaningless.",
         severity="high",
         suggestion="Set model.weights: imagenet, or the path of the IRv2 notop "
-        "weights file on machines without internet.",
-        parameters=["model.weights"],
-        evidence=["model.weights = null"],
+        "weights file on machines without internet; or list pretrained candidates "
+        "(ImageNet, a domain model, your own checkpoint) in model.sources for "
+        "feature_shift to choose from.",
+        parameters=["model.weights", "model.sources"],
+        evidence=["the plan's source has no weights (null)"],
     )
 
 
