@@ -9,6 +9,7 @@ fresh copy in ``tmp_path`` (``conf/`` without the user's ``conf/local`` files,
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from itertools import zip_longest
 from pathlib import Path
 
 import kedro.framework.project  # noqa: F401 - see below
@@ -123,18 +125,81 @@ def project_copy_factory(tmp_path_factory) -> Callable[[str], Path]:
 
 
 @pytest.fixture(scope="session")
-def smoke_run(project_copy_factory) -> tuple[Path, str, float]:
-    """``kedro run --env smoke`` of the whole DAG, once per session.
+def shared_temp(tmp_path_factory, worker_id) -> Path:
+    """A folder every pytest-xdist worker of this run sees (their own temporary
+    folders are inside it); the session's temporary folder without workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+def made_once(shared: Path, name: str, make: Callable[[Path], dict]) -> dict:
+    """What ``make(folder)`` returned, made by the first worker of the run that asks;
+    the others wait for it and read it.
+
+    Every worker is a process of its own, so a session fixture alone would make an
+    expensive result (a whole ``kedro run``) once per worker: here it is made once in
+    ``shared / name`` under a lock, its result kept as JSON. A failed make is kept
+    too, so the other workers fail at once with its message instead of making it
+    again.
+
+    Args:
+        shared: ``shared_temp``.
+        name: The result's folder and lock name.
+        make: Makes the result in an empty folder; returns it as JSON-able data.
 
     Returns:
-        The finished project (read it, never write into it: copy it first), the
-        run's log and its duration in seconds.
+        ``make``'s result.
     """
-    project = project_copy_factory("smoke")
-    started = time.monotonic()
-    result = kedro(["run", "--env", "smoke"], cwd=project, timeout=1500)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    return project, result.stdout + result.stderr, time.monotonic() - started
+    from irv2_pipeline.make_source import exclusive_lock  # noqa: PLC0415
+
+    folder = shared / name
+    made, failed = folder / "made.json", folder / "failed.txt"
+    with exclusive_lock(shared / f".{name}.lock"):
+        if not made.is_file() and not failed.is_file():
+            # What a worker killed half way left.
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                result = make(folder)
+            except BaseException as error:
+                failed.write_text(f"{type(error).__name__}: {error}")
+                raise
+            made.write_text(json.dumps(result))
+    if failed.is_file():
+        pytest.fail(f"{name}, made by another worker, failed: {failed.read_text()}")
+    return json.loads(made.read_text())
+
+
+@pytest.fixture(scope="session")
+def smoke_run(shared_temp) -> tuple[Path, str, float]:
+    """``kedro run --env smoke`` of the whole DAG, once per test run (all workers).
+
+    Returns:
+        The finished project (read it, never write into it: other tests read it at
+        the same time; copy it first, ``smoke_copy``), the run's log and its duration
+        in seconds.
+    """
+
+    def run(folder: Path) -> dict:
+        project = copy_project(folder / "project")
+        started = time.monotonic()
+        result = kedro(["run", "--env", "smoke"], cwd=project, timeout=1500)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+        log = result.stdout + result.stderr
+        return {
+            "project": str(project),
+            "log": log,
+            "seconds": time.monotonic() - started,
+        }
+
+    made = made_once(shared_temp, "smoke_run", run)
+    return Path(made["project"]), made["log"], made["seconds"]
+
+
+@pytest.fixture
+def smoke_copy(smoke_run, tmp_path) -> Path:
+    """A copy of the finished smoke run's project, for a test that runs in it."""
+    return Path(shutil.copytree(smoke_run[0], tmp_path / "project", symlinks=True))
 
 
 @pytest.fixture(scope="session")
@@ -216,16 +281,15 @@ def project_parameters(env: str = "base") -> dict:
 # --- Two processes (pytest-xdist, `-n` in pyproject's addopts) --------------------------
 # Every xdist worker is a process with its own session, so a session fixture used on
 # two workers is built twice, and a module fixture once per worker its tests land on.
-# The session fixtures below cost minutes (a whole smoke run, a source made from
-# images, an IRv2 probe): every test that needs one of them, or a module or class
-# fixture with another test, goes to the same worker (`--dist loadgroup`). The other
-# session fixtures are factories and constants, cheap to build on each worker.
-EXPENSIVE_SESSION_FIXTURES = (
-    "smoke_run",
-    "adabn_source",
-    "adabn_strokes_source",
-    "irv2_probe",
-)
+# The whole runs that cost minutes are made once for all workers (`made_once`: the
+# smoke run) or cached by content (the sources of `make_source`), so their tests may
+# go to either worker. Every test that needs an expensive session fixture made per
+# process (an IRv2 probe), or a module or class fixture with another test, goes to
+# the same worker (`--dist loadgroup`). The other session fixtures are factories and
+# constants, cheap to build on each worker.
+EXPENSIVE_SESSION_FIXTURES = ("irv2_probe",)
+# The fixture made once for all workers that the most slow tests wait for.
+SHARED_RUN = "smoke_run"
 
 
 def _shared_instances(item: pytest.Item) -> list[tuple[str, ...]]:
@@ -315,11 +379,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # groups in this order as workers free up, so the ones holding whole `kedro run`s
     # (the slow tests) start at once and the many short tests fill the end; among
     # groups as slow, those sharing a fixture (a model, a run) before single tests.
-    # Ties keep the collection order.
+    # Ties keep the collection order. The slow groups that wait for the smoke run
+    # alternate with those that do not, so that while one worker makes it the other
+    # has work of its own.
     def slow_tests(unit: list[int]) -> int:
         return sum(
             items[index].get_closest_marker("slow") is not None for index in unit
         )
 
+    def waits(unit: list[int]) -> bool:
+        return any(SHARED_RUN in items[index].fixturenames for index in unit)
+
     order = sorted(units, key=lambda unit: (-slow_tests(unit), len(unit) == 1, unit[0]))
+    slow = [unit for unit in order if slow_tests(unit)]
+    queues = [[u for u in slow if waits(u)], [u for u in slow if not waits(u)]]
+    alternating = [
+        unit for pair in zip_longest(*queues) for unit in pair if unit is not None
+    ]
+    order = alternating + [unit for unit in order if not slow_tests(unit)]
     items[:] = [items[index] for unit in order for index in unit]

@@ -1,6 +1,6 @@
 """The whole DAG on the demo images, as a user runs it: `kedro run --env smoke`.
 
-One smoke run (``smoke_run``, shared by the session) feeds the checks of what users meet after it: every
+One smoke run (``smoke_run``, made once for the whole test run) feeds the checks of what users meet after it: every
 output of DESIGN.md on disk, the notebook, and Kedro-Viz's build with previews.
 """
 
@@ -88,8 +88,8 @@ def test_a_clean_run_flags_no_blank_image(smoke_run):
     assert not any("blank" in warning for warning in summary["warnings"])
 
 
-def test_evaluation_runs_alone_from_persisted_outputs(smoke_run):
-    project, _, _ = smoke_run
+def test_evaluation_runs_alone_from_persisted_outputs(smoke_copy):
+    project = smoke_copy
     result = kedro(["run", "--env", "smoke", "--pipeline", "evaluation"], cwd=project)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     reporting = project / "data" / "08_reporting"
@@ -129,8 +129,8 @@ def test_the_notebook_runs_top_to_bottom(smoke_run, monkeypatch):
     assert len(images) >= 5
 
 
-def test_viz_build_has_every_pipeline_layer_and_preview(smoke_run):
-    project, _, _ = smoke_run
+def test_viz_build_has_every_pipeline_layer_and_preview(smoke_copy):
+    project = smoke_copy
     result = subprocess.run(
         [sys.executable, "-m", "kedro", "viz", "build", "--include-previews"],
         cwd=project,
@@ -159,8 +159,8 @@ def test_viz_build_has_every_pipeline_layer_and_preview(smoke_run):
     assert {"ImagePreview", "TablePreview", "JSONPreview"} <= set(previews), previews
 
 
-def test_a_second_run_at_the_same_time_is_refused(smoke_run):
-    project, _, _ = smoke_run
+def test_a_second_run_at_the_same_time_is_refused(smoke_copy):
+    project = smoke_copy
     # feature_shift runs long enough for the second run to start while it holds the lock.
     first = subprocess.Popen(
         [

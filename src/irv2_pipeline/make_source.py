@@ -215,7 +215,7 @@ def cached_source(
     # Processes that want the same source at once (test workers, parallel jobs) make
     # it once: the first holds the lock while it makes it, the others wait for it and
     # then find it made.
-    with _exclusive(root / f".{folder.name}.lock"):
+    with exclusive_lock(root / f".{folder.name}.lock"):
         if _is_made(weights):
             return weights
         # Made aside and moved into place, so an interrupted run leaves no half source
@@ -239,7 +239,7 @@ def _is_made(weights: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
     """Holds an exclusive lock on ``lock_file`` (created if need be) until the block
     ends. The system drops the lock when the process dies, so a killed maker leaves
     no stale lock. Where there is no ``fcntl`` (Windows) nothing is locked: the
