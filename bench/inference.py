@@ -27,7 +27,9 @@ share one smoke run's outputs (``kedro run --env smoke`` once, by this checkout)
   run, so it embeds them again (and stores them);
 - ``reused``: this checkout with the stored file, as after ``kedro run``.
 
-``--repeats`` rounds (default 3), the order of the three rotating from round to
+Every side predicts in batches of ``--batch-size`` (default 16, the smoke batch of
+a65914c; conf/base's is 64), passed to each run as ``--params``, so the sides differ
+by their code only. ``--repeats`` rounds (default 3), the order of the three rotating from round to
 round; the median run of each side is reported, with its nodes' wall seconds from
 ``node_timings.csv`` and the seconds outside the nodes (start-up, TensorFlow's import,
 loading the model, saving). Each run's log must say that the features were reused or
@@ -42,6 +44,7 @@ Usage::
     python bench/inference.py                    # 1,000 and 5,000 images
     python bench/inference.py --images 200 1000  # a quick run
     python bench/inference.py --reuse            # 1,000 images, 3 rounds
+    python bench/inference.py --reuse --batch-size 64
     python bench/inference.py --reuse --repeats 1 --baseline-ref a65914c
 
 It prints a table and, as its last line, one JSON object with the figures, the
@@ -147,13 +150,17 @@ def streamed_vs_memory(project: Path) -> dict:
     }
 
 
-def reuse_run(side: str, project: Path, logs: Path, index: int) -> dict:
+def reuse_run(  # noqa: PLR0913 - the side, where, and how it runs
+    side: str, project: Path, logs: Path, index: int, batch_size: int
+) -> dict:
     """One inference run of ``side``: wall time, peak RSS, node seconds, predictions."""
     if side == "recomputed":
         (project / REFERENCE).unlink(missing_ok=True)
     log = logs / f"{side}_{index}.log"
+    # The same batch on every side, whatever each side's conf/smoke says.
+    batches = f"inference.batch_size={batch_size},evaluation.batch_size={batch_size}"
     run = run_kedro(
-        ["run", "--env", "smoke", "--pipeline", "inference"],
+        ["run", "--env", "smoke", "--pipeline", "inference", "--params", batches],
         project,
         log,
         {"PYTHONPATH": str(project / "src")},
@@ -242,7 +249,9 @@ def reuse_main(args: argparse.Namespace) -> None:
             order = SIDES[index % 3 :] + SIDES[: index % 3]
             for side in order:
                 print(f"round {index + 1}: {side} ...", flush=True)
-                runs[side].append(reuse_run(side, where[side], logs, index))
+                runs[side].append(
+                    reuse_run(side, where[side], logs, index, args.batch_size)
+                )
         reused = runs["reused"][0]["predictions"]
         agreement = {
             side: same_predictions(reused, runs[side][0]["predictions"])
@@ -260,6 +269,7 @@ def reuse_main(args: argparse.Namespace) -> None:
                 "images": count,
                 "image_size": args.size,
                 "repeats": args.repeats,
+                "batch_size": args.batch_size,
                 "results": results,
                 "ratios": {
                     "baseline_over_reused": round(
@@ -312,6 +322,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--baseline-ref", default="a65914c")
     parser.add_argument("--repeats", type=int, default=3)
+    # --reuse: every side predicts in batches of this many (16: the smoke batch of
+    # a65914c; 64: conf/base's).
+    parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     if args.reuse:
         reuse_main(args)
