@@ -28,8 +28,8 @@ share one smoke run's outputs (``kedro run --env smoke`` once, by this checkout)
 - ``reused``: this checkout with the stored file, as after ``kedro run``.
 
 Every side predicts in batches of ``--batch-size`` (default 16, the smoke batch of
-a65914c; conf/base's is 64), passed to each run as ``--params``, so the sides differ
-by their code only. ``--repeats`` rounds (default 3), the order of the three rotating from round to
+a65914c; conf/base's is 64; several sizes: every side at each in every round),
+passed to each run as ``--params``, so the sides differ by their code only. ``--repeats`` rounds (default 3), the order of the three rotating from round to
 round; the median run of each side is reported, with its nodes' wall seconds from
 ``node_timings.csv`` and the seconds outside the nodes (start-up, TensorFlow's import,
 loading the model, saving). Each run's log must say that the features were reused or
@@ -44,7 +44,7 @@ Usage::
     python bench/inference.py                    # 1,000 and 5,000 images
     python bench/inference.py --images 200 1000  # a quick run
     python bench/inference.py --reuse            # 1,000 images, 3 rounds
-    python bench/inference.py --reuse --batch-size 64
+    python bench/inference.py --reuse --batch-size 16 64 --repeats 2
     python bench/inference.py --reuse --repeats 1 --baseline-ref a65914c
 
 It prints a table and, as its last line, one JSON object with the figures, the
@@ -156,7 +156,7 @@ def reuse_run(  # noqa: PLR0913 - the side, where, and how it runs
     """One inference run of ``side``: wall time, peak RSS, node seconds, predictions."""
     if side == "recomputed":
         (project / REFERENCE).unlink(missing_ok=True)
-    log = logs / f"{side}_{index}.log"
+    log = logs / f"{side}_{batch_size}_{index}.log"
     # The same batch on every side, whatever each side's conf/smoke says.
     batches = f"inference.batch_size={batch_size},evaluation.batch_size={batch_size}"
     run = run_kedro(
@@ -244,24 +244,53 @@ def reuse_main(args: argparse.Namespace) -> None:
             "recomputed": current,
             "reused": current,
         }
-        runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+        batches = args.batch_size
+        runs: dict[tuple[int, str], list[dict]] = {
+            (batch, side): [] for batch in batches for side in SIDES
+        }
         for index in range(args.repeats):
             order = SIDES[index % 3 :] + SIDES[: index % 3]
-            for side in order:
-                print(f"round {index + 1}: {side} ...", flush=True)
-                runs[side].append(
-                    reuse_run(side, where[side], logs, index, args.batch_size)
+            for batch in batches:
+                for side in order:
+                    print(f"round {index + 1}, batch {batch}: {side} ...", flush=True)
+                    runs[batch, side].append(
+                        reuse_run(side, where[side], logs, index, batch)
+                    )
+        agreement = {}
+        for batch in batches:
+            reused = runs[batch, "reused"][0]["predictions"]
+            agreement[batch] = {
+                side: same_predictions(reused, runs[batch, side][0]["predictions"])
+                for side in ("recomputed", "baseline")
+            }
+            if not agreement[batch]["recomputed"]["identical"]:
+                raise RuntimeError(
+                    f"batch {batch}: recomputed and reused features predicted "
+                    "differently"
                 )
-        reused = runs["reused"][0]["predictions"]
-        agreement = {
-            side: same_predictions(reused, runs[side][0]["predictions"])
-            for side in ("recomputed", "baseline")
+        # The same model in other batches: float rounding only.
+        across_batches = {
+            batch: same_predictions(
+                runs[batches[0], "reused"][0]["predictions"],
+                runs[batch, "reused"][0]["predictions"],
+            )
+            for batch in batches[1:]
         }
-        if not agreement["recomputed"]["identical"]:
-            raise RuntimeError("recomputed and reused features predicted differently")
     load_after = os.getloadavg()[0]
-    results = {side: median_of(side_runs) for side, side_runs in runs.items()}
-    reuse_table(results, count)
+    results = {
+        batch: {side: median_of(runs[batch, side]) for side in SIDES}
+        for batch in batches
+    }
+    for batch in batches:
+        reuse_table(results[batch], count, batch)
+
+    def ratio(batch: int, side: str, other: str = "reused") -> float:
+        return round(
+            results[batch][side]["wall_seconds"]
+            / results[batch][other]["wall_seconds"],
+            3,
+        )
+
     print(
         json.dumps(
             {
@@ -269,21 +298,24 @@ def reuse_main(args: argparse.Namespace) -> None:
                 "images": count,
                 "image_size": args.size,
                 "repeats": args.repeats,
-                "batch_size": args.batch_size,
                 "results": results,
                 "ratios": {
-                    "baseline_over_reused": round(
-                        results["baseline"]["wall_seconds"]
-                        / results["reused"]["wall_seconds"],
+                    batch: {
+                        "baseline_over_reused": ratio(batch, "baseline"),
+                        "recomputed_over_reused": ratio(batch, "recomputed"),
+                    }
+                    for batch in batches
+                },
+                "reused_over_batch": {
+                    batch: round(
+                        results[batch]["reused"]["wall_seconds"]
+                        / results[batches[0]]["reused"]["wall_seconds"],
                         3,
-                    ),
-                    "recomputed_over_reused": round(
-                        results["recomputed"]["wall_seconds"]
-                        / results["reused"]["wall_seconds"],
-                        3,
-                    ),
+                    )
+                    for batch in batches[1:]
                 },
                 "predictions_against_reused": agreement,
+                "reused_predictions_against_first_batch": across_batches,
                 "commits": commits,
                 "uncommitted_changes": dirty,
                 "cores": os.cpu_count(),
@@ -295,9 +327,12 @@ def reuse_main(args: argparse.Namespace) -> None:
     )
 
 
-def reuse_table(results: dict, count: int) -> None:
+def reuse_table(results: dict, count: int, batch: int) -> None:
     """The three sides' medians, and their nodes' wall seconds."""
-    print(f"\nkedro run --env smoke --pipeline inference on {count} new images")
+    print(
+        f"\nkedro run --env smoke --pipeline inference on {count} new images, "
+        f"batch {batch}"
+    )
     print(f"{'side':<12} {'wall s':>8} {'outside nodes s':>16} {'peak RSS MB':>12}")
     for side, result in results.items():
         print(
@@ -323,8 +358,8 @@ def main() -> None:
     parser.add_argument("--baseline-ref", default="a65914c")
     parser.add_argument("--repeats", type=int, default=3)
     # --reuse: every side predicts in batches of this many (16: the smoke batch of
-    # a65914c; 64: conf/base's).
-    parser.add_argument("--batch-size", type=int, default=16)
+    # a65914c; 64: conf/base's); several: each in every round.
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[16])
     args = parser.parse_args()
     if args.reuse:
         reuse_main(args)
