@@ -290,6 +290,12 @@ def project_parameters(env: str = "base") -> dict:
 EXPENSIVE_SESSION_FIXTURES = ("irv2_probe",)
 # The fixture made once for all workers that the most slow tests wait for.
 SHARED_RUN = "smoke_run"
+# Seconds per test id of the longest tests, from a CI run (tools/test_durations.py).
+_DURATIONS: dict[str, float] = json.loads(
+    (PROJECT_ROOT / "tests" / "durations.json").read_text()
+)
+# What a test not in that file is expected to take.
+SLOW_TEST_SECONDS, SHORT_TEST_SECONDS = 30.0, 1.0
 
 
 def _shared_instances(item: pytest.Item) -> list[tuple[str, ...]]:
@@ -349,6 +355,14 @@ def _join_group(item: pytest.Item, group: str) -> None:
         )
 
 
+def _expected_seconds(item: pytest.Item) -> float:
+    """How long ``item`` took in the run tests/durations.json was made from."""
+    listed = _DURATIONS.get(item.nodeid.split("@")[0])
+    if listed is not None:
+        return listed
+    return SLOW_TEST_SECONDS if item.get_closest_marker("slow") else SHORT_TEST_SECONDS
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
     """On an xdist worker: marks each group of tests that share an expensive fixture
@@ -377,24 +391,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     # Longest first shortens the run: xdist (`--no-loadscope-reorder`) hands out the
     # groups in this order as workers free up, so the ones holding whole `kedro run`s
-    # (the slow tests) start at once and the many short tests fill the end; among
-    # groups as slow, those sharing a fixture (a model, a run) before single tests.
-    # Ties keep the collection order. The slow groups that wait for the smoke run
-    # alternate with those that do not, so that while one worker makes it the other
-    # has work of its own.
-    def slow_tests(unit: list[int]) -> int:
-        return sum(
-            items[index].get_closest_marker("slow") is not None for index in unit
-        )
+    # start at once and the many short tests fill the end, instead of a long test
+    # starting last and running alone. A group's length is its tests' seconds in
+    # tests/durations.json (a CI run's, `tools/test_durations.py`); a test not listed
+    # counts as SLOW_TEST_SECONDS if marked slow, else as short. Ties keep the
+    # collection order. The long groups (SLOW_TEST_SECONDS or more) that wait for the
+    # smoke run alternate with those that do not, so that while one worker makes it the other has work of
+    # its own.
+    def seconds(unit: list[int]) -> float:
+        return sum(_expected_seconds(items[index]) for index in unit)
 
     def waits(unit: list[int]) -> bool:
         return any(SHARED_RUN in items[index].fixturenames for index in unit)
 
-    order = sorted(units, key=lambda unit: (-slow_tests(unit), len(unit) == 1, unit[0]))
-    slow = [unit for unit in order if slow_tests(unit)]
+    def long(unit: list[int]) -> bool:
+        return seconds(unit) >= SLOW_TEST_SECONDS
+
+    order = sorted(units, key=lambda unit: (-seconds(unit), unit[0]))
+    slow = [unit for unit in order if long(unit)]
     queues = [[u for u in slow if waits(u)], [u for u in slow if not waits(u)]]
     alternating = [
         unit for pair in zip_longest(*queues) for unit in pair if unit is not None
     ]
-    order = alternating + [unit for unit in order if not slow_tests(unit)]
+    order = alternating + [unit for unit in order if not long(unit)]
     items[:] = [items[index] for unit in order for index in unit]
