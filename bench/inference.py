@@ -30,8 +30,9 @@ share one smoke run's outputs (``kedro run --env smoke`` once, by this checkout)
 
 Every side predicts in batches of ``--batch-size`` (default 16, the smoke batch of
 a65914c; conf/base's is 64; several sizes: every side at each in every round),
-passed to each run as ``--params``, so the sides differ by their code only. ``--repeats`` rounds (default 3), the order of the three rotating from round to
-round; the median run of each side is reported, with its nodes' wall seconds from
+passed to each run as ``--params``, so the sides differ by their code only.
+``--repeats`` rounds (default 3), the order of the three rotating from round to round;
+the median run of each side is reported, with its nodes' wall seconds from
 ``node_timings.csv`` and the seconds outside the nodes (start-up, TensorFlow's import,
 loading the model, saving). Each run's log must say that the features were reused or
 computed, as the side expects, and the two sides of this checkout must write the same
