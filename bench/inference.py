@@ -16,8 +16,8 @@ Two modes. The default, memory and streaming, on a copy of the project
    neither pays for tracing.
 
 ``--reuse``: ``kedro run --env smoke --pipeline inference`` on ``--images`` new images
-(default 1,000), three ways side by side, each its own process, on projects that
-share one smoke run's outputs (``kedro run --env smoke`` once, by this checkout):
+(default 1,000), three ways side by side, each its own process, after one
+``kedro run --env smoke`` in each checkout's project copy:
 
 - ``baseline``: the code at ``--baseline-ref`` (default ``a65914c``, which embedded
   the training and validation images on every inference run), checked out with
@@ -293,10 +293,10 @@ def reuse_main(args: argparse.Namespace) -> None:
     for batch in batches:
         reuse_table(results[batch], count, batch)
 
-    def ratio(batch: int, side: str, other: str = "reused") -> float:
+    def ratio(batch: int, side: str) -> float:
         return round(
             results[batch][side]["wall_seconds"]
-            / results[batch][other]["wall_seconds"],
+            / results[batch]["reused"]["wall_seconds"],
             3,
         )
 

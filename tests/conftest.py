@@ -396,8 +396,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # tests/durations.json (a CI run's, `tools/test_durations.py`); a test not listed
     # counts as SLOW_TEST_SECONDS if marked slow, else as short. Ties keep the
     # collection order. The long groups (SLOW_TEST_SECONDS or more) that wait for the
-    # smoke run alternate with those that do not, so that while one worker makes it the other has work of
-    # its own.
+    # smoke run alternate with those that do not, so that while one worker makes it
+    # the other has work of its own.
     def seconds(unit: list[int]) -> float:
         return sum(_expected_seconds(items[index]) for index in unit)
 

@@ -1,7 +1,8 @@
 """The whole DAG on the demo images, as a user runs it: `kedro run --env smoke`.
 
-One smoke run (``smoke_run``, made once for the whole test run) feeds the checks of what users meet after it: every
-output of DESIGN.md on disk, the notebook, and Kedro-Viz's build with previews.
+One smoke run (``smoke_run``, made once for the whole test run) feeds the checks of
+what users meet after it: every output of DESIGN.md on disk, the notebook, and
+Kedro-Viz's build with previews.
 """
 
 from __future__ import annotations

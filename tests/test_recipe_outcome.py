@@ -8,7 +8,6 @@ backbone after it must not leave the model worse than the head alone.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 import pytest
@@ -51,13 +50,12 @@ def test_the_demo_ends_near_its_probe_and_the_report_blames_no_underfitting(
 
 
 def test_fine_tuning_leaves_the_model_no_worse_than_its_head_alone(
-    smoke_run, tmp_path, run_kedro
+    smoke_run, smoke_copy, run_kedro
 ):
     finished, _, _ = smoke_run
     metrics = _metrics(finished)
     # The same run with the head stage alone: the smoke plan's first stage.
-    project = tmp_path / "head_only"
-    shutil.copytree(finished, project)
+    project = smoke_copy
     plan = json.loads((project / "data/05_model_input/finetune_plan.json").read_text())
     head_stage = plan["stages"][0]
     assert head_stage["unfreeze_from"] is None
