@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from irv2_pipeline.hooks import TIMINGS_COLUMNS
 from irv2_pipeline.pipelines.ingestion import create_pipeline as ingestion
@@ -137,11 +138,13 @@ UPSTREAM_OUTPUTS = (
 )
 
 
-def stages(*stage: str) -> str:
-    """conf/smoke/parameters_finetune.yml with these stages."""
-    listed = "".join(f"\n  - {one}" for one in stage)
-    smoke = "  batch_size: 16\n  mixed_precision: float32\n  jit_compile: false\n"
-    return f"finetune:\n{smoke}  stages:{listed}\n"
+def with_stages(settings: Path, *stage: str) -> None:
+    """Sets these stages in ``settings`` (conf/smoke/parameters_finetune.yml), the
+    rest of conf/smoke's finetune settings kept: its batch, precision and short range
+    test (without it conf/base's 3 seeds of 100 steps would run)."""
+    conf = yaml.safe_load(settings.read_text())
+    conf["finetune"]["stages"] = [yaml.safe_load(one) for one in stage]
+    settings.write_text(yaml.safe_dump(conf, sort_keys=False))
 
 
 def checkpoint_state(project: Path) -> dict | None:
@@ -176,7 +179,7 @@ def test_a_failed_then_twice_killed_training_goes_on_from_where_it_stopped(
     previous_model = sha256(project / MODEL)
 
     # 0. A typo in a stage stops train_classifier; Kedro prints how to go on.
-    settings.write_text(stages(HEAD, TYPO))
+    with_stages(settings, HEAD, TYPO)
     failed = kedro(COMMAND, cwd=project)
     log = failed.stdout + failed.stderr
     assert failed.returncode != 0 and "block8_99" in log, log[-5000:]
@@ -186,7 +189,7 @@ def test_a_failed_then_twice_killed_training_goes_on_from_where_it_stopped(
     upstream = {path: (project / path).stat().st_mtime_ns for path in UPSTREAM_OUTPUTS}
 
     # 1. The typo fixed, the suggested command is killed 2 s into stage two's 2nd epoch.
-    settings.write_text(stages(HEAD, TOP))
+    with_stages(settings, HEAD, TOP)
     kedro_killed_when(resume, project, lambda: in_stage_two(project), delay=2)
     saved = checkpoint_state(project)
     assert (saved["stage_index"], saved["epochs_done"], saved["finished"]) == (

@@ -150,6 +150,22 @@ def test_the_sweep_stops_once_the_loss_diverges():
     assert not np.isfinite(last) or last > 4.0 * sweep.smoothed[:-1].min()
 
 
+@pytest.mark.parametrize("kind", ["dataset", "arrays"])
+def test_a_short_last_batch_is_left_out_of_the_sweep(kind):
+    # 100 examples in batches of 32: the last holds 4, weighted 0, so that a step on
+    # it would record a loss of exactly 0.
+    x, y = blobs(100)
+    weights = np.where(np.arange(len(x)) < 96, 1.0, 0.0).astype("float32")
+    batches = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(32)
+    if kind == "arrays":
+        batches = list(batches.as_numpy_iterator())
+    sweep = range_test(
+        compiled(dense_model(), 1e-3), batches, min_lr=1e-5, max_lr=1e-2, steps=12
+    )
+    assert len(sweep.losses) == 12
+    assert (sweep.losses > 0).all(), sweep.losses
+
+
 def test_a_flat_curve_gives_no_suggestion_and_says_why():
     # ReLU on zero logits: every gradient is zero, the loss stays at log(2).
     inputs = keras.Input((FEATURES,))
