@@ -22,6 +22,7 @@ from pathlib import Path
 
 import kedro.framework.project  # noqa: F401 - see below
 import pytest
+import yaml
 
 # Kedro configures logging when kedro.framework.project is first imported. Importing it
 # here, before test modules are collected under output capture, keeps its handlers off
@@ -276,6 +277,16 @@ def project_parameters(env: str = "base") -> dict:
 
     args = {**CONFIG_LOADER_ARGS, "default_run_env": env}
     return dict(OmegaConfigLoader(str(PROJECT_ROOT / "conf"), **args)["parameters"])
+
+
+def with_smoke_stages(project: Path, stages: Sequence[dict]) -> None:
+    """Sets ``finetune.stages`` in the copy's conf/smoke/parameters_finetune.yml, the
+    rest of conf/smoke's finetune settings kept (its batch, precision and short range
+    test: a file of the stages alone would give conf/base's 3 seeds of 100 steps)."""
+    path = project / "conf" / "smoke" / "parameters_finetune.yml"
+    conf = yaml.safe_load(path.read_text())
+    conf["finetune"]["stages"] = list(stages)
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
 
 
 # --- Two processes (pytest-xdist, `-n` in pyproject's addopts) --------------------------

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from irv2_pipeline.hooks import TIMINGS_COLUMNS
 from irv2_pipeline.pipelines.ingestion import create_pipeline as ingestion
-from tests.conftest import kedro, kedro_killed_when
+from tests.conftest import kedro, kedro_killed_when, with_smoke_stages
 
 # The size of a tmpfs mounted for the project copy, and what is left free on it when
 # the second run starts: enough for Kedro to start, less than ingestion writes.
@@ -123,9 +122,21 @@ def test_a_full_disk_fails_the_run_with_the_error_and_keeps_earlier_outputs(
 
 # The smoke plan trains one epoch per stage; a kill in the middle of stage two needs
 # more. conf/smoke is the environment `--env smoke` reads (conf/local is not read then).
-HEAD = "{name: head, unfreeze_from: null, epochs: 1, learning_rate: 1.0e-3, bn_policy: frozen}"
-TOP = "{name: top, unfreeze_from: conv_7b, epochs: 2, learning_rate: 1.0e-4, bn_policy: frozen}"
-TYPO = TOP.replace("conv_7b", "block8_99")
+HEAD = {
+    "name": "head",
+    "unfreeze_from": None,
+    "epochs": 1,
+    "learning_rate": 1.0e-3,
+    "bn_policy": "frozen",
+}
+TOP = {
+    "name": "top",
+    "unfreeze_from": "conv_7b",
+    "epochs": 2,
+    "learning_rate": 1.0e-4,
+    "bn_policy": "frozen",
+}
+TYPO = {**TOP, "unfreeze_from": "block8_99"}
 EXPECTED_EPOCHS = [("head", 1), ("top", 1), ("top", 2)]
 COMMAND = ["run", "--env", "smoke", "--pipelines", "feature_shift,finetune"]
 MODEL = Path("data/06_models/finetuned_model.keras")
@@ -136,15 +147,6 @@ UPSTREAM_OUTPUTS = (
     "data/05_model_input/augmented/.generated_images.json",
     "data/05_model_input/finetune_plan.json",
 )
-
-
-def with_stages(settings: Path, *stage: str) -> None:
-    """Sets these stages in ``settings`` (conf/smoke/parameters_finetune.yml), the
-    rest of conf/smoke's finetune settings kept: its batch, precision and short range
-    test (without it conf/base's 3 seeds of 100 steps would run)."""
-    conf = yaml.safe_load(settings.read_text())
-    conf["finetune"]["stages"] = [yaml.safe_load(one) for one in stage]
-    settings.write_text(yaml.safe_dump(conf, sort_keys=False))
 
 
 def checkpoint_state(project: Path) -> dict | None:
@@ -175,11 +177,10 @@ def test_a_failed_then_twice_killed_training_goes_on_from_where_it_stopped(
     finished, _, _ = smoke_run
     project = tmp_path / "project"
     shutil.copytree(finished, project, ignore=shutil.ignore_patterns("tensorboard"))
-    settings = project / "conf/smoke/parameters_finetune.yml"
     previous_model = sha256(project / MODEL)
 
     # 0. A typo in a stage stops train_classifier; Kedro prints how to go on.
-    with_stages(settings, HEAD, TYPO)
+    with_smoke_stages(project, [HEAD, TYPO])
     failed = kedro(COMMAND, cwd=project)
     log = failed.stdout + failed.stderr
     assert failed.returncode != 0 and "block8_99" in log, log[-5000:]
@@ -189,7 +190,7 @@ def test_a_failed_then_twice_killed_training_goes_on_from_where_it_stopped(
     upstream = {path: (project / path).stat().st_mtime_ns for path in UPSTREAM_OUTPUTS}
 
     # 1. The typo fixed, the suggested command is killed 2 s into stage two's 2nd epoch.
-    with_stages(settings, HEAD, TOP)
+    with_smoke_stages(project, [HEAD, TOP])
     kedro_killed_when(resume, project, lambda: in_stage_two(project), delay=2)
     saved = checkpoint_state(project)
     assert (saved["stage_index"], saved["epochs_done"], saved["finished"]) == (

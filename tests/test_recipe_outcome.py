@@ -11,7 +11,8 @@ import json
 
 import pandas as pd
 import pytest
-import yaml
+
+from tests.conftest import with_smoke_stages
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +60,7 @@ def test_fine_tuning_leaves_the_model_no_worse_than_its_head_alone(
     plan = json.loads((project / "data/05_model_input/finetune_plan.json").read_text())
     head_stage = plan["stages"][0]
     assert head_stage["unfreeze_from"] is None
-    overrides = project / "conf/smoke/parameters_finetune.yml"
-    params = yaml.safe_load(overrides.read_text())
-    params["finetune"]["stages"] = [head_stage]
-    overrides.write_text(yaml.safe_dump(params))
+    with_smoke_stages(project, [head_stage])
     # Up to the metrics: the attribution, label-issue and report nodes do not change them.
     result = run_kedro(
         [

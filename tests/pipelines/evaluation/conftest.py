@@ -23,7 +23,12 @@ from irv2_pipeline.classifier import HEAD_MODEL, LOGITS_LAYER, POOLING_LAYERS
 from irv2_pipeline.datasets import ImageFolder
 from irv2_pipeline.images import OpenPolicy, fingerprint
 from irv2_pipeline.pipelines.evaluation.metrics import prediction_table
-from tests.conftest import kedro, planned_source, project_parameters
+from tests.conftest import (
+    kedro,
+    planned_source,
+    project_parameters,
+    with_smoke_stages,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 IMAGE_SIZE = 32
@@ -63,10 +68,7 @@ HEAD_ONLY = [
 def run_cut_to_the_finding(project: Path) -> None:
     """``kedro run --env smoke`` in ``project``, cut as :data:`CUT_TO_THE_FINDING` says
     (the head-only stages through the copy's ``conf/smoke``)."""
-    path = project / "conf/smoke/parameters_finetune.yml"
-    conf = yaml.safe_load(path.read_text())
-    conf["finetune"]["stages"] = HEAD_ONLY
-    path.write_text(yaml.safe_dump(conf))
+    with_smoke_stages(project, HEAD_ONLY)
     result = kedro(
         ["run", "--env", "smoke", "--params", CUT_TO_THE_FINDING], project, 1500
     )
