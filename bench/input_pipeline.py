@@ -25,14 +25,23 @@ frozen, AdamW. Side by side in one process, on the same compiled model, after on
 warm-up epoch of each: ``inputs.image_dataset`` over the demo images' resized files
 (as ``finetune`` reads them), and the very same pixels in one float32 array.
 
+``passes``: a pass over test images as evaluation makes one (the occlusion test:
+``--work`` forward passes of IRv2, random weights, 75 px, on each batch of 64), from
+the iterator's creation to its deletion, with tf.data's autotuning on against off
+(``inputs.py`` turns it off), alternating in one process. The demo originals, opened
+in Python as a user's files are. Figures: each pass's seconds, and the part spent
+deleting the iterator.
+
 Usage::
 
     python bench/input_pipeline.py delivery --size 299 --source-size 3464
     python bench/input_pipeline.py delivery --size 299 --source-size 1024
     python bench/input_pipeline.py fit     # 60 demo images per class, 3 epochs each
+    python bench/input_pipeline.py passes  # 8 passes each way, 18 forward passes a batch
 
 Targets: ``delivery``: at least 400 images per CPU-second at 299 px, originals plus
-copies; ``fit``: the ``inputs.py`` epoch within 10% of the in-memory one.
+copies; ``fit``: the ``inputs.py`` epoch within 10% of the in-memory one; ``passes``:
+no pass spends over a second deleting its iterator.
 The last line printed is one JSON object.
 """
 
@@ -329,6 +338,72 @@ def fit(args: argparse.Namespace) -> None:
     )
 
 
+def passes(args: argparse.Namespace) -> None:
+    import keras  # noqa: PLC0415 - delivery needs no model
+    import tensorflow as tf  # noqa: PLC0415
+
+    from irv2_pipeline.backbone import load_irv2  # noqa: PLC0415
+
+    manifest = demo_images(args.per_class)
+    paths = [DEMO_IMAGES / path for path in manifest["path"]]
+    keras.utils.set_random_seed(0)
+    model = load_irv2(None, FIT_IMAGE_SIZE)
+    autotuned = tf.data.Options()
+    autotuned.autotune.enabled = True
+
+    def one_pass(autotune: bool) -> tuple[float, float]:
+        started = time.perf_counter()
+        dataset = image_dataset(
+            paths, None, image_size=FIT_IMAGE_SIZE, batch_size=64, policy=OpenPolicy()
+        )
+        if autotune:
+            dataset = dataset.with_options(autotuned)
+        assert dataset.options().autotune.enabled is autotune
+        iterator = iter(dataset)
+        for batch in iterator:
+            for _ in range(args.work):
+                model.predict_on_batch(batch)
+        deleting = time.perf_counter()
+        del iterator
+        ended = time.perf_counter()
+        return ended - started, ended - deleting
+
+    one_pass(False)  # warm-up: the model's trace
+    times: dict[str, list[tuple[float, float]]] = {"autotune on": [], "off": []}
+    for _ in range(args.passes):  # alternate, so load changes hit both alike
+        for kind, values in times.items():
+            values.append(one_pass(kind == "autotune on"))
+    print(
+        f"python bench/input_pipeline.py passes --per-class {args.per_class} "
+        f"--passes {args.passes} --work {args.work}"
+    )
+    print(
+        f"a pass over {len(paths)} demo originals, batch 64, {args.work} IRv2 "
+        "forward passes a batch (75 px)"
+    )
+    print(f"{'':12}{'median s':>10}{'max s':>8}{'deleting, max s':>17}")
+    for kind, values in times.items():
+        total = [t for t, _ in values]
+        print(
+            f"{kind:12}{statistics.median(total):>10.2f}{max(total):>8.2f}"
+            f"{max(d for _, d in values):>17.2f}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "input_pipeline_passes",
+                "images": len(paths),
+                "work": args.work,
+                "pass_s": {k: [round(t, 3) for t, _ in v] for k, v in times.items()},
+                "deleting_s": {
+                    k: [round(d, 3) for _, d in v] for k, v in times.items()
+                },
+                "cpu_count": os.cpu_count(),
+            }
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -343,8 +418,12 @@ def main() -> None:
     trained.add_argument("--per-class", type=int, default=60)
     trained.add_argument("--epochs", type=int, default=3)
     trained.add_argument("--batch-size", type=int, default=16)
+    passed = modes.add_parser("passes", help="a pass's time, autotuning on and off")
+    passed.add_argument("--per-class", type=int, default=16)
+    passed.add_argument("--passes", type=int, default=8)
+    passed.add_argument("--work", type=int, default=18)
     args = parser.parse_args()
-    delivery(args) if args.mode == "delivery" else fit(args)
+    {"delivery": delivery, "fit": fit, "passes": passes}[args.mode](args)
 
 
 if __name__ == "__main__":

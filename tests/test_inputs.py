@@ -281,3 +281,35 @@ def test_a_worker_opens_only_its_own_images(coloured_files, monkeypatch):
     assert sorted(opened) == sorted(
         str(p) for p, m in zip(paths, mask, strict=True) if m
     )
+
+
+KEYS = {"image_size": 8, "batch_size": 4, "policy": OpenPolicy()}
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        lambda paths: image_dataset(paths, None, **KEYS),
+        lambda paths: image_dataset(
+            paths, list(range(6)), **KEYS, shuffle_seed=1, replicas=2
+        ),
+        lambda paths: image_dataset(paths, None, **KEYS, shard=ReplicaShard(1, 2)),
+        lambda _: feature_dataset(np.zeros((6, 2)), list(range(6)), batch_size=4),
+        lambda _: feature_dataset(
+            np.zeros((6, 2)),
+            list(range(6)),
+            batch_size=4,
+            replicas=2,
+            shard=ReplicaShard(0, 2),
+        ),
+    ],
+    ids=["images", "training images", "a worker's images", "features", "a shard's"],
+)
+def test_no_dataset_starts_the_autotuning_thread(coloured_files, dataset):
+    # Deleting an iterator joins that thread, which may first sleep out its
+    # optimisation period: seconds at the end of a pass (bench/input_pipeline.py
+    # passes).
+    paths, _ = coloured_files
+    made = dataset(paths)
+    assert made.options().autotune.enabled is False
+    assert sum(1 for _ in made) > 0

@@ -323,12 +323,11 @@ def _batched(
     if shard is not None:
         sizes = shard.plan(count, batch_size)[1]
         if not sizes:
-            return examples.batch(1).prefetch(tf.data.AUTOTUNE)
-        return (
+            return _prefetched(examples.batch(1))
+        return _prefetched(
             examples.batch(max(sizes))
             .rebatch(sizes)
             .apply(tf.data.experimental.assert_cardinality(len(sizes)))
-            .prefetch(tf.data.AUTOTUNE)
         )
     batches = examples.batch(batch_size)
     sizes = batch_sizes(count, batch_size, replicas)
@@ -339,7 +338,22 @@ def _batched(
         batches = batches.rebatch(sizes).apply(
             tf.data.experimental.assert_cardinality(len(sizes))
         )
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return _prefetched(batches)
+
+
+def _prefetched(batches: tf.data.Dataset) -> tf.data.Dataset:
+    """``batches`` prefetched, with tf.data's autotuning thread off.
+
+    Deleting an iterator joins that thread, which can first sleep out its
+    optimisation period: 4 to 9 s at the end of about half the passes over a test
+    split (bench/input_pipeline.py). Without it, parallel maps run one call per
+    core, up to 16, and the prefetch buffer still grows to what the consumer takes.
+    """
+    import tensorflow as tf  # noqa: PLC0415 - see the module docstring
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def _example_order(
