@@ -99,3 +99,38 @@ def test_each_model_has_its_own_view_and_the_view_keeps_no_model_alive(
     del model, view
     gc.collect()
     assert gone() is None
+
+
+def test_arrays_of_any_size_are_predicted_in_full_batches_and_given_back_in_order():
+    calls = []
+
+    def doubled(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        return rows * 2.0
+
+    arrays = [np.arange(n, dtype=float)[:, None] + 100 * n for n in (5, 3, 7, 1, 9)]
+    given = list(predict.in_full_batches(doubled, iter(arrays), batch_size=4))
+    assert calls == [4, 4, 4, 4, 4, 4, 1]
+    assert len(given) == len(arrays)
+    for array, rows in zip(arrays, given, strict=True):
+        np.testing.assert_array_equal(rows, array * 2.0)
+
+
+def test_an_array_is_given_back_once_predicted_with_at_most_a_batch_waiting():
+    made = []
+
+    def arrays():
+        for n in range(6):
+            made.append(n)
+            yield np.full((3, 1), float(n))
+
+    given = predict.in_full_batches(lambda rows: rows, arrays(), batch_size=4)
+    # The first array's rows come back with the second call's batch at the latest.
+    np.testing.assert_array_equal(next(given), np.zeros((3, 1)))
+    assert made == [0, 1]
+    assert len(list(given)) == 5
+
+
+def test_an_empty_array_is_refused():
+    with pytest.raises(ValueError, match="empty array"):
+        list(predict.in_full_batches(lambda rows: rows, [np.zeros((0, 1))], 4))

@@ -346,8 +346,8 @@ def _prefetched(batches: tf.data.Dataset) -> tf.data.Dataset:
 
     Deleting an iterator joins that thread, which can first sleep out its
     optimisation period: 4 to 9 s at the end of about half the passes over a test
-    split (bench/input_pipeline.py). Without it, parallel maps run one call per
-    core, up to 16, and the prefetch buffer still grows to what the consumer takes.
+    split (bench/input_pipeline.py passes). Without it, parallel maps run one call
+    per core, up to 16; a pass that did not wait took as long either way.
     """
     import tensorflow as tf  # noqa: PLC0415 - see the module docstring
 

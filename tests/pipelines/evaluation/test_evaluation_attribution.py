@@ -3,6 +3,8 @@ Grad-CAM through a nested backbone."""
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 import pandas as pd
@@ -32,6 +34,7 @@ from irv2_pipeline.pipelines.evaluation.attribution import (
     random_squares,
 )
 from irv2_pipeline.pipelines.evaluation.nodes import occlude_test_split, plot_grad_cam
+from irv2_pipeline.predict import pooled_layer_name, two_output_model
 
 from .conftest import CLASSES, IMAGE_SIZE, colour_classifier
 
@@ -215,8 +218,17 @@ def test_occlusion_flips_what_a_frame_decides_and_not_the_centre(
         predictions[f"prob_{name}"] = (predictions["label"] == name).astype(float)
     occlusion = {**OCCLUSION, "fill": "zero"}
     evaluation = {**evaluation_params, "attribution": {"occlusion": occlusion}}
+    model = colour_classifier()
+    # The view test_predictions and the embeddings are predicted through: no other
+    # graph of the model is traced.
+    view = two_output_model(model, pooled_layer_name(model))
+    calls = []
+    predict_on_batch = view.predict_on_batch
+    view.predict_on_batch = lambda rows: (
+        calls.append(len(rows)) or predict_on_batch(rows)
+    )
     table = occlude_test_split(
-        finetuned_model=colour_classifier(),
+        finetuned_model=model,
         test_predictions=predictions,
         raw_images=folder,
         model={**model_params, "image_size": IMAGE_SIZE},
@@ -224,6 +236,10 @@ def test_occlusion_flips_what_a_frame_decides_and_not_the_centre(
         evaluation=evaluation,
     )
     assert table["n"].tolist() == [2, 2, 2]
+    # The 6 images under 18 masks in full batches of 4 (one padded call per mask
+    # and test batch would be 36).
+    batch = evaluation["batch_size"]
+    assert calls == [batch] * math.ceil(6 * 18 / batch)
     # Grey over the frame leaves no colour (the first class, blue, wins the tie):
     # the red and green images flip; grey over the centre leaves the frame's colour.
     assert table.set_index("class")["border_flips"].to_dict() == {

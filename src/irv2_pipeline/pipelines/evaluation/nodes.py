@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,9 +19,9 @@ from irv2_pipeline.inputs import image_dataset, model_classes
 from irv2_pipeline.pipelines.feature_shift.shift import block_shift
 from irv2_pipeline.plan_rules import learning_rate_problems
 from irv2_pipeline.predict import (
-    predict_padded,
+    in_full_batches,
+    padded_probabilities,
     probabilities_and_features,
-    softmax_rows,
 )
 from irv2_pipeline.progress import ProgressLog
 from irv2_pipeline.sources import planned_source
@@ -228,8 +230,9 @@ def occlude_test_split(
     """Predicts every test image with its border, its centre, then random squares
     masked.
 
-    ``2 + random_patches`` forward passes over the test split; the unmasked
-    predictions are those of ``test_predictions`` (plain, not test-time augmented).
+    The test split under each of ``2 + random_patches`` masks, the masked copies
+    predicted in full batches; the unmasked predictions are those of
+    ``test_predictions`` (plain, not test-time augmented).
 
     Args:
         finetuned_model: Takes ``[0, 255]`` RGB, outputs softmax probabilities.
@@ -262,13 +265,29 @@ def occlude_test_split(
         image_size, int(masks[0].sum()), spec.random_patches, spec.seed
     )
     every_mask = [*masks, *squares]
-    masked: list[list[np.ndarray]] = [[] for _ in every_mask]
     progress = ProgressLog("test images occluded", len(test_predictions), logger)
-    for batch in _test_batches(test_predictions, raw_images, model, images, evaluation):
-        for predictions, mask in zip(masked, every_mask, strict=True):
-            hidden = occlude(batch, mask, spec.fill, zero)
-            predictions.append(_probabilities(finetuned_model, hidden, batch_size))
-        progress.advance(len(batch))
+
+    def hidden_batches() -> Iterator[np.ndarray]:
+        """Each test batch under each mask in turn."""
+        for batch in _test_batches(
+            test_predictions, raw_images, model, images, evaluation
+        ):
+            for mask in every_mask:
+                yield occlude(batch, mask, spec.fill, zero)
+            progress.advance(len(batch))
+
+    masked: list[list[np.ndarray]] = [[] for _ in every_mask]
+    # The masked copies run in full batches: a test split smaller than a batch
+    # costs its images' forward passes under each mask, not a padded batch each.
+    predicted = in_full_batches(
+        lambda rows: padded_probabilities(
+            finetuned_model, rows, batch_size, EvaluationError
+        ),
+        hidden_batches(),
+        batch_size,
+    )
+    for rows, probabilities in zip(itertools.cycle(masked), predicted, strict=False):
+        rows.append(probabilities)
     border, centre, *random = (np.concatenate(rows).argmax(axis=1) for rows in masked)
     table = flip_table(
         test_predictions["label"],
@@ -770,11 +789,3 @@ def _train_counts(image_manifest: pd.DataFrame, classes: list[str]) -> dict[str,
     train = image_manifest[image_manifest["split"] == "train"]
     counts = train["label"].value_counts()
     return {name: int(counts.get(name, 0)) for name in classes}
-
-
-def _probabilities(
-    finetuned_model: KerasModel, batch: np.ndarray, batch_size: int
-) -> np.ndarray:
-    """The model's class probabilities for one batch, checked, in float64."""
-    (outputs,) = predict_padded(finetuned_model, batch, batch_size)
-    return softmax_rows(outputs, EvaluationError)
