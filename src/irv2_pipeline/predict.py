@@ -7,9 +7,11 @@ mode, so padding changes no other row), and its outputs are checked to be softma
 probabilities. Flip test-time augmentation (an option of both pipelines) is the mean
 of the probabilities of the images and of their mirror images. The two-output view of
 a model (probabilities and pooled features) is built and traced once per process and
-model, not once per call (:func:`two_output_model`). NumPy only at import: the model
-comes in already loaded, and Keras is imported by the one function that builds a
-model.
+model, not once per call (:func:`two_output_model`), and every prediction made here
+goes through it. Many arrays smaller than a batch (the occlusion test's masked
+copies) run in full batches (:func:`in_full_batches`). NumPy only at import: the
+model comes in already loaded, and Keras is imported by the one function that builds
+a model.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def in_full_batches(
 
     Args:
         predict: At most ``batch_size`` rows in, one output row per row out (such as
-            :func:`predict_padded`'s first output).
+            :func:`padded_probabilities`).
         arrays: Arrays of rows (images), each of any length.
         batch_size: Rows per call.
 
