@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -276,19 +275,22 @@ def occlude_test_split(
                 yield occlude(batch, mask, spec.fill, zero)
             progress.advance(len(batch))
 
-    masked: list[list[np.ndarray]] = [[] for _ in every_mask]
     # The masked copies run in full batches: a test split smaller than a batch
     # costs its images' forward passes under each mask, not a padded batch each.
-    predicted = in_full_batches(
-        lambda rows: padded_probabilities(
-            finetuned_model, rows, batch_size, EvaluationError
-        ),
-        hidden_batches(),
-        batch_size,
+    predicted = list(
+        in_full_batches(
+            lambda rows: padded_probabilities(
+                finetuned_model, rows, batch_size, EvaluationError
+            ),
+            hidden_batches(),
+            batch_size,
+        )
     )
-    for rows, probabilities in zip(itertools.cycle(masked), predicted, strict=False):
-        rows.append(probabilities)
-    border, centre, *random = (np.concatenate(rows).argmax(axis=1) for rows in masked)
+    # One array per test batch and mask, the masks in turn.
+    count = len(every_mask)
+    border, centre, *random = (
+        np.concatenate(predicted[index::count]).argmax(axis=1) for index in range(count)
+    )
     table = flip_table(
         test_predictions["label"],
         label_indices(test_predictions["predicted"], classes),
