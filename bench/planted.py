@@ -48,7 +48,8 @@ Usage::
     python bench/planted.py --sets fractal --seeds 0 --causes control shortcut
 
 It prints one line per run, the table in Markdown (``--table FILE`` also writes it),
-and, as its last line, one JSON object with every run and rate.
+and, as its last line, one JSON object with every run and rate. ``--keep DIR`` keeps
+each run's JSON and CSV reports (``DIR/<set>-<seed>-<cause>/``).
 """
 
 from __future__ import annotations
@@ -228,8 +229,13 @@ def run_cell(
     classes: int,
     per_class: int,
     rare: int,
+    keep: Path | None = None,
 ) -> dict:
-    """One planted run: what fired, what could not judge, the blank flags, seconds."""
+    """One planted run: what fired, what could not judge, the blank flags, seconds.
+
+    With ``keep``, the run's reports (JSON and CSV) are copied into a folder of it
+    named after the cell: every rule's figures, to set thresholds from afterwards.
+    """
     project = copy_project(workspace / f"{cell['set']}-{cell['seed']}-{cell['cause']}")
     images = project / "data" / "01_raw" / "images"
     shutil.rmtree(images)
@@ -260,6 +266,13 @@ def run_cell(
         fired.append("blank")
     skipped = json.loads((reports / "diagnosis_not_judged.json").read_text())
     noise = json.loads((reports / "label_noise_estimate.json").read_text())
+    if keep is not None:
+        kept = keep / project.name
+        kept.mkdir(parents=True, exist_ok=True)
+        for folder in (reports, project / "data" / "02_intermediate"):
+            for path in folder.iterdir():
+                if path.suffix in {".json", ".csv"}:
+                    shutil.copy2(path, kept / path.name)
     shutil.rmtree(project)
     return {
         **cell,
@@ -359,6 +372,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     parser.add_argument("--rare-images", type=int, default=12)
     parser.add_argument("--source", choices=("trained", "adabn"), default="trained")
     parser.add_argument("--table", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--keep", type=Path, help="copy each run's JSON and CSV reports under here"
+    )
     args = parser.parse_args(argv)
     source = cached_source(args.source, seed=0)
     runs = []
@@ -371,6 +387,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
                 classes=args.classes,
                 per_class=args.images,
                 rare=args.rare_images,
+                keep=args.keep,
             )
             log(
                 f"{run['set']} seed {run['seed']} {run['cause']}: fired "

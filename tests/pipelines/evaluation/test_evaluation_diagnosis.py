@@ -193,10 +193,14 @@ def test_feature_distortion_with_random_weights_blames_the_stage_not_features(
     assert "distorted the pretrained features" not in finding.cause
 
 
+# An ECE on 200 test images that no draw of a calibrated model reached.
+BEYOND_CHANCE = {"ece_p_value": 0.001, "n_test": 200, "classes": CATS}
+
+
 def test_miscalibration_fires_on_over_and_under_confidence(thresholds):
     settings = thresholds["miscalibration"]
-    over = {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65, "classes": CATS}
-    under = {"ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96, "classes": CATS}
+    over = {**BEYOND_CHANCE, "ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65}
+    under = {**BEYOND_CHANCE, "ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96}
     over_finding = diagnosis.miscalibration(over, settings)
     under_finding = diagnosis.miscalibration(under, settings)
     assert over_finding is not None
@@ -205,13 +209,34 @@ def test_miscalibration_fires_on_over_and_under_confidence(thresholds):
     assert "under-confident" in under_finding.cause
     assert over_finding.evidence == [
         "expected calibration error 0.300 > 0.1: mean confidence 0.950 vs accuracy "
-        "0.650"
+        "0.650",
+        "a calibrated model reaches that ECE on these 200 test images with "
+        "probability 0.001 < alpha 0.05",
     ]
+
+
+def test_miscalibration_is_silent_on_an_ece_a_calibrated_model_reaches_by_chance(
+    thresholds,
+):
+    # 46 test images: a calibrated model at accuracy 0.6 gets ECE > 0.1 in most draws.
+    small = {
+        "ece": 0.16,
+        "ece_p_value": 0.45,
+        "n_test": 46,
+        "mean_confidence": 0.62,
+        "accuracy": 0.6,
+        "classes": CATS,
+    }
+    assert diagnosis.miscalibration(small, thresholds["miscalibration"]) is None
+    convincing = {**small, "ece_p_value": 0.01}
+    assert diagnosis.miscalibration(convincing, thresholds["miscalibration"])
 
 
 def test_miscalibration_is_silent_when_calibrated(thresholds):
     calibrated = {
         "ece": 0.03,
+        "ece_p_value": 0.6,
+        "n_test": 200,
         "mean_confidence": 0.9,
         "accuracy": 0.88,
         "classes": CATS,
@@ -223,6 +248,8 @@ def test_miscalibration_is_silent_on_a_model_near_chance(thresholds):
     # Ten classes at 0.18 accuracy: the confidence has no accuracy to match.
     poor = {
         "ece": 0.3,
+        "ece_p_value": 0.001,
+        "n_test": 200,
         "mean_confidence": 0.48,
         "accuracy": 0.18,
         "classes": [f"c{index}" for index in range(10)],
@@ -842,6 +869,7 @@ def diagnosis_inputs(upstream, colour_images, evaluation_params, plan_rules) -> 
             "accuracy": 0.8,
             "balanced_accuracy": 0.8,
             "ece": 0.05,
+            "ece_p_value": 0.5,
             "mean_confidence": 0.82,
             "accuracy_ci95": [0.5, 0.95],
             "n_test": 6,
@@ -918,6 +946,7 @@ def test_diagnose_run_orders_findings_by_priority_then_severity(
                 "accuracy": 0.7,
                 "balanced_accuracy": 0.7,
                 "ece": 0.3,
+                "ece_p_value": 0.001,
                 "mean_confidence": 0.95,
             },
             "classification_report": class_report(
@@ -1023,11 +1052,11 @@ def test_every_parameter_a_finding_names_exists(colour_images, thresholds):
         ),
         diagnosis.unstable_training(bad_history, [], thresholds["unstable_training"]),
         diagnosis.miscalibration(
-            {"ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65, "classes": CATS},
+            {**BEYOND_CHANCE, "ece": 0.3, "mean_confidence": 0.95, "accuracy": 0.65},
             thresholds["miscalibration"],
         ),
         diagnosis.miscalibration(
-            {"ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96, "classes": CATS},
+            {**BEYOND_CHANCE, "ece": 0.6, "mean_confidence": 0.35, "accuracy": 0.96},
             thresholds["miscalibration"],
         ),
         diagnosis.random_weights(None),

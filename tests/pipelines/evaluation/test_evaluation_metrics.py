@@ -13,6 +13,7 @@ from irv2_pipeline.pipelines.evaluation.metrics import (
     PredictionTableError,
     accuracy,
     bootstrap_interval,
+    calibration_p_value,
     classes_of,
     classification_metrics,
     expected_calibration_error,
@@ -159,6 +160,44 @@ def test_ece_is_near_zero_for_calibrated_and_large_for_overconfident_predictions
     assert expected_calibration_error(
         overconfident, right_six_in_ten, 15
     ) == pytest.approx(0.35, abs=0.02)
+
+
+def test_a_calibrated_model_is_rarely_called_miscalibrated_on_few_test_images():
+    # 200 test sets of 46 images from a model whose confidence is right: the ECE
+    # passes 0.1 in most of them, the calibration test rejects at 0.05 in ~5 %.
+    rng = np.random.default_rng(3)
+    eces, p_values = [], []
+    for seed in range(200):
+        confidence = rng.uniform(0.34, 0.9, size=46)
+        correct = rng.random(46) < confidence
+        eces.append(expected_calibration_error(confidence, correct, 15))
+        p_values.append(
+            calibration_p_value(confidence, correct, 15, resamples=400, seed=seed)
+        )
+    assert np.mean(np.array(eces) > 0.1) > 0.5
+    assert np.mean(np.array(p_values) < 0.05) <= 0.09
+
+
+def test_an_overconfident_model_is_beyond_what_a_calibrated_one_reaches():
+    rng = np.random.default_rng(4)
+    confidence = np.full(46, 0.95)
+    right_six_in_ten = rng.random(46) < 0.6
+    p_value = calibration_p_value(
+        confidence, right_six_in_ten, 15, resamples=999, seed=0
+    )
+    assert p_value == pytest.approx(1 / 1000)
+
+
+def test_the_calibration_p_value_is_seeded():
+    rng = np.random.default_rng(5)
+    confidence = rng.uniform(0.4, 1.0, size=30)
+    correct = rng.random(30) < 0.7
+    first, again = (
+        calibration_p_value(confidence, correct, 15, resamples=200, seed=1)
+        for _ in range(2)
+    )
+    assert first == again
+    assert 1 / 201 <= first <= 1
 
 
 def test_metrics_recomputed_from_the_saved_table_equal_the_reported_ones(

@@ -41,6 +41,7 @@ METRICS = {
     "balanced_accuracy": 0.88,
     "macro_f1": 0.87,
     "ece": 0.05,
+    "ece_p_value": 0.5,
     "accuracy_ci95": [0.8, 0.97],
     "macro_f1_ci95": [0.76, 0.95],
     "n_test": 30,

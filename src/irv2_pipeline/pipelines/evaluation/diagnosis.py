@@ -447,8 +447,10 @@ def feature_distortion(
 
 
 def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Judgement:
-    """Confidence that does not match accuracy: ECE above ``max_ece``.
+    """Confidence that does not match accuracy: ECE above ``max_ece``, beyond chance.
 
+    The ECE must also be one a calibrated model would rarely reach on this many test
+    images: its ``ece_p_value`` (``metrics.calibration_p_value``) below ``alpha``.
     Silent when the test accuracy is less than ``min_skill`` of the way from chance
     to perfect (:func:`skill_over_chance`): a model that barely beats chance has no
     accuracy for its confidence to match, and calibrating it would not help;
@@ -465,7 +467,9 @@ def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Judgeme
             f"from chance to perfect, below min_skill {min_skill:g}: there is no "
             "accuracy for the confidence to match",
         )
-    if ece <= limit:
+    p_value = float(metrics["ece_p_value"])
+    alpha = float(settings["alpha"])
+    if ece <= limit or p_value >= alpha:
         return None
     confidence = float(metrics["mean_confidence"])
     accuracy = float(metrics["accuracy"])
@@ -486,7 +490,9 @@ def miscalibration(metrics: dict[str, Any], settings: dict[str, Any]) -> Judgeme
         + ([] if over else ["feature_shift.plan.backbone.epochs"]),
         evidence=[
             f"expected calibration error {ece:.3f} > {limit}: mean confidence "
-            f"{confidence:.3f} vs accuracy {accuracy:.3f}"
+            f"{confidence:.3f} vs accuracy {accuracy:.3f}",
+            f"a calibrated model reaches that ECE on these {metrics['n_test']} test "
+            f"images with probability {p_value:.3g} < alpha {alpha:g}",
         ],
     )
 

@@ -158,6 +158,49 @@ def expected_calibration_error(
     return float((gaps * filled["count"]).sum() / len(confidence))
 
 
+def calibration_p_value(
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    n_bins: int,
+    *,
+    resamples: int,
+    seed: int,
+) -> float:
+    """How often a calibrated model's ECE reaches the observed one, on these images.
+
+    The null is the model's own confidences taken at their word (consistency
+    resampling, Broecker & Smith 2007): each test prediction drawn right with
+    probability its confidence, ``resamples`` times. A few dozen test images give a
+    perfectly calibrated model an ECE of 0.1 or more by chance alone, so a threshold
+    on the ECE without this test fires on small test sets whatever the model.
+
+    Args:
+        confidence: The top probability of each prediction.
+        correct: Whether each prediction is right.
+        n_bins: Bins of the ECE (:func:`calibration_bins`).
+        resamples: Datasets drawn under the null.
+        seed: Seed of the draws.
+
+    Returns:
+        ``(1 + #{null ECE >= observed}) / (1 + resamples)``.
+    """
+    if resamples < 1:
+        raise ValueError(
+            f"evaluation.bootstrap.resamples = {resamples} must be at least 1"
+        )
+    observed = expected_calibration_error(confidence, correct, n_bins)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    members = np.eye(n_bins)[which]
+    draws = np.random.default_rng(seed).random((resamples, len(confidence)))
+    # A bin's |accuracy - confidence| x count is |sum of (right - confidence)| in it.
+    gaps = ((draws < confidence).astype(np.float64) - confidence) @ members
+    null = np.abs(gaps).sum(axis=1) / len(confidence)
+    # A tolerance: the same sums in another order must count as reaching it.
+    reached = int((null >= observed - 1e-12).sum())
+    return (1 + reached) / (1 + resamples)
+
+
 def bootstrap_interval(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -301,12 +344,14 @@ def classification_metrics(
         top_k: ``k`` of top-k accuracy; reported only when there are more than ``k``
             classes (otherwise it is 1 by definition).
         calibration_bins_count: Bins of the expected calibration error.
-        resamples: Bootstrap resamples for the intervals.
-        seed: Seed of the bootstrap.
+        resamples: Bootstrap resamples for the intervals, and datasets drawn under
+            the calibration test's null.
+        seed: Seed of both.
 
     Returns:
         ``accuracy``, ``balanced_accuracy``, ``macro_f1``, (``top_k_accuracy``,
-        ``top_k``), ``ece``, ``mean_confidence``, ``log_loss``, ``accuracy_ci95``,
+        ``top_k``), ``ece``, ``ece_p_value`` (:func:`calibration_p_value`),
+        ``mean_confidence``, ``log_loss``, ``accuracy_ci95``,
         ``macro_f1_ci95``, ``n_test``.
     """
     n_classes = probabilities.shape[1]
@@ -325,6 +370,13 @@ def classification_metrics(
     confidence = probabilities.max(axis=1)
     result["ece"] = expected_calibration_error(
         confidence, y_pred == y_true, calibration_bins_count
+    )
+    result["ece_p_value"] = calibration_p_value(
+        confidence,
+        y_pred == y_true,
+        calibration_bins_count,
+        resamples=resamples,
+        seed=seed,
     )
     result["mean_confidence"] = float(confidence.mean())
     result["log_loss"] = float(skm.log_loss(y_true, probabilities, labels=labels))
