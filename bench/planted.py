@@ -22,10 +22,12 @@ drawn per class with the seed). Causes (``--causes``):
   the other classes' folders, in turn (``label_noise``);
 - ``rare_classes``: half the classes cut to ``--rare-images`` images each
   (``class_imbalance``);
-- ``shortcut-<side>-<colour>-<corner>``: a square of ``side`` (a share of the image's
-  side), ``red``, ``white`` or ``black``, in the ``top_left``, ``top_right``,
-  ``bottom_left`` or ``bottom_right`` corner of every image of one class
-  (``shortcut``); ``shortcut`` alone is ``shortcut-0.1-red-top_left``;
+- ``shortcut-<side>-<colour>-<corner>``: the first two classes regrouped into two
+  brands, every other image of each in ``brand_a`` with a square mark of ``side`` (a
+  share of the image's side), ``red``, ``white`` or ``black``, in the ``top_left``,
+  ``top_right``, ``bottom_left`` or ``bottom_right`` corner, the rest in ``brand_b``:
+  the mark is what tells them apart (``shortcut``); ``shortcut`` alone is
+  ``shortcut-0.1-red-top_left``;
 - ``near_duplicates``: a fifth of every class copied with a little noise, ingestion
   told to group exact copies only (``ingestion.duplicates.max_hamming=0``), so the
   copies fall into other splits (``leakage``);
@@ -158,20 +160,37 @@ def cut_classes(images: Path, keep: int, rng: np.random.Generator) -> None:
             files[index].unlink()
 
 
-def mark_class(images: Path, side: float, colour: str, corner: str) -> None:
-    """Draws a square mark in one corner of every image of the first class."""
+def watermark_brands(images: Path, side: float, colour: str, corner: str) -> None:
+    """Regroups the first two classes into two brands, the first one watermarked.
+
+    Every other image of each of the two classes goes to ``brand_a``, with a square
+    mark in one corner, the rest to ``brand_b``: the mark is then what tells the two
+    brands apart, as ``tests/pipelines/evaluation/test_shortcut_planted.py`` plants
+    it. A mark on a class the model can tell by its content is not a shortcut it
+    needs, and masking it changes nothing.
+    """
     if colour not in COLOURS or corner not in CORNERS:
         raise ValueError(f"shortcut colour {colour!r} or corner {corner!r} unknown")
-    for path in sorted(class_folders(images)[0].glob("*.png")):
-        pixels = np.array(Image.open(path).convert("RGB"))
-        height, width = pixels.shape[:2]
-        size = max(1, round(side * min(height, width)))
-        rows = (
-            slice(0, size) if corner.startswith("top") else slice(height - size, None)
-        )
-        cols = slice(0, size) if corner.endswith("left") else slice(width - size, None)
-        pixels[rows, cols] = COLOURS[colour]
-        Image.fromarray(pixels).save(path)
+    products = class_folders(images)[:2]
+    brands = [images / "brand_a", images / "brand_b"]
+    for brand in brands:
+        brand.mkdir()
+    for folder in products:
+        for index, path in enumerate(sorted(folder.glob("*.png"))):
+            pixels = np.array(Image.open(path).convert("RGB"))
+            if index % 2 == 0:
+                height, width = pixels.shape[:2]
+                size = max(1, round(side * min(height, width)))
+                top = corner.startswith("top")
+                rows = slice(0, size) if top else slice(height - size, None)
+                left = corner.endswith("left")
+                cols = slice(0, size) if left else slice(width - size, None)
+                pixels[rows, cols] = COLOURS[colour]
+            Image.fromarray(pixels).save(
+                brands[index % 2] / f"{folder.name}_{path.name}"
+            )
+            path.unlink()
+        folder.rmdir()
 
 
 def copy_near(images: Path, share: float, rng: np.random.Generator) -> None:
@@ -202,7 +221,7 @@ def plant(images: Path, cause: str, rare_images: int, seed: int) -> dict:
         cut_classes(images, rare_images, rng)
     elif cause.startswith("shortcut"):
         side, colour, corner = cause.split("-")[1:] or ["0.1", "red", "top_left"]
-        mark_class(images, float(side), colour, corner)
+        watermark_brands(images, float(side), colour, corner)
     elif cause == "near_duplicates":
         copy_near(images, 0.2, rng)
         # Exact copies only: the near copies escape ingestion's grouping.
@@ -269,7 +288,8 @@ def run_cell(
     if keep is not None:
         kept = keep / project.name
         kept.mkdir(parents=True, exist_ok=True)
-        for folder in (reports, project / "data" / "02_intermediate"):
+        data = project / "data"
+        for folder in (reports, data / "02_intermediate", data / "07_model_output"):
             for path in folder.iterdir():
                 if path.suffix in {".json", ".csv"}:
                     shutil.copy2(path, kept / path.name)
