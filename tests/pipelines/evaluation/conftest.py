@@ -262,8 +262,13 @@ def healthy_history() -> pd.DataFrame:
     )
 
 
-def shift_profile(unit_shift: dict[str, float]) -> pd.DataFrame:
-    """A BN shift profile (feature_shift's columns): two layers per unit."""
+def shift_profile(
+    unit_shift: dict[str, float], low: dict[str, float] | None = None
+) -> pd.DataFrame:
+    """A BN shift profile (feature_shift's columns): two layers per unit.
+
+    ``low``: a unit's bootstrap 5th percentile (default: its shift, a certain one).
+    """
     rows = []
     for unit, shift in unit_shift.items():
         for part in range(2):
@@ -274,6 +279,8 @@ def shift_profile(unit_shift: dict[str, float]) -> pd.DataFrame:
                     "block": group_of(unit),
                     "depth": len(rows),
                     "shift": shift,
+                    "shift_low": (low or {}).get(unit, shift),
+                    "shift_high": shift,
                     "mean_part": shift / 2,
                     "variance_part": shift / 2,
                 }

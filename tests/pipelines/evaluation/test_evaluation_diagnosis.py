@@ -272,13 +272,41 @@ def test_domain_gap_fires_when_shifted_blocks_stay_frozen(thresholds):
     )
     assert finding is not None
     assert finding.severity == "high"
-    assert finding.evidence[1] == "the shift starts at block17 (2.5, at or above 1)"
+    assert finding.evidence[1] == (
+        "the shift starts at block17 (2.5, at or above 1; 2.5 at the 5th percentile "
+        "of the bootstrap resamples of the training images)"
+    )
     assert finding.evidence[2] == (
         "stages trained: head: head only, 2 epochs, learning rate 0.001, BatchNorm "
         "frozen; block8_1: unfreeze from block8_1, 2 epochs, learning rate 0.0001, "
         "BatchNorm frozen"
     )
     assert "unfreeze_from: block17_1" in finding.suggestion
+
+
+def test_domain_gap_is_silent_on_a_shift_other_images_would_put_under_it(thresholds):
+    # block8 at 2.5 on the images measured, 0.3 at the bootstrap's 5th percentile:
+    # a few unusual images lift it (as measured on fractal images of the source's
+    # own kind); the rule then judges block8 unshifted.
+    settings = thresholds["domain_gap"]
+    profile = shift_profile({"stem": 0.02, "block8_5": 2.5}, low={"block8_5": 0.3})
+    trained_head = trained(None)
+    assert diagnosis.domain_gap(profile, trained_head, "imagenet", settings) is None
+    certain = shift_profile({"stem": 0.02, "block8_5": 2.5}, low={"block8_5": 1.4})
+    finding = diagnosis.domain_gap(certain, trained_head, "imagenet", settings)
+    assert finding is not None
+    assert finding.evidence[1].startswith("the shift starts at block8 (2.5,")
+
+
+def test_domain_gap_without_resamples_is_judged_on_the_shift_itself(thresholds):
+    profile = shift_profile({"stem": 0.02, "block8_5": 2.5}).assign(
+        shift_low=float("nan"), shift_high=float("nan")
+    )
+    finding = diagnosis.domain_gap(
+        profile, trained(None), "imagenet", thresholds["domain_gap"]
+    )
+    assert finding is not None
+    assert finding.evidence[1] == "the shift starts at block8 (2.5, at or above 1)"
 
 
 def test_domain_gap_fires_on_a_block_exactly_at_the_threshold_as_the_plan_does(

@@ -27,6 +27,8 @@ def profile(shift: float) -> pd.DataFrame:
             "block": list(GROUPS),
             "depth": range(len(GROUPS)),
             "shift": shift,
+            "shift_low": shift,
+            "shift_high": shift,
             "mean_part": shift / 2,
             "variance_part": shift / 2,
             "grayscale_share": 0.0,

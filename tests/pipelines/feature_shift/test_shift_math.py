@@ -61,6 +61,61 @@ def test_running_moments_equal_the_moments_of_all_pixels():
     np.testing.assert_allclose(running.variance, maps.var(axis=(0, 1, 2)), rtol=1e-9)
 
 
+def test_a_resample_has_the_moments_of_the_images_it_draws():
+    rng = np.random.default_rng(1)
+    maps = rng.normal(loc=3.0, scale=2.0, size=(6, 4, 4, 2))
+    # Resample 0 draws every image once, resample 1 image 0 three times and image 5
+    # once, resample 2 nothing.
+    weights = np.array([[1, 1, 1, 1, 1, 1], [3, 0, 0, 0, 0, 1], [0] * 6])
+    running = RunningMoments(2, resamples=3)
+    for start, stop in [(0, 4), (4, 6)]:
+        batch = maps[start:stop]
+        running.add(
+            batch.mean(axis=(1, 2)), batch.var(axis=(1, 2)), weights[:, start:stop]
+        )
+    drawn = np.concatenate([maps[[0, 0, 0]], maps[[5]]])
+    np.testing.assert_allclose(running.resampled_means[0], running.mean)
+    np.testing.assert_allclose(running.resampled_variances[0], running.variance)
+    np.testing.assert_allclose(running.resampled_means[1], drawn.mean(axis=(0, 1, 2)))
+    np.testing.assert_allclose(
+        running.resampled_variances[1], drawn.var(axis=(0, 1, 2)), rtol=1e-9
+    )
+    assert np.isnan(running.resampled_means[2]).all()
+
+
+def test_the_shift_interval_spans_the_resamples_and_is_nan_without_them():
+    channels = 8
+    layer = BatchNormLayer(
+        name="bn",
+        unit="block8_1",
+        depth=0,
+        channels=channels,
+        epsilon=1e-3,
+        moving_mean=np.zeros(channels),
+        moving_variance=np.ones(channels),
+    )
+    means = {"bn": np.full(channels, 1.0)}
+    variances = {"bn": np.ones(channels)}
+    # 20 resamples whose means move from 0.5 to 1.5: shifts (d**2 / 2) 0.125 to 1.125.
+    moved = np.linspace(0.5, 1.5, 20)[:, None] * np.ones(channels)
+    profile = shift_profile(
+        [layer],
+        means,
+        variances,
+        True,
+        resampled_means={"bn": moved},
+        resampled_variances={"bn": np.ones((20, channels))},
+    )
+    row = profile.iloc[0]
+    shifts = np.linspace(0.5, 1.5, 20) ** 2 / 2
+    assert row["shift"] == pytest.approx(0.5, rel=1e-3)
+    assert row["shift_low"] == pytest.approx(np.percentile(shifts, 5), rel=1e-3)
+    assert row["shift_high"] == pytest.approx(np.percentile(shifts, 95), rel=1e-3)
+    assert row["shift_low"] < row["shift"] < row["shift_high"]
+    alone = shift_profile([layer], means, variances, True).iloc[0]
+    assert np.isnan(alone["shift_low"]) and np.isnan(alone["shift_high"])
+
+
 def test_a_few_channels_silent_on_the_source_do_not_set_a_layers_shift():
     """62 channels with their mean moved by 1.4 SD, 2 nearly silent on the source
     (variance 1e-4) that any target wakes: the layer's shift is the moved channels'."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
@@ -74,6 +74,9 @@ class SplitPass:
         bn_variances: Per BN layer, the per-channel variance of its input.
         features: Per depth, the pooled features, one row per image in input order.
         grayscale_images: Images whose three channels are equal (:func:`is_grayscale`).
+        bn_resampled_means: Per BN layer, ``(resamples, channels)``: the means of
+            the Poisson bootstrap's resamples of the images (empty without them).
+        bn_resampled_variances: The same for the variances.
     """
 
     n_images: int
@@ -81,6 +84,8 @@ class SplitPass:
     bn_variances: dict[str, np.ndarray]
     features: dict[str, np.ndarray]
     grayscale_images: int = 0
+    bn_resampled_means: dict[str, np.ndarray] = field(default_factory=dict)
+    bn_resampled_variances: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def batch_norm_layers(backbone: keras.Model) -> list[BatchNormLayer]:
@@ -182,17 +187,40 @@ class RunningMoments:
 
     Every image of a layer has the same number of pixels, so the pooled variance is
     the mean within-image variance plus the variance of the image means; batches are
-    merged with Chan et al.'s parallel update, all in float64.
+    merged with Chan et al.'s parallel update, all in float64. With ``resamples``,
+    the same moments of as many Poisson bootstrap resamples of the images are kept
+    beside them (``weights`` of :meth:`add`), for the shift's interval.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, resamples: int = 0):
         self.count = 0
         self.mean = np.zeros(channels)
         self._sum_squares = np.zeros(channels)  # sum of squared deviations, per pixel
+        # Per resample: its weight in images, and weighted sums of the image means
+        # and of their second moments about zero.
+        self._weights = np.zeros(resamples)
+        self._weighted_means = np.zeros((resamples, channels))
+        self._weighted_squares = np.zeros((resamples, channels))
 
-    def add(self, image_means: np.ndarray, image_variances: np.ndarray) -> None:
-        """Adds a batch: ``(images, channels)`` per-image means and variances."""
+    def add(
+        self,
+        image_means: np.ndarray,
+        image_variances: np.ndarray,
+        weights: np.ndarray | None = None,
+    ) -> None:
+        """Adds a batch: ``(images, channels)`` per-image means and variances.
+
+        ``weights``, ``(resamples, images)``: how often each resample draws each
+        image (Poisson(1) counts, the same for every layer), when there are resamples.
+        """
         image_means = np.asarray(image_means, np.float64)
+        if len(self._weights):
+            counts = np.asarray(weights, np.float64)
+            self._weights += counts.sum(axis=1)
+            self._weighted_means += counts @ image_means
+            self._weighted_squares += counts @ (
+                np.asarray(image_variances, np.float64) + image_means**2
+            )
         batch = len(image_means)
         batch_mean = image_means.mean(axis=0)
         batch_squares = batch * (
@@ -210,6 +238,19 @@ class RunningMoments:
         """The population variance (as BatchNormalization computes it)."""
         return self._sum_squares / max(self.count, 1)
 
+    @property
+    def resampled_means(self) -> np.ndarray:
+        """``(resamples, channels)``: each resample's mean (NaN if it drew nothing)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self._weighted_means / self._weights[:, None]
+
+    @property
+    def resampled_variances(self) -> np.ndarray:
+        """``(resamples, channels)``: each resample's population variance."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            second = self._weighted_squares / self._weights[:, None]
+        return np.maximum(second - self.resampled_means**2, 0.0)
+
 
 def run_pass(
     probe: keras.Model,
@@ -220,11 +261,16 @@ def run_pass(
     n_images: int,
     what: str,
     logger: logging.Logger,
+    resamples: int = 0,
+    seed: int = 0,
 ) -> SplitPass:
     """Streams batches through the probe and accumulates what it measures.
 
     A short last batch is padded with black images to ``batch_size`` and the padding
-    dropped from the outputs, so the probe is traced for one batch shape only.
+    dropped from the outputs, so the probe is traced for one batch shape only. With
+    ``resamples``, the BN moments are also accumulated for that many Poisson
+    bootstrap resamples of the images (each image drawn Poisson(1) times per
+    resample, with ``seed``), in the same single pass.
 
     Args:
         probe: From :func:`build_probe`.
@@ -234,11 +280,14 @@ def run_pass(
         n_images: How many images ``batches`` holds (for progress lines).
         what: What the images are, for progress lines.
         logger: Where progress lines go.
+        resamples: Bootstrap resamples of the BN moments (0: none).
+        seed: Of the resamples' draws.
 
     Returns:
         The BN input moments over all images and the pooled features of each image.
     """
-    running = [RunningMoments(bn.channels) for bn in layout.batch_norms]
+    running = [RunningMoments(bn.channels, resamples) for bn in layout.batch_norms]
+    draws = np.random.default_rng(seed)
     features: list[np.ndarray] = []
     progress = ProgressLog(f"{what} images through IRv2", n_images, logger)
     seen = grayscale = 0
@@ -248,12 +297,14 @@ def run_pass(
         real = len(batch)
         outputs = probe.predict_on_batch(_padded(batch, batch_size))
         moments = np.asarray(outputs[MOMENTS_OUTPUT])[:real]
+        weights = draws.poisson(1.0, (resamples, real)) if resamples else None
         offset = 0
         for bn, accumulator in zip(layout.batch_norms, running, strict=True):
             width = bn.channels
             accumulator.add(
                 moments[:, offset : offset + width],
                 moments[:, offset + width : offset + 2 * width],
+                weights,
             )
             offset += 2 * width
         features.append(np.asarray(outputs[FEATURES_OUTPUT])[:real])
@@ -280,6 +331,16 @@ def run_pass(
         features={
             depth: pooled[:, bounds[i] : bounds[i + 1]]
             for i, depth in enumerate(layout.depths)
+        },
+        bn_resampled_means={
+            bn.name: acc.resampled_means
+            for bn, acc in zip(layout.batch_norms, running, strict=True)
+            if resamples
+        },
+        bn_resampled_variances={
+            bn.name: acc.resampled_variances
+            for bn, acc in zip(layout.batch_norms, running, strict=True)
+            if resamples
         },
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,6 +76,9 @@ class SplitMeasurements:
     bn_means: dict[str, np.ndarray]
     bn_variances: dict[str, np.ndarray]
     grayscale_share: float = 0.0  # of the split's images, those with equal channels
+    # Per BN layer, (resamples, channels): the bootstrap's, for the training split.
+    bn_resampled_means: dict[str, np.ndarray] = field(default_factory=dict)
+    bn_resampled_variances: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,9 @@ def measure_backbone(
     """Runs every sampled image through IRv2 once, measuring inside the graph.
 
     Per split: the per-channel moments of every BN layer's input and the pooled
-    features at ``feature_shift.depths``. Random weights are drawn from
+    features at ``feature_shift.depths``; for the training split, also those moments
+    under ``feature_shift.bootstrap.resamples`` Poisson bootstrap resamples of its
+    images (the shift's interval). Random weights and the resamples are drawn from
     ``model.seed``.
 
     Args:
@@ -257,6 +262,12 @@ def measure_backbone(
         batch_size, int(feature_shift_sample["split"].value_counts().max())
     )
     policy = OpenPolicy.from_params(images)
+    resamples = int(feature_shift["bootstrap"]["resamples"])
+    if resamples < 0:
+        raise FeatureShiftError(
+            f"feature_shift.bootstrap.resamples = {resamples}: use 0 (no interval) "
+            "or more"
+        )
     splits = {}
     for split in SPLITS:
         rows = feature_shift_sample[feature_shift_sample["split"] == split]
@@ -277,6 +288,9 @@ def measure_backbone(
             n_images=len(rows),
             what=split,
             logger=logger,
+            # The shift is measured on the training split only.
+            resamples=resamples if split == "train" else 0,
+            seed=int(model["seed"]),
         )
         splits[split] = SplitMeasurements(
             labels=rows["label_index"].to_numpy(),
@@ -284,6 +298,8 @@ def measure_backbone(
             bn_means=measured.bn_means,
             bn_variances=measured.bn_variances,
             grayscale_share=measured.grayscale_images / max(measured.n_images, 1),
+            bn_resampled_means=measured.bn_resampled_means,
+            bn_resampled_variances=measured.bn_resampled_variances,
         )
     return BackboneMeasurements(
         weights_pretrained=weights is not None,
@@ -315,6 +331,8 @@ def profile_bn_shift(
         train.bn_variances,
         measured.weights_pretrained,
         train.grayscale_share,
+        resampled_means=train.bn_resampled_means,
+        resampled_variances=train.bn_resampled_variances,
     )
     if warn and not measured.weights_pretrained:
         logger.warning(RANDOM_WEIGHTS_WARNING)

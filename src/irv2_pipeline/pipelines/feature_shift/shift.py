@@ -35,6 +35,8 @@ PROFILE_COLUMNS = [
     "depth",
     "channels",
     "shift",
+    "shift_low",
+    "shift_high",
     "mean_part",
     "variance_part",
     "variance_ratio",
@@ -92,8 +94,17 @@ def shift_profile(
     target_variances: dict[str, np.ndarray],
     weights_pretrained: bool,
     grayscale_share: float = 0.0,
+    *,
+    resampled_means: dict[str, np.ndarray] | None = None,
+    resampled_variances: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """One row per BN layer: its place in IRv2 and its shift, the median over channels.
+
+    ``shift_low`` and ``shift_high`` are the 5th and 95th percentiles of the same
+    shift over the bootstrap resamples of the images (``resampled_means``,
+    ``resampled_variances``: per layer, ``(resamples, channels)``), NaN without them:
+    how far the figure moves with which images were measured. A few unusual images
+    among a few dozen can move a deep layer's shift several-fold.
 
     ``mean_part`` and ``variance_part`` are those of the median channel (the two
     middle channels' average for an even count), so they add up to ``shift``.
@@ -114,6 +125,17 @@ def shift_profile(
         )
         order = np.argsort(measured.shift, kind="stable")
         middle = order[[(len(order) - 1) // 2, len(order) // 2]]
+        low = high = np.nan
+        if resampled_means:
+            resampled = symmetric_kl(
+                resampled_means[bn.name],
+                resampled_variances[bn.name],
+                bn.moving_mean,
+                bn.moving_variance,
+                bn.epsilon,
+            ).shift
+            # A resample that drew no image has no moments (NaN): left out.
+            low, high = np.nanpercentile(np.median(resampled, axis=1), [5, 95])
         rows.append(
             {
                 "layer": bn.name,
@@ -122,6 +144,8 @@ def shift_profile(
                 "depth": bn.depth,
                 "channels": bn.channels,
                 "shift": float(measured.shift[middle].mean()),
+                "shift_low": float(low),
+                "shift_high": float(high),
                 "mean_part": float(measured.mean_part[middle].mean()),
                 "variance_part": float(measured.variance_part[middle].mean()),
                 "variance_ratio": float(np.exp(np.log(measured.variance_ratio).mean())),
@@ -137,7 +161,9 @@ def block_shift(profile: pd.DataFrame) -> pd.DataFrame:
 
     Columns: ``block``, ``layers``, ``first_depth``, ``last_depth``, ``shift`` (mean
     over the block's BN layers of their shift, itself a median over channels),
-    ``median_shift`` (the median over the block's layers), ``max_shift``,
+    ``shift_low`` and ``shift_high`` (the same mean of the layers' bootstrap
+    percentiles: a figure the block's shift is unlikely to fall below or rise above
+    with other images of the same kind; NaN without resamples), ``median_shift`` (the median over the block's layers), ``max_shift``,
     ``max_layer``, ``mean_part``, ``variance_part``.
     """
     rows = []
@@ -153,6 +179,8 @@ def block_shift(profile: pd.DataFrame) -> pd.DataFrame:
                 "first_depth": int(layers["depth"].min()),
                 "last_depth": int(layers["depth"].max()),
                 "shift": float(layers["shift"].mean()),
+                "shift_low": float(layers["shift_low"].mean()),
+                "shift_high": float(layers["shift_high"].mean()),
                 "median_shift": float(layers["shift"].median()),
                 "max_shift": float(peak["shift"]),
                 "max_layer": str(peak["layer"]),
