@@ -9,7 +9,9 @@ over the same files, the same ``inputs.image_dataset`` batches and batch size:
   loop structure of the pass (so the two ratios separate the moments' cost from the
   loop's);
 - ``moment pass``: ``moments.run_pass`` of the probe: every BN layer's input moments
-  and the pooled features at four depths, accumulated on the host.
+  and the pooled features at four depths, accumulated on the host;
+- ``bootstrap pass``: the same with ``--resamples`` Poisson bootstrap resamples of
+  the images accumulated too, as feature_shift measures the training split.
 
 Each method runs once untimed (tracing), then ``--repeats`` times in turn. On a shared
 machine wall times swing with other processes, so the table gives the fastest and the
@@ -78,6 +80,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--weights", default=None, help="weights file; default random")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=100,
+        help="bootstrap resamples of the bootstrap pass (conf/base: 100)",
+    )
     args = parser.parse_args()
 
     keras.utils.set_random_seed(args.seed)
@@ -105,7 +113,7 @@ def main() -> None:
             for batch in batches().as_numpy_iterator():
                 plain.predict_on_batch(batch)
 
-        def moment_pass() -> None:
+        def moment_pass(resamples: int = 0) -> None:
             run_pass(
                 probe,
                 layout,
@@ -114,12 +122,15 @@ def main() -> None:
                 n_images=len(paths),
                 what="bench",
                 logger=logger,
+                resamples=resamples,
+                seed=args.seed,
             )
 
         methods = {
             "plain predict": plain_predict,
             "plain loop": plain_loop,
             "moment pass": moment_pass,
+            "bootstrap pass": lambda: moment_pass(args.resamples),
         }
         traced = {}
         for name, method in methods.items():
@@ -185,6 +196,13 @@ def main() -> None:
                 ),
                 "pass_vs_loop": round(
                     fastest["moment pass"] / fastest["plain loop"], 3
+                ),
+                "resamples": args.resamples,
+                "bootstrap_vs_pass": round(
+                    fastest["bootstrap pass"] / fastest["moment pass"], 3
+                ),
+                "bootstrap_vs_pass_cpu": round(
+                    median_cpu["bootstrap pass"] / median_cpu["moment pass"], 3
                 ),
                 "cpu_count": os.cpu_count(),
             }
