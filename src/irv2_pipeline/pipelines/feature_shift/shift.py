@@ -161,10 +161,10 @@ def block_shift(profile: pd.DataFrame) -> pd.DataFrame:
 
     Columns: ``block``, ``layers``, ``first_depth``, ``last_depth``, ``shift`` (mean
     over the block's BN layers of their shift, itself a median over channels),
-    ``shift_low`` and ``shift_high`` (the same mean of the layers' bootstrap
-    percentiles: a figure the block's shift is unlikely to fall below or rise above
-    with other images of the same kind; NaN without resamples), ``median_shift`` (the median over the block's layers), ``max_shift``,
-    ``max_layer``, ``mean_part``, ``variance_part``.
+    ``shift_low`` and ``shift_high`` (the mean over its layers of their bootstrap
+    5th and 95th percentiles; NaN without resamples), ``median_shift`` (the median
+    over the block's layers), ``max_shift``, ``max_layer``, ``mean_part``,
+    ``variance_part``.
     """
     rows = []
     for block in GROUPS:
