@@ -216,6 +216,18 @@ def test_a_p_value_threshold_the_random_squares_cannot_reach_is_refused():
     assert parameter_problems(params) == []
 
 
+def test_a_calibration_alpha_its_draws_cannot_reach_is_refused():
+    # 19 draws give p-values of 1/20 = 0.05 and up: p < alpha = 0.05 never holds.
+    texts = _texts(_with("evaluation.bootstrap.resamples", 19))
+    assert texts == [
+        "evaluation: diagnosis.miscalibration.alpha 0.05 is at most 1 / (1 + "
+        "bootstrap.resamples) = 0.05, the smallest p-value 19 draws of the "
+        "calibration test can give: the miscalibration rule could never fire (raise "
+        "bootstrap.resamples or alpha)"
+    ]
+    assert parameter_problems(_with("evaluation.bootstrap.resamples", 20)) == []
+
+
 def test_a_minimum_size_no_image_can_reach_is_refused():
     texts = _texts(_with("images.min_size", 100_000))
     assert texts == [

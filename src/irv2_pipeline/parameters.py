@@ -265,9 +265,17 @@ class ShortcutParams(_Block):
     max_p_value: Annotated[float, Field(strict=True, gt=0, le=1)]
 
 
+class MiscalibrationParams(_OpenBlock):
+    """``evaluation.diagnosis.miscalibration``."""
+
+    # Of the calibration test (metrics.calibration_p_value).
+    alpha: Probability
+
+
 class DiagnosisParams(_OpenBlock):
     """``evaluation.diagnosis``: the thresholds of the rules that have a model."""
 
+    miscalibration: MiscalibrationParams
     class_imbalance: ClassImbalanceParams
     image_property_drift: ImagePropertyDriftParams
     dummy_baseline: DummyBaselineParams
@@ -290,13 +298,37 @@ class AttributionParams(_OpenBlock):
     occlusion: OcclusionParams
 
 
+class BootstrapParams(_Block):
+    """``evaluation.bootstrap``: the intervals' resamples and the calibration test's."""
+
+    resamples: Annotated[WholeNumber, Field(ge=1)]
+    seed: WholeNumber
+
+
 class EvaluationParams(_OpenBlock):
     """``evaluation``: the keys with rules (the verdict and the data checks)."""
 
     # The least severity that fails the run; none never does.
     fail_on: Literal["none", "low", "medium", "high"]
+    bootstrap: BootstrapParams
     attribution: AttributionParams
     diagnosis: DiagnosisParams
+
+    @model_validator(mode="after")
+    def _miscalibration_can_fire(self) -> EvaluationParams:
+        """`diagnosis.miscalibration.alpha` is above 1 / (1 + `bootstrap.resamples`),
+        the smallest p-value the calibration test can give."""
+        resamples = self.bootstrap.resamples
+        alpha = self.diagnosis.miscalibration.alpha
+        if alpha <= 1 / (1 + resamples):
+            raise ValueError(
+                f"diagnosis.miscalibration.alpha {alpha:g} is at most 1 / (1 + "
+                f"bootstrap.resamples) = {1 / (1 + resamples):.3g}, the smallest "
+                f"p-value {resamples} draws of the calibration test can give: the "
+                "miscalibration rule could never fire (raise bootstrap.resamples or "
+                "alpha)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _shortcut_can_fire(self) -> EvaluationParams:
