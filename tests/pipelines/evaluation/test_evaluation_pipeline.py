@@ -151,8 +151,13 @@ def test_the_html_report_holds_the_reports_plots_and_tables_inline(evaluated):
     page = (evaluated / "data/08_reporting/report.html").read_text()
     markdown = (evaluated / "data/08_reporting/evaluation_report.md").read_text()
     findings = json.loads((evaluated / "data/08_reporting/diagnosis.json").read_text())
-    assert len(findings) == 2  # its verdict is "Didn't pass" at their worst severity
+    # Its verdict is "Didn't pass" at the finding's severity. A handful of test
+    # images: their ECE passes max_ece, but no more than a calibrated model's does on
+    # as few, so miscalibration stays silent.
+    assert [finding["rule"] for finding in findings] == ["small_test_set"]
     reports = evaluated / "data/08_reporting"
+    metrics = json.loads((reports / "evaluation_metrics.json").read_text())
+    assert metrics["ece"] > 0.1 and metrics["ece_p_value"] >= 0.05
     not_judged = json.loads((reports / "diagnosis_not_judged.json").read_text())
     outcome = verdict.worst_severity(findings)
     line = html.escape(verdict.summary(findings, not_judged, "none"))
