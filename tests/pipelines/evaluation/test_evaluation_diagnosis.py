@@ -272,10 +272,7 @@ def test_domain_gap_fires_when_shifted_blocks_stay_frozen(thresholds):
     )
     assert finding is not None
     assert finding.severity == "high"
-    assert finding.evidence[1] == (
-        "the shift starts at block17 (2.5, at or above 1; 2.5 at the 5th percentile "
-        "of the bootstrap resamples of the training images)"
-    )
+    assert finding.evidence[1] == "the shift starts at block17 (2.5, at or above 1)"
     assert finding.evidence[2] == (
         "stages trained: head: head only, 2 epochs, learning rate 0.001, BatchNorm "
         "frozen; block8_1: unfreeze from block8_1, 2 epochs, learning rate 0.0001, "
@@ -295,7 +292,28 @@ def test_domain_gap_is_silent_on_a_shift_other_images_would_put_under_it(thresho
     certain = shift_profile({"stem": 0.02, "block8_5": 2.5}, low={"block8_5": 1.4})
     finding = diagnosis.domain_gap(certain, trained_head, "imagenet", settings)
     assert finding is not None
-    assert finding.evidence[1].startswith("the shift starts at block8 (2.5,")
+    assert finding.evidence[1] == "the shift starts at block8 (2.5, at or above 1)"
+    assert finding.evidence[-1] == (
+        "from block8 on it stays at or above 1 at the 5th percentile of the "
+        "bootstrap resamples of the training images (block8 1.4)"
+    )
+
+
+def test_domain_gap_names_the_block_the_plan_names_when_a_deeper_one_is_certain(
+    thresholds,
+):
+    # block17 just over the threshold (its low end under it), block8 far over: the
+    # gap is certain, and named where the plan reads its start.
+    profile = shift_profile(
+        {"stem": 0.02, "block17_5": 1.04, "block8_5": 3.0},
+        low={"block17_5": 0.7, "block8_5": 2.0},
+    )
+    finding = diagnosis.domain_gap(
+        profile, trained(None), "imagenet", thresholds["domain_gap"]
+    )
+    assert finding is not None
+    assert "from block17 on" in finding.cause
+    assert finding.evidence[-1].startswith("from block8 on it stays at or above 1")
 
 
 def test_domain_gap_without_resamples_is_judged_on_the_shift_itself(thresholds):

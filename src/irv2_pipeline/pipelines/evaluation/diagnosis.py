@@ -515,8 +515,8 @@ def domain_gap(
     names that cap instead of a threshold: a lower threshold would change nothing.
     Not judged with random weights: the stored BN statistics are then no source's, so
     the shift means nothing (the ``random_weights`` rule says so). Where feature_shift
-    resampled the training images (``feature_shift.bootstrap.resamples``), a block
-    counts as shifted when its ``shift_low``, the 5th percentile over the resamples,
+    resampled the training images (``feature_shift.bootstrap.resamples``), it fires
+    only when some block's ``shift_low``, the 5th percentile over the resamples, also
     reaches the threshold: one unusual image among a few dozen can lift a deep
     block's shift several-fold.
 
@@ -538,19 +538,22 @@ def domain_gap(
     threshold = float(settings["max_block_shift"])
     blocks = block_shift(bn_shift_profile)
     shifts = dict(zip(blocks["block"], blocks["shift"], strict=True))
-    # Judged on the bootstrap's low figure when feature_shift resampled the images:
-    # a shift that other images of the same kind would put under the threshold is
-    # no evidence of a gap.
-    resampled = not blocks["shift_low"].isna().all()
-    judged = blocks["shift_low"] if resampled else blocks["shift"]
-    lows = dict(zip(blocks["block"], judged, strict=True))
+    lows = dict(zip(blocks["block"], blocks["shift_low"], strict=True))
     grey = (
         float(bn_shift_profile["grayscale_share"].iloc[0])
         if "grayscale_share" in bn_shift_profile
         else 0.0
     )
-    start = shift_start(lows, threshold, grey)
+    # Named where the plan reads the start, so that the two agree ...
+    start = shift_start(shifts, threshold, grey)
     if start is None:
+        return None
+    # ... and raised only when some block's shift stays over the threshold at the
+    # bootstrap's low end: a shift that other images of the same kind would put
+    # under it is no evidence of a gap.
+    resampled = not blocks["shift_low"].isna().all()
+    certain = shift_start(lows, threshold, grey) if resampled else start
+    if certain is None:
         return None
     # Stages given by layer index (``unfreeze_from: 500``) name no unit to compare.
     units = [
@@ -566,15 +569,15 @@ def domain_gap(
     per_block = ", ".join(f"{block} {shift:.3g}" for block, shift in shifts.items())
     evidence = [
         f"BN shift per block: {per_block}",
-        f"the shift starts at {start} ({shifts[start]:.3g}, at or above {threshold:g}"
-        + (
-            f"; {lows[start]:.3g} at the 5th percentile of the bootstrap resamples "
-            "of the training images)"
-            if resampled
-            else ")"
-        ),
+        f"the shift starts at {start} ({shifts[start]:.3g}, at or above {threshold:g})",
         "stages trained: " + ("; ".join(describe_stages(stages)) or "none"),
     ]
+    if resampled:
+        evidence.append(
+            f"from {certain} on it stays at or above {threshold:g} at the 5th "
+            f"percentile of the bootstrap resamples of the training images "
+            f"({certain} {lows[certain]:.3g})"
+        )
     if grey >= GRAYSCALE_SHARE and "stem" in shifts:
         evidence.append(
             f"{grey:.0%} of the training images are greyscale: the stem's shift "
