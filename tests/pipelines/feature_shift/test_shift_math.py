@@ -38,6 +38,20 @@ def test_symmetric_kl_matches_numerical_integration(target, stored):
     )
 
 
+def batch_norm(unit: str, moving_variance: np.ndarray) -> BatchNormLayer:
+    """A BN layer ``bn`` of ``unit`` whose stored means are 0."""
+    channels = len(moving_variance)
+    return BatchNormLayer(
+        name="bn",
+        unit=unit,
+        depth=0,
+        channels=channels,
+        epsilon=1e-3,
+        moving_mean=np.zeros(channels),
+        moving_variance=moving_variance,
+    )
+
+
 def test_identical_gaussians_have_zero_shift_and_epsilon_tames_dead_channels():
     same = symmetric_kl(np.ones(3), np.full(3, 2.0), np.ones(3), np.full(3, 2.0), 1e-3)
     assert np.allclose(same.shift, 0.0)
@@ -66,7 +80,7 @@ def test_a_resample_has_the_moments_of_the_images_it_draws():
     maps = rng.normal(loc=3.0, scale=2.0, size=(6, 4, 4, 2))
     # Resample 0 draws every image once, resample 1 image 0 three times and image 5
     # once, resample 2 nothing.
-    weights = np.array([[1, 1, 1, 1, 1, 1], [3, 0, 0, 0, 0, 1], [0] * 6])
+    weights = np.array([[1, 1, 1, 1, 1, 1], [3, 0, 0, 0, 0, 1], [0] * 6], np.float64)
     running = RunningMoments(2, resamples=3)
     for start, stop in [(0, 4), (4, 6)]:
         batch = maps[start:stop]
@@ -85,15 +99,7 @@ def test_a_resample_has_the_moments_of_the_images_it_draws():
 
 def test_the_shift_interval_spans_the_resamples_and_is_nan_without_them():
     channels = 8
-    layer = BatchNormLayer(
-        name="bn",
-        unit="block8_1",
-        depth=0,
-        channels=channels,
-        epsilon=1e-3,
-        moving_mean=np.zeros(channels),
-        moving_variance=np.ones(channels),
-    )
+    layer = batch_norm("block8_1", np.ones(channels))
     means = {"bn": np.full(channels, 1.0)}
     variances = {"bn": np.ones(channels)}
     # 20 resamples whose means move from 0.5 to 1.5: shifts (d**2 / 2) 0.125 to 1.125.
@@ -122,15 +128,7 @@ def test_a_few_channels_silent_on_the_source_do_not_set_a_layers_shift():
     channels = 64
     stored_variance = np.ones(channels)
     stored_variance[:2] = 1e-4
-    layer = BatchNormLayer(
-        name="bn",
-        unit="block35_1",
-        depth=0,
-        channels=channels,
-        epsilon=1e-3,
-        moving_mean=np.zeros(channels),
-        moving_variance=stored_variance,
-    )
+    layer = batch_norm("block35_1", stored_variance)
     target_mean = np.full(channels, np.sqrt(2.0))  # d**2 / 2 = 1 with unit variances
     target_variance = np.ones(channels)
     profile = shift_profile([layer], {"bn": target_mean}, {"bn": target_variance}, True)

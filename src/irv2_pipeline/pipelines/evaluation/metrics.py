@@ -129,10 +129,7 @@ def calibration_bins(
         One row per bin: ``lower``, ``upper``, ``count``, ``accuracy`` and
         ``confidence`` (their means, NaN for an empty bin).
     """
-    if n_bins < 1:
-        raise ValueError(f"evaluation.calibration_bins = {n_bins} must be at least 1")
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    edges, which = _confidence_bins(confidence, n_bins)
     frame = pd.DataFrame(
         {"bin": which, "correct": correct.astype(float), "confidence": confidence}
     )
@@ -146,6 +143,18 @@ def calibration_bins(
     bins.insert(0, "upper", edges[1:])
     bins.insert(0, "lower", edges[:-1])
     return bins.reset_index(drop=True)
+
+
+def _confidence_bins(
+    confidence: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_bins + 1`` bin edges and each confidence's bin (see
+    :func:`calibration_bins`)."""
+    if n_bins < 1:
+        raise ValueError(f"evaluation.calibration_bins = {n_bins} must be at least 1")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    return edges, which
 
 
 def expected_calibration_error(
@@ -184,21 +193,16 @@ def calibration_p_value(
     Returns:
         ``(1 + #{null ECE >= observed}) / (1 + resamples)``.
     """
-    if resamples < 1:
-        raise ValueError(
-            f"evaluation.bootstrap.resamples = {resamples} must be at least 1"
-        )
-    observed = expected_calibration_error(confidence, correct, n_bins)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    _require_resamples(resamples)
+    _, which = _confidence_bins(confidence, n_bins)
     members = np.eye(n_bins)[which]
     draws = np.random.default_rng(seed).random((resamples, len(confidence)))
-    # A bin's |accuracy - confidence| x count is |sum of (right - confidence)| in it.
-    gaps = ((draws < confidence).astype(np.float64) - confidence) @ members
-    null = np.abs(gaps).sum(axis=1) / len(confidence)
-    # A tolerance: the same sums in another order must count as reaching it.
-    reached = int((null >= observed - 1e-12).sum())
-    return (1 + reached) / (1 + resamples)
+    # Row 0 is what was observed, the others the null's draws: one formula for both
+    # (a bin's |accuracy - confidence| x count is |sum of (right - confidence)| in
+    # it), so equal outcomes give bit-equal ECEs.
+    outcomes = np.vstack([correct, draws < confidence]).astype(np.float64)
+    eces = np.abs((outcomes - confidence) @ members).sum(axis=1) / len(confidence)
+    return (1 + int((eces[1:] >= eces[0]).sum())) / (1 + resamples)
 
 
 def bootstrap_interval(
@@ -280,11 +284,15 @@ def paired_bootstrap_difference(
 
 def _resamples(n: int, resamples: int, seed: int) -> np.ndarray:
     """``(resamples, n)`` indices of test images drawn with replacement."""
+    _require_resamples(resamples)
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _require_resamples(resamples: int) -> None:
     if resamples < 1:
         raise ValueError(
             f"evaluation.bootstrap.resamples = {resamples} must be at least 1"
         )
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
 
 
 def _percentiles(scores: np.ndarray, level: float) -> tuple[float, float]:

@@ -210,15 +210,15 @@ class RunningMoments:
     ) -> None:
         """Adds a batch: ``(images, channels)`` per-image means and variances.
 
-        ``weights``, ``(resamples, images)``: how often each resample draws each
-        image (Poisson(1) counts, the same for every layer), when there are resamples.
+        ``weights``, ``(resamples, images)`` float64: how often each resample draws
+        each image (Poisson(1) counts, the same for every layer), when there are
+        resamples.
         """
         image_means = np.asarray(image_means, np.float64)
         if len(self._weights):
-            counts = np.asarray(weights, np.float64)
-            self._weights += counts.sum(axis=1)
-            self._weighted_means += counts @ image_means
-            self._weighted_squares += counts @ (
+            self._weights += weights.sum(axis=1)
+            self._weighted_means += weights @ image_means
+            self._weighted_squares += weights @ (
                 np.asarray(image_variances, np.float64) + image_means**2
             )
         batch = len(image_means)
@@ -297,7 +297,12 @@ def run_pass(
         real = len(batch)
         outputs = probe.predict_on_batch(_padded(batch, batch_size))
         moments = np.asarray(outputs[MOMENTS_OUTPUT])[:real]
-        weights = draws.poisson(1.0, (resamples, real)) if resamples else None
+        # Drawn once a batch, for every layer alike: it is the images that are drawn.
+        weights = (
+            draws.poisson(1.0, (resamples, real)).astype(np.float64)
+            if resamples
+            else None
+        )
         offset = 0
         for bn, accumulator in zip(layout.batch_norms, running, strict=True):
             width = bn.channels
