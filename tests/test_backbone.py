@@ -68,6 +68,27 @@ def test_set_trainable_from_unfreezes_exactly_that_unit_and_after(irv2):
     assert deeper > count
 
 
+def test_the_backbone_splits_before_every_unit_but_the_stem(irv2):
+    order = backbone.unit_order(irv2)
+    assert backbone.split_at(irv2, "stem") is None
+    splits = {unit: backbone.split_at(irv2, unit) for unit in order[1:]}
+    assert all(parts is not None for parts in splits.values())
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 75, 75, 3)).astype("float32")
+    whole = irv2(pixels, training=False).numpy()
+    units = backbone.unit_map(irv2)
+    for unit in ("mixed_5b", "block17_20", "block8_1", "conv_7b"):
+        trunk, top = splits[unit]
+        # The two parts are the backbone's own layers, cut where `unit` begins.
+        assert {layer.name for layer in top.layers[1:]} == {
+            name
+            for name, owner in units.items()
+            if order.index(owner) >= order.index(unit)
+        }
+        assert all(any(w is v for v in irv2.weights) for w in top.weights)
+        joined = top(trunk(pixels, training=False), training=False).numpy()
+        np.testing.assert_array_equal(joined, whole)
+
+
 def test_unknown_unfreeze_from_names_the_valid_blocks(irv2):
     with pytest.raises(ValueError, match="block8_99.*block8_1"):
         backbone.set_trainable_from(irv2, "block8_99")

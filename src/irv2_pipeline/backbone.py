@@ -435,6 +435,47 @@ def _set_trainable_from_index(backbone: keras.Model, index: int) -> int:
     return sum(int(w.numpy().size) for w in backbone.trainable_weights)
 
 
+def split_at(
+    backbone: keras.Model, unit: str
+) -> tuple[keras.Model, keras.Model] | None:
+    """The backbone as two models on its own layers: below ``unit`` and from it on.
+
+    ``top(trunk(x))`` is ``backbone(x)``. The cut is the one tensor that the layers
+    of ``unit`` and after read from the layers before it (for IRv2, the previous
+    unit's output).
+
+    Args:
+        backbone: IRv2 from :func:`load_irv2`.
+        unit: A unit name (``block8_1``, ``mixed_7a``, ...).
+
+    Returns:
+        ``(trunk, top)``; ``None`` for the first unit (there is nothing below it)
+        or where more than one tensor crosses the cut.
+    """
+    import keras  # noqa: PLC0415 - see the module docstring
+
+    units = unit_map(backbone)
+    order = unit_order(backbone)
+    first = order.index(unit)
+    later = [
+        layer for layer in backbone.layers if order.index(units[layer.name]) >= first
+    ]
+    made_later = {id(layer.output) for layer in later}
+    crossing = {
+        id(tensor): tensor
+        for layer in later
+        for tensor in keras.tree.flatten(layer.input)
+        if id(tensor) not in made_later
+    }
+    if first == 0 or len(crossing) != 1:
+        return None
+    (cut,) = crossing.values()
+    return (
+        keras.Model(backbone.input, cut, name=f"irv2_below_{unit}"),
+        keras.Model(cut, backbone.output, name=f"irv2_from_{unit}"),
+    )
+
+
 # How BatchNorm layers behave while a stage trains:
 #   frozen: inference mode everywhere, the stored (ImageNet) statistics are used and
 #           never updated, even in unfrozen blocks; gamma and beta of unfrozen blocks

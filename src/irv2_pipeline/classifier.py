@@ -12,7 +12,9 @@ One set of layers serves three views:
 
 They share their layers, so a head trained on cached features *is* the head of
 ``model``: nothing has to be copied back. :func:`training_model` gives the graph a
-stage trains, which differs from ``model`` only in how BatchNorm is called.
+stage trains, which differs from ``model`` only in how BatchNorm is called, or in
+starting where the stage's frozen layers end (their outputs computed once by
+:func:`trunk_model`).
 :func:`split_saved` takes a saved ``model`` apart again at the backbone, for methods
 that need the backbone's maps (Grad-CAM).
 """
@@ -267,7 +269,9 @@ def pooled_features_layer(model: keras.Model) -> str | None:
     return next((name for name in (concatenate, average) if name in names), None)
 
 
-def training_model(classifier: Classifier, bn_policy: str) -> keras.Model:
+def training_model(
+    classifier: Classifier, bn_policy: str, top: keras.Model | None = None
+) -> keras.Model:
     """The graph a stage trains: ``classifier.model``'s layers, BN as the policy says.
 
     ``train`` trains ``classifier.model``'s own graph (BN layers of unfrozen blocks use
@@ -276,19 +280,49 @@ def training_model(classifier: Classifier, bn_policy: str) -> keras.Model:
     backbone's weights train. Either way it is a new model object on the shared
     layers: compiling it leaves ``classifier.model`` uncompiled, so the saved model
     holds no optimizer (whose custom class safe mode would refuse to load).
+
+    Args:
+        classifier: The model.
+        bn_policy: The stage's (``backbone.BN_POLICIES``).
+        top: The backbone from the stage's first unfrozen unit on (the second part
+            of ``backbone.split_at``): the graph then takes that unit's input (the
+            frozen layers' outputs, cached) instead of pixels.
     """
-    if check_bn_policy(bn_policy) == "train":
+    policy = check_bn_policy(bn_policy)
+    if top is None and policy == "train":
         return keras.Model(
             classifier.model.inputs,
             classifier.model.outputs,
             name="irv2_classifier_bn_train",
         )
+    if top is None:
+        size = classifier.backbone.input_shape[1]
+        inputs = keras.Input((size, size, 3), name="pixels")
+        x = preprocessing_layer(classifier.input_scaling, classifier.grayscale)(inputs)
+        network = classifier.backbone
+    else:
+        inputs = keras.Input(
+            top.input_shape[1:], dtype=top.inputs[0].dtype, name="trunk_outputs"
+        )
+        x, network = inputs, top
+    maps = (
+        network(x)
+        if policy == "train"
+        else InferenceMode(network, name="backbone_inference_mode")(x)
+    )
+    outputs = classifier.head(_pool(classifier.pooling, maps))
+    # One name for either input: the epochs logged are the same model's.
+    return keras.Model(inputs, outputs, name=f"irv2_classifier_bn_{policy}")
+
+
+def trunk_model(classifier: Classifier, trunk: keras.Model) -> keras.Model:
+    """Pixels to the outputs of ``trunk`` (the first part of ``backbone.split_at``),
+    through the classifier's preprocessing: what a stage that trains from there on
+    computes once."""
     size = classifier.backbone.input_shape[1]
     pixels = keras.Input((size, size, 3), name="pixels")
     scaled = preprocessing_layer(classifier.input_scaling, classifier.grayscale)(pixels)
-    maps = InferenceMode(classifier.backbone, name="backbone_inference_mode")(scaled)
-    outputs = classifier.head(_pool(classifier.pooling, maps))
-    return keras.Model(pixels, outputs, name=f"irv2_classifier_bn_{bn_policy}")
+    return keras.Model(pixels, trunk(scaled), name=f"{trunk.name}_on_pixels")
 
 
 def _pooling_layers(pooling: str) -> tuple[keras.layers.Layer, ...]:

@@ -56,6 +56,44 @@ def pooled_features(
     Returns:
         One row of pooled features per image.
     """
+    return frozen_outputs(
+        classifier.features,
+        examples,
+        "pooled features",
+        image_size=image_size,
+        policy=policy,
+        batch_size=batch_size,
+        replicas=replicas,
+        workers=workers,
+    )
+
+
+def frozen_outputs(  # noqa: PLR0913 - the view, its images, and how to run it
+    view: keras.Model,
+    examples: Examples,
+    what: str,
+    *,
+    image_size: int,
+    policy: OpenPolicy,
+    batch_size: int,
+    replicas: int = 1,
+    workers: Workers | None = None,
+) -> np.ndarray:
+    """Runs a frozen view of the classifier (pixels in) once over the images.
+
+    Args:
+        view: A model from pixels to what is cached, in inference mode.
+        examples: The images.
+        what: What its outputs are, for the log.
+        image_size: Input side in pixels.
+        policy: How images are opened.
+        batch_size: Images per forward pass (all replicas together).
+        replicas: Replicas the passes are split across.
+        workers: As for :func:`pooled_features`.
+
+    Returns:
+        The view's outputs, one per image, in the images' order.
+    """
     images = (workers or Workers()).dataset(
         lambda shard: image_dataset(
             examples.paths,
@@ -69,13 +107,14 @@ def pooled_features(
         )
     )
     progress = _PredictProgress(batch_sizes(len(examples), batch_size, replicas))
-    features = classifier.features.predict(images, verbose=0, callbacks=[progress])
+    outputs = np.asarray(view.predict(images, verbose=0, callbacks=[progress]))
     logger.info(
-        "Cached %d pooled features of %d values (one backbone pass)",
-        len(features),
-        features.shape[-1],
+        "Cached %d %s (%s values each, one backbone pass)",
+        len(outputs),
+        what,
+        "x".join(str(side) for side in outputs.shape[1:]),
     )
-    return np.asarray(features)
+    return outputs
 
 
 def shared_pooled_features(

@@ -6,7 +6,8 @@ run's seed, the stage and the epoch, followed by a checkpoint (every
 off the training thread); so a run killed anywhere resumes at the last checkpointed
 epoch of its stage and ends with the same weights. Head-only stages train the head on
 pooled features computed once (``cached_head``) instead of running the frozen
-backbone every epoch.
+backbone every epoch; a stage that unfreezes from a unit trains on the outputs of
+the frozen layers below it, computed once (``cached_trunk``).
 
 The host reads the training loss once per ``steps_per_execution`` steps (Keras runs
 that many steps per call and its callbacks see the logs after each call): NaN
@@ -51,6 +52,7 @@ from irv2_pipeline.probe import select_probe
 from irv2_pipeline.progress import ProgressLog
 
 from .cached_head import pooled_features, shared_pooled_features
+from .cached_trunk import cached_trunk
 from .checkpoints import (
     CheckpointStore,
     TrainingState,
@@ -108,6 +110,11 @@ class TrainingSettings:
             ``val_loss``; ``False``: with its last epoch's, as Keras's
             ``fit`` (and ``EarlyStopping``'s default) leaves them.
         cache_head_features: Train head-only stages on cached pooled features.
+        cache_trunk_outputs: Train a stage that unfreezes from a unit on the
+            outputs of the frozen layers below it, computed once
+            (``cached_trunk``).
+        trunk_cache_max_mb: The most memory those outputs may take; a stage whose
+            outputs would take more runs its frozen layers in every step.
         head_solver: ``lbfgs``: a linear head on cached features is fitted to
             convergence as ``probe.select_probe`` does, its L2 strength chosen on
             validation; ``minibatch``: trained by the optimizer for the stage's
@@ -144,6 +151,8 @@ class TrainingSettings:
     min_delta: float = 0.0
     restore_best_weights: bool = True
     cache_head_features: bool = True
+    cache_trunk_outputs: bool = True
+    trunk_cache_max_mb: float = 2048.0
     head_solver: str = "lbfgs"
     head_c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     head_max_iter: int = 1000
@@ -220,6 +229,12 @@ class TrainingSettings:
                 stopping.get("restore_best_weights", cls.restore_best_weights)
             ),
             cache_head_features=bool(finetune.get("cache_head_features", True)),
+            cache_trunk_outputs=bool(
+                finetune.get("cache_trunk_outputs", cls.cache_trunk_outputs)
+            ),
+            trunk_cache_max_mb=float(
+                finetune.get("trunk_cache_max_mb", cls.trunk_cache_max_mb)
+            ),
             head_solver=solver,
             head_c_grid=tuple(
                 float(c) for c in linear_head.get("c_grid", cls.head_c_grid)
@@ -249,7 +264,9 @@ class _StageGraph:
     ``trainee`` is what ``fit`` runs; ``holder`` the model whose weights the
     checkpoints and early stopping keep (the head alone on cached features).
     ``train`` takes the epoch's shuffle seed, and both take the worker's shard in a
-    multi-worker run (``None`` otherwise): see ``runtime.Workers``.
+    multi-worker run (``None`` otherwise): see ``runtime.Workers``. ``cached`` says
+    the trainee is the head on cached pooled features; ``cached_trunk`` names the
+    unit whose input the trainee takes (the frozen layers' outputs, cached).
     """
 
     trainee: keras.Model
@@ -257,6 +274,7 @@ class _StageGraph:
     train: Callable[[int | None, ReplicaShard | None], tf.data.Dataset]
     val: Callable[[ReplicaShard | None], tf.data.Dataset]
     cached: bool
+    cached_trunk: str | None = None
     optimizer: keras.optimizers.Optimizer | None = None
     # A number for a constant rate (finetune.lr_schedule: constant).
     schedule: keras.optimizers.schedules.LearningRateSchedule | float | None = None
@@ -446,6 +464,7 @@ class _Run:
                 "global_batch_size": self.batch,
                 "augmented_images": self.train.augmented,
                 "cached_features": graph.cached,
+                "cached_trunk": graph.cached_trunk,
                 "selected": False,
                 "selection": "",
                 "seconds": round(time.monotonic() - started, 1),
@@ -751,6 +770,35 @@ class _Run:
     def _graph(self, stage: Stage) -> _StageGraph:
         if self.settings.cache_head_features and stage.head_only:
             return self._cached_graph()
+        trunk = (
+            cached_trunk(
+                self.classifier,
+                stage,
+                self.train,
+                self.val,
+                max_mb=self.settings.trunk_cache_max_mb,
+                image_size=self.settings.image_size,
+                policy=self.settings.policy,
+                batch_size=self.batch,
+                replicas=self.replicas,
+                workers=self.workers,
+            )
+            if self.settings.cache_trunk_outputs
+            else None
+        )
+        if trunk is not None:
+            return _StageGraph(
+                trainee=trunk.trainee,
+                holder=self.classifier.model,
+                train=lambda seed, shard: self._cached_batches(
+                    trunk.train, self.train, seed, shard
+                ),
+                val=lambda shard: self._cached_batches(
+                    trunk.val, self.val, None, shard
+                ),
+                cached=False,
+                cached_trunk=trunk.unit,
+            )
 
         def images(
             examples: Examples, seed: int | None, shard: ReplicaShard | None
@@ -801,23 +849,30 @@ class _Run:
             # A new model on the head's layers: compiling it leaves `head` uncompiled.
             trainee=keras.Model(head.inputs, head.outputs, name="head_on_features"),
             holder=head,
-            train=lambda seed, shard: feature_dataset(
-                train_features,
-                self.train.labels,
-                batch_size=self.batch,
-                shuffle_seed=seed,
-                replicas=self.replicas,
-                shard=shard,
-            ).map(self._one_hot),
-            val=lambda shard: feature_dataset(
-                val_features,
-                self.val.labels,
-                batch_size=self.batch,
-                replicas=self.replicas,
-                shard=shard,
-            ).map(self._one_hot),
+            train=lambda seed, shard: self._cached_batches(
+                train_features, self.train, seed, shard
+            ),
+            val=lambda shard: self._cached_batches(val_features, self.val, None, shard),
             cached=True,
         )
+
+    def _cached_batches(
+        self,
+        outputs: np.ndarray,
+        examples: Examples,
+        seed: int | None,
+        shard: ReplicaShard | None,
+    ) -> tf.data.Dataset:
+        """Cached outputs with the labels of their images, batched as the images
+        would be for the same seed (``inputs.feature_dataset``)."""
+        return feature_dataset(
+            outputs,
+            examples.labels,
+            batch_size=self.batch,
+            shuffle_seed=seed,
+            replicas=self.replicas,
+            shard=shard,
+        ).map(self._one_hot)
 
     def _compile(self, graph: _StageGraph, stage: Stage) -> None:
         graph.schedule = stage_schedule(

@@ -1,0 +1,136 @@
+"""The frozen layers below a stage's first unfrozen unit, run once for the stage.
+
+A stage that unfreezes the backbone from a unit on (``unfreeze_from: block8_1``)
+keeps every layer below that unit frozen, BatchNorm in inference mode: they map each
+image to the same tensor in every epoch (augmentation happened on disk, before
+training). The stage then runs them once over its training and validation images
+and trains the rest (the unit on, and the head) on their outputs: the same batches
+in the same order, the same loss and gradients, without the frozen layers' forward
+pass in every training step, range-test step and validation. The outputs are held in
+memory, so only where they fit ``finetune.trunk_cache_max_mb``; a cut that no single
+tensor crosses (a layer index inside a block, as the textbook recipes set) trains
+through the whole backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from irv2_pipeline.backbone import split_at
+from irv2_pipeline.classifier import Classifier, training_model, trunk_model
+from irv2_pipeline.images import OpenPolicy
+
+from .cached_head import frozen_outputs
+from .examples import Examples
+from .runtime import Workers
+from .stages import Stage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedTrunk:
+    """A stage's trainable part and the frozen part's outputs it trains on."""
+
+    # The first unfrozen unit: the trainee takes its input.
+    unit: str
+    trainee: keras.Model
+    train: np.ndarray
+    val: np.ndarray
+
+
+def cached_trunk(  # noqa: PLR0913 - the stage, its images, and how to run them
+    classifier: Classifier,
+    stage: Stage,
+    train: Examples,
+    val: Examples,
+    *,
+    max_mb: float,
+    image_size: int,
+    policy: OpenPolicy,
+    batch_size: int,
+    replicas: int = 1,
+    workers: Workers | None = None,
+) -> CachedTrunk | None:
+    """The stage's frozen layers run once over its images, or ``None``.
+
+    Call it once the stage's layers are frozen and unfrozen and its BatchNorm
+    statistics set: the outputs are those of the frozen layers as they are now.
+
+    Args:
+        classifier: The model.
+        stage: A stage that unfreezes part of the backbone.
+        train: Training images (originals and augmented copies).
+        val: Validation images.
+        max_mb: The most memory the outputs of both splits may take
+            (``finetune.trunk_cache_max_mb``).
+        image_size: Input side in pixels.
+        policy: How images are opened.
+        batch_size: Images per forward pass (all replicas together).
+        replicas: Replicas the passes are split across.
+        workers: In a multi-worker run, each worker runs its shard; every worker
+            gets all the outputs back, in order.
+
+    Returns:
+        The trainee and the cached outputs; ``None`` when ``unfreeze_from`` is not
+        a unit with one tensor into it, or the outputs would take more than
+        ``max_mb``.
+    """
+    unit = stage.unfreeze_from
+    parts = split_at(classifier.backbone, unit) if isinstance(unit, str) else None
+    if parts is None:
+        return None
+    trunk, top = parts
+    view = trunk_model(classifier, trunk)
+    shape = tuple(view.output_shape[1:])
+    megabytes = (
+        (len(train) + len(val))
+        * math.prod(shape)
+        * tf.as_dtype(view.outputs[0].dtype).size
+        / 2**20
+    )
+    if megabytes > max_mb:
+        logger.info(
+            "Stage %r runs its frozen layers in every step: their outputs (the input "
+            "of %s, %s values an image) for %d images would take %.0f MB, over "
+            "finetune.trunk_cache_max_mb = %g",
+            stage.name,
+            unit,
+            "x".join(map(str, shape)),
+            len(train) + len(val),
+            megabytes,
+            max_mb,
+        )
+        return None
+    train_outputs, val_outputs = (
+        frozen_outputs(
+            view,
+            examples,
+            f"inputs of {unit}",
+            image_size=image_size,
+            policy=policy,
+            batch_size=batch_size,
+            replicas=replicas,
+            workers=workers,
+        )
+        for examples in (train, val)
+    )
+    logger.info(
+        "Stage %r trains on the outputs of the frozen layers below %s (%.1f MB), "
+        "computed once: they do not run in its training steps",
+        stage.name,
+        unit,
+        megabytes,
+    )
+    return CachedTrunk(
+        unit=unit,
+        trainee=training_model(classifier, stage.bn_policy, top),
+        train=train_outputs,
+        val=val_outputs,
+    )
