@@ -138,7 +138,17 @@ TOP = {
 }
 TYPO = {**TOP, "unfreeze_from": "block8_99"}
 EXPECTED_EPOCHS = [("head", 1), ("top", 1), ("top", 2)]
-COMMAND = ["run", "--env", "smoke", "--pipelines", "feature_shift,finetune"]
+# Stage two runs the whole backbone in every step: on the frozen layers' cached
+# outputs its epochs would end within the 2 s the kill waits.
+COMMAND = [
+    "run",
+    "--env",
+    "smoke",
+    "--pipelines",
+    "feature_shift,finetune",
+    "--params",
+    "finetune.cache_trunk_outputs=false",
+]
 MODEL = Path("data/06_models/finetuned_model.keras")
 CHECKPOINTS = Path("data/06_models/checkpoints")
 UPSTREAM_OUTPUTS = (
