@@ -457,6 +457,8 @@ def split_at(
     units = unit_map(backbone)
     order = unit_order(backbone)
     first = order.index(unit)
+    if first == 0:
+        return None
     later = [
         layer for layer in backbone.layers if order.index(units[layer.name]) >= first
     ]
@@ -467,7 +469,7 @@ def split_at(
         for tensor in keras.tree.flatten(layer.input)
         if id(tensor) not in made_later
     }
-    if first == 0 or len(crossing) != 1:
+    if len(crossing) != 1:
         return None
     (cut,) = crossing.values()
     return (

@@ -54,6 +54,12 @@ CUT_TO_THE_FINDING = (
     "feature_shift.max_images_per_split=50,"
     "feature_shift.split_shift.permutations=100"
 )
+# For a finding the occlusion test does not feed: 4 random squares, not 16, each one
+# forward pass over the test split fewer (the shortcut rule can still fire at 1 / 5).
+WITHOUT_THE_OCCLUSION_NULL = (
+    "evaluation.attribution.occlusion.random_patches=4,"
+    "evaluation.diagnosis.shortcut.max_p_value=0.2"
+)
 HEAD_ONLY = [
     {
         "name": "head",
@@ -65,13 +71,15 @@ HEAD_ONLY = [
 ]
 
 
-def run_cut_to_the_finding(project: Path) -> None:
+def run_cut_to_the_finding(project: Path, *, reads_occlusion: bool = True) -> None:
     """``kedro run --env smoke`` in ``project``, cut as :data:`CUT_TO_THE_FINDING` says
-    (the head-only stages through the copy's ``conf/smoke``)."""
+    (the head-only stages through the copy's ``conf/smoke``), and for a finding that
+    does not read the occlusion test, as :data:`WITHOUT_THE_OCCLUSION_NULL` says."""
     with_smoke_stages(project, HEAD_ONLY)
-    result = kedro(
-        ["run", "--env", "smoke", "--params", CUT_TO_THE_FINDING], project, 1500
-    )
+    params = CUT_TO_THE_FINDING
+    if not reads_occlusion:
+        params = f"{params},{WITHOUT_THE_OCCLUSION_NULL}"
+    result = kedro(["run", "--env", "smoke", "--params", params], project, 1500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
 
 

@@ -59,7 +59,7 @@ def planted_run(project_copy_factory) -> Path:
             path.unlink()
         folder.rmdir()
     assert sum(write_digits(images).values()) == 7 * LARGE + 3 * SMALL
-    run_cut_to_the_finding(project)
+    run_cut_to_the_finding(project, reads_occlusion=False)
     return project
 
 

@@ -65,7 +65,7 @@ def planted_run(project_copy_factory, run_kedro) -> tuple[Path, dict[str, str]]:
         new = f"{targets[index % len(targets)]}/{Path(old).name}"
         (root / old).rename(root / new)
         moved[new] = old
-    run_cut_to_the_finding(project)
+    run_cut_to_the_finding(project, reads_occlusion=False)
     return project, moved
 
 

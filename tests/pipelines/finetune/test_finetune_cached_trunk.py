@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from irv2_pipeline.backbone import unit_map
+from irv2_pipeline.pipelines.finetune.training import TrainingSettings
 
 from .conftest import demo_examples, mini_classifier, stage, train
 
@@ -60,3 +61,13 @@ def test_a_layer_index_that_cuts_a_block_trains_on_images(tmp_path):
     )
     _, state = trained(tmp_path, [stage("top", first + 1)])
     assert state.stage_records[0]["cached_trunk"] is None
+
+
+def test_a_negative_memory_limit_is_refused():
+    with pytest.raises(ValueError, match="trunk_cache_max_mb = -1 must be at least 0"):
+        TrainingSettings.from_params(
+            {"batch_size": 4, "trunk_cache_max_mb": -1},
+            {"image_size": 75, "seed": 0},
+            {},
+            tensorboard_dir=None,
+        )

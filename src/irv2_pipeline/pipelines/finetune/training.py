@@ -207,6 +207,14 @@ class TrainingSettings:
                 f"finetune.checkpoint_every_epochs = {every_epochs} must be at least 1 "
                 f"and checkpoint_every_minutes = {every_minutes} above 0 (or null)"
             )
+        trunk_cache_max_mb = float(
+            finetune.get("trunk_cache_max_mb", cls.trunk_cache_max_mb)
+        )
+        if not trunk_cache_max_mb >= 0:
+            raise ValueError(
+                f"finetune.trunk_cache_max_mb = {trunk_cache_max_mb:g} must be at "
+                "least 0 (0: no stage caches the frozen layers' outputs)"
+            )
         steps_per_execution = int(finetune.get("steps_per_execution", 1))
         if steps_per_execution < 1:
             raise ValueError(
@@ -232,9 +240,7 @@ class TrainingSettings:
             cache_trunk_outputs=bool(
                 finetune.get("cache_trunk_outputs", cls.cache_trunk_outputs)
             ),
-            trunk_cache_max_mb=float(
-                finetune.get("trunk_cache_max_mb", cls.trunk_cache_max_mb)
-            ),
+            trunk_cache_max_mb=trunk_cache_max_mb,
             head_solver=solver,
             head_c_grid=tuple(
                 float(c) for c in linear_head.get("c_grid", cls.head_c_grid)
