@@ -6,6 +6,8 @@ before training). A head-only stage of E epochs therefore runs the backbone once
 the training and validation images and trains the head on the features: about one
 backbone pass instead of E. The head is ``classifier.head``, the very layers of
 ``classifier.model``, so the trained head is already in place in the full model.
+The pass itself (:func:`frozen_outputs`) also runs a backbone stage's frozen layers
+once (``cached_trunk``).
 """
 
 from __future__ import annotations
@@ -41,17 +43,9 @@ def pooled_features(
     replicas: int = 1,
     workers: Workers | None = None,
 ) -> np.ndarray:
-    """Runs the frozen backbone once over the images, in their order.
-
-    Args:
-        classifier: Its ``features`` view (pixels to pooled features) is used.
-        examples: The images.
-        image_size: Input side in pixels.
-        policy: How images are opened.
-        batch_size: Images per forward pass (all replicas together).
-        replicas: Replicas the passes are split across.
-        workers: In a multi-worker run, each worker runs the backbone over its
-            shard of the images; every worker gets all the features back, in order.
+    """Runs the frozen backbone once over the images, in their order: the
+    :func:`frozen_outputs` of ``classifier.features`` (pixels to pooled features),
+    the other arguments as there.
 
     Returns:
         One row of pooled features per image.
@@ -89,7 +83,8 @@ def frozen_outputs(  # noqa: PLR0913 - the view, its images, and how to run it
         policy: How images are opened.
         batch_size: Images per forward pass (all replicas together).
         replicas: Replicas the passes are split across.
-        workers: As for :func:`pooled_features`.
+        workers: In a multi-worker run, each worker runs the view over its shard of
+            the images; every worker gets all the outputs back, in order.
 
     Returns:
         The view's outputs, one per image, in the images' order.
