@@ -72,6 +72,7 @@ def main() -> None:
         )
         train = split_examples(manifest, resized, classes, "train")
         val = split_examples(manifest, resized, classes, "val")
+        # Cached first, then plain first, and so on: neither always runs warm.
         order = [True, False, False, True] * args.repeats
         for number, cached in enumerate(order[: 2 * args.repeats]):
             keras.utils.set_random_seed(0)

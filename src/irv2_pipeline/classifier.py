@@ -296,9 +296,7 @@ def training_model(
             name="irv2_classifier_bn_train",
         )
     if top is None:
-        size = classifier.backbone.input_shape[1]
-        inputs = keras.Input((size, size, 3), name="pixels")
-        x = preprocessing_layer(classifier.input_scaling, classifier.grayscale)(inputs)
+        inputs, x = _scaled_pixels(classifier)
         network = classifier.backbone
     else:
         inputs = keras.Input(
@@ -319,10 +317,18 @@ def trunk_model(classifier: Classifier, trunk: keras.Model) -> keras.Model:
     """Pixels to the outputs of ``trunk`` (the first part of ``backbone.split_at``),
     through the classifier's preprocessing: what a stage that trains from there on
     computes once."""
+    pixels, scaled = _scaled_pixels(classifier)
+    return keras.Model(pixels, trunk(scaled), name=f"{trunk.name}_on_pixels")
+
+
+def _scaled_pixels(classifier: Classifier):
+    """A new pixel input of the classifier's size and its preprocessed tensor (a new
+    preprocessing layer: it holds no weights)."""
     size = classifier.backbone.input_shape[1]
     pixels = keras.Input((size, size, 3), name="pixels")
-    scaled = preprocessing_layer(classifier.input_scaling, classifier.grayscale)(pixels)
-    return keras.Model(pixels, trunk(scaled), name=f"{trunk.name}_on_pixels")
+    return pixels, preprocessing_layer(classifier.input_scaling, classifier.grayscale)(
+        pixels
+    )
 
 
 def _pooling_layers(pooling: str) -> tuple[keras.layers.Layer, ...]:
