@@ -12,13 +12,22 @@ the model is built from the file once and ``predict.two_output_model``'s traced
 prediction graph serves every node. Nodes read the model and never change it. The
 object is let go when Kedro releases the dataset (no node of the run needs it any
 more) or when a new model is saved.
+
+A model the run saves is the one its later nodes read (``kedro run``: finetune
+saves it, evaluation reads it): Keras's file keeps every weight, layer and setting,
+so the object saved serves them as the file's model would, without building it again
+from the file (seconds for IRv2). One saved model at most is kept this way, the
+latest, whatever the number of models a run saves (the counterfactual variants);
+a model whose variables belong to a ``tf.distribute`` strategy is not kept (its
+replicas' variables are not a loaded model's), and another process always loads the
+file.
 """
 
 from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kedro.io import AbstractDataset
 
@@ -41,6 +50,9 @@ class AtomicTensorFlowModelDataset(AbstractDataset):
           type: irv2_pipeline.datasets.atomic_model.AtomicTensorFlowModelDataset
           filepath: data/06_models/finetuned_model.keras
     """
+
+    # The dataset that keeps the model it saved last, if any.
+    _keeping_saved: ClassVar[AtomicTensorFlowModelDataset | None] = None
 
     def __init__(
         self, *, filepath: str, metadata: dict[str, Any] | None = None, **options: Any
@@ -69,11 +81,21 @@ class AtomicTensorFlowModelDataset(AbstractDataset):
         return model
 
     def save(self, data: KerasModel) -> None:
-        self._loaded = None
+        self._release()
         self._file.save(data)
+        identity = self._identity()
+        if identity is None or not self._file.serves_as_loaded(data):
+            return
+        keeping = AtomicTensorFlowModelDataset._keeping_saved
+        if keeping is not None:
+            keeping._release()
+        self._loaded = (identity, data)
+        AtomicTensorFlowModelDataset._keeping_saved = self
 
     def _release(self) -> None:
         self._loaded = None
+        if AtomicTensorFlowModelDataset._keeping_saved is self:
+            AtomicTensorFlowModelDataset._keeping_saved = None
 
     def _exists(self) -> bool:
         return self._file.exists()

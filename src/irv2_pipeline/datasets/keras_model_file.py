@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 from kedro.io.core import get_filepath_str
 from kedro_datasets.tensorflow import TensorFlowModelDataset
 
@@ -36,3 +37,12 @@ class AtomicKerasModelFile(TensorFlowModelDataset):
         with replaced_atomically(target) as temporary:
             keras.saving.save_model(data, temporary, **self._save_args)
         self._invalidate_cache()
+
+    @staticmethod
+    def serves_as_loaded(model: keras.Model) -> bool:
+        """Whether ``model``, once saved, can serve as the model loaded from its
+        file: not when its variables belong to a ``tf.distribute`` strategy (built in
+        its scope, mirrored across replicas or workers), which a loaded model's are
+        not."""
+        strategy = getattr(model, "distribute_strategy", None)
+        return strategy is None or strategy is tf.distribute.get_strategy()
