@@ -321,6 +321,28 @@ def trunk_model(classifier: Classifier, trunk: keras.Model) -> keras.Model:
     return keras.Model(pixels, trunk(scaled), name=f"{trunk.name}_on_pixels")
 
 
+def features_and_trunks(
+    classifier: Classifier, trunks: Sequence[keras.Model]
+) -> keras.Model:
+    """Pixels to the pooled features and to the outputs of each of ``trunks``
+    (first parts of ``backbone.split_at``), through the classifier's preprocessing and
+    one pass of the backbone: what a head stage computes once, with what the later
+    stages' frozen layers would."""
+    backbone = classifier.backbone
+    network = keras.Model(
+        backbone.input,
+        [backbone.output, *(trunk.output for trunk in trunks)],
+        name="irv2_with_trunk_outputs",
+    )
+    pixels, scaled = _scaled_pixels(classifier)
+    maps, *trunk_outputs = network(scaled)
+    return keras.Model(
+        pixels,
+        [_pool(classifier.pooling, maps), *trunk_outputs],
+        name="irv2_features_and_trunks",
+    )
+
+
 def _scaled_pixels(classifier: Classifier):
     """A new pixel input of the classifier's size and its preprocessed tensor (a new
     preprocessing layer: it holds no weights)."""

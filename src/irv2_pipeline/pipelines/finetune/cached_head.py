@@ -50,22 +50,23 @@ def pooled_features(
     Returns:
         One row of pooled features per image.
     """
-    return frozen_outputs(
+    (features,) = frozen_outputs(
         classifier.features,
         examples,
-        "pooled features",
+        ["pooled features"],
         image_size=image_size,
         policy=policy,
         batch_size=batch_size,
         replicas=replicas,
         workers=workers,
     )
+    return features
 
 
 def frozen_outputs(  # noqa: PLR0913 - the view, its images, and how to run it
     view: keras.Model,
     examples: Examples,
-    what: str,
+    what: Sequence[str],
     *,
     image_size: int,
     policy: OpenPolicy,
@@ -76,9 +77,10 @@ def frozen_outputs(  # noqa: PLR0913 - the view, its images, and how to run it
     """Runs a frozen view of the classifier (pixels in) once over the images.
 
     Args:
-        view: A model from pixels to what is cached, in inference mode.
+        view: A model from pixels to what is cached, in inference mode: one output,
+            or several computed in the same pass.
         examples: The images.
-        what: What its outputs are, for the log.
+        what: What each of its outputs is, for the log.
         image_size: Input side in pixels.
         policy: How images are opened.
         batch_size: Images per forward pass (all replicas together).
@@ -87,7 +89,7 @@ def frozen_outputs(  # noqa: PLR0913 - the view, its images, and how to run it
             the images; every worker gets all the outputs back, in order.
 
     Returns:
-        The view's outputs, one per image, in the images' order.
+        Per output of the view, its values for each image, in the images' order.
     """
     images = (workers or Workers()).dataset(
         lambda shard: image_dataset(
@@ -102,13 +104,15 @@ def frozen_outputs(  # noqa: PLR0913 - the view, its images, and how to run it
         )
     )
     progress = _PredictProgress(batch_sizes(len(examples), batch_size, replicas))
-    outputs = np.asarray(view.predict(images, verbose=0, callbacks=[progress]))
-    logger.info(
-        "Cached %d %s (%s values each, one backbone pass)",
-        len(outputs),
-        what,
-        "x".join(str(side) for side in outputs.shape[1:]),
-    )
+    predicted = view.predict(images, verbose=0, callbacks=[progress])
+    outputs = [np.asarray(output) for output in keras.tree.flatten(predicted)]
+    for name, output in zip(what, outputs, strict=True):
+        logger.info(
+            "Cached %d %s (%s values each, one backbone pass)",
+            len(output),
+            name,
+            "x".join(str(side) for side in output.shape[1:]),
+        )
     return outputs
 
 

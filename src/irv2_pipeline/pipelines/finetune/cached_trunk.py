@@ -10,12 +10,20 @@ pass in every training step, range-test step and validation. The outputs are hel
 memory, so only where they fit ``finetune.trunk_cache_max_mb``; a cut that no single
 tensor crosses (a layer index inside a block, as the textbook recipes set) trains
 through the whole backbone.
+
+A run that starts with a head stage computes them in that stage's pass
+(:func:`features_with_trunks`): the pooled features and the later stages' frozen
+outputs come out of one backbone pass, since those layers stay as they are until
+the stages that read them. Outputs that change before they are read (a stage
+trains some of those layers, or AdaBN re-estimates their statistics) are let go and
+computed again by the stage that needs them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
@@ -23,7 +31,12 @@ import numpy as np
 import tensorflow as tf
 
 from irv2_pipeline.backbone import split_at
-from irv2_pipeline.classifier import Classifier, training_model, trunk_model
+from irv2_pipeline.classifier import (
+    Classifier,
+    features_and_trunks,
+    training_model,
+    trunk_model,
+)
 from irv2_pipeline.images import OpenPolicy
 
 from .cached_head import frozen_outputs
@@ -32,6 +45,17 @@ from .runtime import Workers
 from .stages import Stage
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrunkOutputs:
+    """The outputs of the frozen layers below ``unit`` for each split's images."""
+
+    unit: str
+    # The layers that made them (``backbone.split_at``'s first part).
+    trunk: keras.Model
+    train: np.ndarray
+    val: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,7 @@ def cached_trunk(  # noqa: PLR0913 - the stage, its images, and how to run them
     batch_size: int,
     replicas: int = 1,
     workers: Workers | None = None,
+    computed: TrunkOutputs | None = None,
 ) -> CachedTrunk | None:
     """The stage's frozen layers run once over its images, or ``None``.
 
@@ -76,6 +101,8 @@ def cached_trunk(  # noqa: PLR0913 - the stage, its images, and how to run them
         replicas: Replicas the passes are split across.
         workers: In a multi-worker run, each worker runs its shard; every worker
             gets all the outputs back, in order.
+        computed: The stage's outputs computed earlier (:func:`features_with_trunks`)
+            while its frozen layers were as they are now: no pass is run.
 
     Returns:
         The trainee and the cached outputs; ``None`` when ``unfreeze_from`` is not
@@ -87,14 +114,21 @@ def cached_trunk(  # noqa: PLR0913 - the stage, its images, and how to run them
     if parts is None:
         return None
     trunk, top = parts
-    view = trunk_model(classifier, trunk)
-    shape = tuple(view.output_shape[1:])
-    megabytes = (
-        (len(train) + len(val))
-        * math.prod(shape)
-        * tf.as_dtype(view.outputs[0].dtype).size
-        / 2**20
-    )
+    if computed is not None:
+        logger.info(
+            "Stage %r trains on the outputs of the frozen layers below %s, computed "
+            "in the head stage's backbone pass with the pooled features",
+            stage.name,
+            unit,
+        )
+        return CachedTrunk(
+            unit=unit,
+            trainee=training_model(classifier, stage.bn_policy, top),
+            train=computed.train,
+            val=computed.val,
+        )
+    megabytes = _megabytes(trunk, len(train) + len(val))
+    shape = tuple(trunk.output_shape[1:])
     if megabytes > max_mb:
         logger.info(
             "Stage %r runs its frozen layers in every step: their outputs (the input "
@@ -108,11 +142,12 @@ def cached_trunk(  # noqa: PLR0913 - the stage, its images, and how to run them
             max_mb,
         )
         return None
-    train_outputs, val_outputs = (
+    view = trunk_model(classifier, trunk)
+    (train_outputs,), (val_outputs,) = (
         frozen_outputs(
             view,
             examples,
-            f"inputs of {unit}",
+            [f"inputs of {unit}"],
             image_size=image_size,
             policy=policy,
             batch_size=batch_size,
@@ -134,3 +169,80 @@ def cached_trunk(  # noqa: PLR0913 - the stage, its images, and how to run them
         train=train_outputs,
         val=val_outputs,
     )
+
+
+def features_with_trunks(  # noqa: PLR0913 - the stages, their images, how to run them
+    classifier: Classifier,
+    later_stages: Sequence[Stage],
+    train: Examples,
+    val: Examples,
+    *,
+    max_mb: float,
+    image_size: int,
+    policy: OpenPolicy,
+    batch_size: int,
+    replicas: int = 1,
+    workers: Workers | None = None,
+) -> tuple[tuple[np.ndarray, np.ndarray], list[TrunkOutputs]]:
+    """The pooled features of a head stage and, from the same backbone pass, the
+    frozen layers' outputs of the later stages that train on them.
+
+    Call it in the head stage, before any backbone layer trains. Each later stage
+    that unfreezes from a unit with one tensor into it gets its outputs, in order,
+    as long as all of them together fit ``max_mb``. They hold while the layers
+    below the unit stay as they are: the caller drops them when a stage trains one
+    of those layers or re-estimates BatchNorm statistics (``adapt``).
+
+    Args:
+        classifier: The model, its backbone frozen.
+        later_stages: The run's stages after the head stage, in order.
+        train: Training images (originals and augmented copies).
+        val: Validation images.
+        max_mb: As for :func:`cached_trunk`.
+        image_size: Input side in pixels.
+        policy: How images are opened.
+        batch_size: Images per forward pass (all replicas together).
+        replicas: Replicas the passes are split across.
+        workers: As for :func:`cached_trunk`.
+
+    Returns:
+        The pooled features of ``(train, val)``, and the later stages' outputs.
+    """
+    trunks: dict[str, keras.Model] = {}
+    megabytes = 0.0
+    for stage in later_stages:
+        unit = stage.unfreeze_from
+        parts = split_at(classifier.backbone, unit) if isinstance(unit, str) else None
+        if parts is None or unit in trunks:
+            continue
+        size = _megabytes(parts[0], len(train) + len(val))
+        if megabytes + size > max_mb:
+            break
+        megabytes += size
+        trunks[unit] = parts[0]
+    view = features_and_trunks(classifier, list(trunks.values()))
+    what = ["pooled features", *(f"inputs of {unit}" for unit in trunks)]
+    train_outputs, val_outputs = (
+        frozen_outputs(
+            view,
+            examples,
+            what,
+            image_size=image_size,
+            policy=policy,
+            batch_size=batch_size,
+            replicas=replicas,
+            workers=workers,
+        )
+        for examples in (train, val)
+    )
+    computed = [
+        TrunkOutputs(unit=unit, trunk=trunk, train=train_outputs[i], val=val_outputs[i])
+        for i, (unit, trunk) in enumerate(trunks.items(), start=1)
+    ]
+    return (train_outputs[0], val_outputs[0]), computed
+
+
+def _megabytes(trunk: keras.Model, images: int) -> float:
+    """The memory ``trunk``'s outputs for ``images`` images take."""
+    values = math.prod(trunk.output_shape[1:])
+    return images * values * tf.as_dtype(trunk.outputs[0].dtype).size / 2**20

@@ -51,8 +51,8 @@ from irv2_pipeline.inputs import (
 from irv2_pipeline.probe import select_probe
 from irv2_pipeline.progress import ProgressLog
 
-from .cached_head import pooled_features, shared_pooled_features
-from .cached_trunk import cached_trunk
+from .cached_head import shared_pooled_features
+from .cached_trunk import TrunkOutputs, cached_trunk, features_with_trunks
 from .checkpoints import (
     CheckpointStore,
     TrainingState,
@@ -327,6 +327,7 @@ def run_stages(
     """
     run = _Run(
         classifier,
+        stages,
         train=train,
         val=val,
         settings=settings,
@@ -338,7 +339,7 @@ def run_stages(
         workers=workers or Workers(),
     )
     try:
-        state = run.start(stages)
+        state = run.start()
         for index, stage in enumerate(stages):
             if index >= state.stage_index:
                 run.train_stage(index, stage, state)
@@ -362,6 +363,7 @@ class _Run:
     def __init__(
         self,
         classifier: Classifier,
+        stages: Sequence[Stage],
         *,
         train: Examples,
         val: Examples,
@@ -376,6 +378,7 @@ class _Run:
         if settings.lr_find is not None and plan_rules is None:
             raise ValueError("The learning-rate range test needs the plan_rules")
         self.classifier = classifier
+        self.stages = tuple(stages)
         self.adapt_on = adapt_on
         self.plan_rules = plan_rules
         self.train = train
@@ -395,9 +398,12 @@ class _Run:
         )
         # Pooled features of (train, val) while the backbone stays as it was.
         self.features: tuple[np.ndarray, np.ndarray] | None = None
+        # Per unit, later stages' frozen outputs computed in the features' pass.
+        self.trunk_outputs: dict[str, TrunkOutputs] = {}
 
-    def start(self, stages: Sequence[Stage]) -> TrainingState:
+    def start(self) -> TrainingState:
         """Checks the input, then loads the checkpoint or starts afresh."""
+        stages = self.stages
         self._check_first_batch()
         state = self.store.load()
         self.workers.check_same_checkpoint(
@@ -434,12 +440,18 @@ class _Run:
         """Trains one stage to its end, restores the epoch it keeps, checkpoints."""
         started = time.monotonic()
         set_trainable_from(self.classifier.backbone, stage.unfreeze_from)
+        # Outputs of layers this stage trains would not be theirs after it.
+        self.trunk_outputs = {
+            unit: outputs
+            for unit, outputs in self.trunk_outputs.items()
+            if not outputs.trunk.trainable_weights
+        }
         if stage.bn_policy == "adapt" and not state.adapted:
             if not _statistics_current(state.stage_records):
                 self._adapt()
             state.adapted = True
             self.store.save(state, {"base": self.classifier.model.get_weights()})
-        graph = self._graph(stage)
+        graph = self._graph(index, stage)
         solved = graph.cached and self._solves_head()
         if self.settings.lr_find is not None and not solved:
             self._compile(graph, stage)
@@ -768,14 +780,15 @@ class _Run:
         ):
             variable.assign(value)
         self.features = None
+        self.trunk_outputs = {}
         logger.info("BatchNorm statistics re-estimated (adapt) on %d images", seen)
 
     def _one_hot(self, x, y):
         return x, tf.one_hot(y, self.classes)
 
-    def _graph(self, stage: Stage) -> _StageGraph:
+    def _graph(self, index: int, stage: Stage) -> _StageGraph:
         if self.settings.cache_head_features and stage.head_only:
-            return self._cached_graph()
+            return self._cached_graph(index)
         trunk = (
             cached_trunk(
                 self.classifier,
@@ -788,6 +801,7 @@ class _Run:
                 batch_size=self.batch,
                 replicas=self.replicas,
                 workers=self.workers,
+                computed=self.trunk_outputs.pop(stage.unfreeze_from, None),
             )
             if self.settings.cache_trunk_outputs
             else None
@@ -829,26 +843,38 @@ class _Run:
             cached=False,
         )
 
-    def _cached_graph(self) -> _StageGraph:
+    def _cached_graph(self, index: int) -> _StageGraph:
         if self.features is None:
+            how = {
+                "image_size": self.settings.image_size,
+                "policy": self.settings.policy,
+                "batch_size": self.batch,
+                "replicas": self.replicas,
+                "workers": self.workers,
+            }
             cache = self.settings.feature_cache_dir
-            extract = (
-                pooled_features
-                if cache is None
-                else functools.partial(shared_pooled_features, cache_dir=cache)
-            )
-            self.features = tuple(
-                extract(
-                    self.classifier,
-                    examples,
-                    image_size=self.settings.image_size,
-                    policy=self.settings.policy,
-                    batch_size=self.batch,
-                    replicas=self.replicas,
-                    workers=self.workers,
+            if cache is not None:
+                self.features = tuple(
+                    shared_pooled_features(
+                        self.classifier, examples, cache_dir=cache, **how
+                    )
+                    for examples in (self.train, self.val)
                 )
-                for examples in (self.train, self.val)
-            )
+            else:
+                later = (
+                    self.stages[index + 1 :]
+                    if self.settings.cache_trunk_outputs
+                    else ()
+                )
+                self.features, computed = features_with_trunks(
+                    self.classifier,
+                    later,
+                    self.train,
+                    self.val,
+                    max_mb=self.settings.trunk_cache_max_mb,
+                    **how,
+                )
+                self.trunk_outputs = {outputs.unit: outputs for outputs in computed}
         train_features, val_features = self.features
         head = self.classifier.head
         return _StageGraph(
