@@ -45,6 +45,7 @@ def test_the_head_stages_pass_serves_the_later_stages_whose_layers_stay_frozen(
 ):
     # mixed_7a's stage trains the layers below block8_1: the outputs the head pass
     # computed for block8_1 are no longer theirs, and that stage computes its own.
+    # (A plan refuses this order; run_stages itself takes any.)
     stages = [
         stage("head", None),
         stage("lower", "mixed_7a"),
