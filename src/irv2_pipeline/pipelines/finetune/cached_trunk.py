@@ -110,7 +110,7 @@ def cached_trunk(  # noqa: PLR0913 - the stage, its images, and how to run them
         ``max_mb``.
     """
     unit = stage.unfreeze_from
-    parts = split_at(classifier.backbone, unit) if isinstance(unit, str) else None
+    parts = _split(classifier, unit)
     if parts is None:
         return None
     trunk, top = parts
@@ -142,19 +142,16 @@ def cached_trunk(  # noqa: PLR0913 - the stage, its images, and how to run them
             max_mb,
         )
         return None
-    view = trunk_model(classifier, trunk)
-    (train_outputs,), (val_outputs,) = (
-        frozen_outputs(
-            view,
-            examples,
-            [f"inputs of {unit}"],
-            image_size=image_size,
-            policy=policy,
-            batch_size=batch_size,
-            replicas=replicas,
-            workers=workers,
-        )
-        for examples in (train, val)
+    (train_outputs,), (val_outputs,) = _both_splits(
+        trunk_model(classifier, trunk),
+        [f"inputs of {unit}"],
+        train,
+        val,
+        image_size=image_size,
+        policy=policy,
+        batch_size=batch_size,
+        replicas=replicas,
+        workers=workers,
     )
     logger.info(
         "Stage %r trains on the outputs of the frozen layers below %s (%.1f MB), "
@@ -212,7 +209,7 @@ def features_with_trunks(  # noqa: PLR0913 - the stages, their images, how to ru
     megabytes = 0.0
     for stage in later_stages:
         unit = stage.unfreeze_from
-        parts = split_at(classifier.backbone, unit) if isinstance(unit, str) else None
+        parts = _split(classifier, unit)
         if parts is None or unit in trunks:
             continue
         size = _megabytes(parts[0], len(train) + len(val))
@@ -220,26 +217,44 @@ def features_with_trunks(  # noqa: PLR0913 - the stages, their images, how to ru
             break
         megabytes += size
         trunks[unit] = parts[0]
-    view = features_and_trunks(classifier, list(trunks.values()))
-    what = ["pooled features", *(f"inputs of {unit}" for unit in trunks)]
-    train_outputs, val_outputs = (
-        frozen_outputs(
-            view,
-            examples,
-            what,
-            image_size=image_size,
-            policy=policy,
-            batch_size=batch_size,
-            replicas=replicas,
-            workers=workers,
-        )
-        for examples in (train, val)
+    # Without later outputs, the classifier's own features view (its pass as before).
+    view = (
+        features_and_trunks(classifier, list(trunks.values()))
+        if trunks
+        else classifier.features
+    )
+    train_outputs, val_outputs = _both_splits(
+        view,
+        ["pooled features", *(f"inputs of {unit}" for unit in trunks)],
+        train,
+        val,
+        image_size=image_size,
+        policy=policy,
+        batch_size=batch_size,
+        replicas=replicas,
+        workers=workers,
     )
     computed = [
         TrunkOutputs(unit=unit, trunk=trunk, train=train_outputs[i], val=val_outputs[i])
         for i, (unit, trunk) in enumerate(trunks.items(), start=1)
     ]
     return (train_outputs[0], val_outputs[0]), computed
+
+
+def _split(classifier: Classifier, unit: str | int | None):
+    """``backbone.split_at`` of the classifier's backbone at a stage's
+    ``unfreeze_from``; ``None`` also for a layer index or the head alone."""
+    return split_at(classifier.backbone, unit) if isinstance(unit, str) else None
+
+
+def _both_splits(
+    view: keras.Model, what: list[str], train: Examples, val: Examples, **run
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`frozen_outputs` of ``view`` over the training, then the validation
+    images (``run``: how, as there)."""
+    return tuple(
+        frozen_outputs(view, examples, what, **run) for examples in (train, val)
+    )
 
 
 def _megabytes(trunk: keras.Model, images: int) -> float:
